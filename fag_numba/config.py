@@ -1,0 +1,48 @@
+"""Tunables and layout constants of fag_numba: the one place for each of these facts.
+
+Tests patch the block sizes small (``unittest.mock.patch("fag_numba.config.BLOCK_M", 4)``) so
+tiny inputs still span many tiles; the kernels receive block sizes as arguments, so patching
+never triggers a recompile.  ``_reset()`` restores the defaults.
+"""
+import os
+
+DEFAULTS = {
+    # Query rows per tile.  Measured on the 2-core AVX-512 box (benchmarks/test_bench_bwd.py):
+    # 64 x 128 tiles keep the five per-tile sgemm calls in L2 and give the best backward time.
+    "BLOCK_M": 64,
+    # Key rows per tile.
+    "BLOCK_N": 128,
+    # The backward splits S2 into this many independent dQ partials when B*N2 is small, so one
+    # long head keeps every core busy.  The count depends on the shape only (never on the
+    # thread count) so results stay bitwise identical across thread counts (SPEC §9b).
+    "SPLIT_TARGET": 4,
+    # Forward work items are (b, h, q-block); q blocks of the forward may be larger.
+    "FWD_BLOCK_M": 64,
+    "FWD_BLOCK_N": 256,
+}
+
+BLOCK_M = DEFAULTS["BLOCK_M"]
+BLOCK_N = DEFAULTS["BLOCK_N"]
+SPLIT_TARGET = DEFAULTS["SPLIT_TARGET"]
+FWD_BLOCK_M = DEFAULTS["FWD_BLOCK_M"]
+FWD_BLOCK_N = DEFAULTS["FWD_BLOCK_N"]
+
+# Numba policy (STYLE b4): never fastmath=True.  'reassoc' lets row reductions vectorise,
+# 'contract' allows FMA; nnan/ninf are excluded because masking relies on -inf.
+FASTMATH_FLAGS = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
+# On-disk caching of compiled kernels is opt-in (STYLE c: parallel + cache has a history).
+CACHE = os.environ.get("FAG_NUMBA_CACHE", "0") == "1"
+
+FLT_MAX = 3.4028234663852886e38
+# "no limit" for band bounds: far outside any int64 index difference we can meet (S <= 2**40).
+BAND_INF = 1 << 62
+
+# Capabilities, stated once (validation and test generators read them).
+LAYOUTS = ("BSH", "SBH", "BSND", "BNSD", "TND")
+
+
+def _reset():
+    """Restore every tunable to its default (tests call this after patching)."""
+    g = globals()
+    for key, value in DEFAULTS.items():
+        g[key] = value
