@@ -1,0 +1,25 @@
+"""fag_numba: the Ascend FlashAttentionScoreGrad operator (and its forward) on the CPU.
+
+Public API (SPEC.md §1): :func:`flash_attention_score`, :func:`flash_attention_score_grad`,
+:func:`dropout_mask`, the result tuples, the error classes, thread control and ``__version__``.
+Importing has no side effects: nothing compiles, no numba setting changes, torch is not
+imported (``fag_numba.torch`` is the optional torch layer).
+"""
+from importlib.metadata import PackageNotFoundError, version as _version
+
+from .api import (FlashAttentionGrads, FlashAttentionOutput, flash_attention_score,
+                  flash_attention_score_grad)
+from .dropout import dropout_mask
+from .errors import FagError, FagTypeError, FagValueError
+from .threads import runtime_info, set_num_threads, threads
+
+try:
+    __version__ = _version("fag_numba")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0.1.0"
+
+__all__ = [
+    "flash_attention_score", "flash_attention_score_grad", "dropout_mask",
+    "FlashAttentionOutput", "FlashAttentionGrads", "FagError", "FagTypeError", "FagValueError",
+    "set_num_threads", "threads", "runtime_info", "__version__",
+]

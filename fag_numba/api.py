@@ -1,0 +1,478 @@
+"""Public API of fag_numba: ``flash_attention_score`` and ``flash_attention_score_grad``.
+
+The contract is SPEC.md; this docstring is the short form.
+
+Math (per sequence b, query head h, kv head n2 = h // G; all float32)::
+
+    X = Q K^T;  Z = (X + pse) * scale  (pse_type 1) | X * scale + pse  (0)
+              | X * scale - slope * |delta|  (2) | X * scale - slope * sqrt(|delta|)  (3)
+    P = C ? exp(Z - m) / l : 0;  Pd = R ? P / keep_prob : 0;  O = Pd V
+    dP = dY V^T;  dS = P * ((R ? dP / keep_prob : 0) - rowsum(dY * O))
+    dV = Pd^T dY;  dQ = scale * dS K;  dK = scale * dS^T Q  (dK, dV summed over the G heads)
+
+GQA: query head h attends to kv head ``h // (N1 // N2)`` (heads 0..G-1 of Q use kv head 0).
+
+Masks (C, "element is computed"; 1 = computed below), e.g. S1 = 3, S2 = 5 (delta = 2)::
+
+    mode 2 (leftUpCausal)   mode 3 (rightDownCausal)   mode 4 band pre=1, next=0
+    1 0 0 0 0               1 1 1 0 0                   0 1 1 0 0
+    1 1 0 0 0               1 1 1 1 0                   0 0 1 1 0
+    1 1 1 0 0               1 1 1 1 1                   0 0 0 1 1
+
+Argument names are the aclnn attribute names (``pre_tokens``, not torch_npu's
+``pre_tockens``; ``fag_numba.torch`` accepts both).  Internal names: query/key/value -> q/k/v,
+dy -> do, attention_in -> o, softmax_max/sum -> m/l (lse = m + log l), atten_mask -> mask plan.
+"""
+from typing import NamedTuple, Optional
+import warnings
+
+import numpy as np
+
+from . import config, dtypes, layout, validation
+from .errors import FagTypeError, FagValueError
+from .kernels import desc
+from .threads import blas_single_thread
+
+INT32_MAX = 2147483647
+_FLT_MAX = np.float32(3.4028234663852886e38)
+
+
+class FlashAttentionOutput(NamedTuple):
+    """Forward result: attention_out (query layout, last dim Dv) and the row statistics
+    softmax_max / softmax_sum, float32 ``[B, N1, S1, 8]`` (TND ``[T1, N1, 8]``)."""
+    attention_out: np.ndarray
+    softmax_max: np.ndarray
+    softmax_sum: np.ndarray
+
+
+class FlashAttentionGrads(NamedTuple):
+    """Backward result: dq (like query), dk (like key), dv (like value), dpse (like pse, or the
+    slope gradient for generated ALiBi, or None)."""
+    dq: np.ndarray
+    dk: np.ndarray
+    dv: np.ndarray
+    dpse: Optional[np.ndarray]
+
+
+class _Problem:
+    """Everything the drivers need, built once per call by ``_prepare`` (plain attributes)."""
+
+
+def _prepare(fn, query, key, value, dy, head_num, input_layout, pse, drop_mask, atten_mask,
+             scale_value, keep_prob, pre_tokens, next_tokens, inner_precise, prefix,
+             actual_seq_qlen, actual_seq_kvlen, sparse_mode, pse_type, q_start_idx,
+             kv_start_idx, softmax_layout, seed, offset, d_scales, out_dtype):
+    """Validate every argument and turn the options into descriptors (no kernel runs here)."""
+    from . import masks, pse as pse_mod
+    from . import dropout as dropout_mod
+
+    f = fn + ": "
+    P = _Problem()
+    lay = validation.check_layout(input_layout, f)
+    head_num = validation.check_int("head_num", head_num, 1, None, f)
+    arrays = [("query", query), ("key", key), ("value", value)]
+    if dy is not None:
+        arrays.append(("dy", dy))
+    qdt = validation.check_qkv(arrays, lay, f)
+    P.qdtype = qdt
+    P.fp8 = qdt in dtypes.FP8_DTYPES
+    P.scale = validation.check_real("scale_value", scale_value, f)
+    kp = validation.check_real("keep_prob", keep_prob, f)
+    if not (kp > 0 and kp <= 1):
+        raise FagValueError(f"{f}keep_prob must be in (0, 1] after rounding to float32, got "
+                            f"{keep_prob!r}")
+    P.keep_prob = kp
+    validation.check_int("inner_precise", inner_precise, 0, 2, f)
+    validation.check_int("pre_tokens", pre_tokens, -2**63, 2**63 - 1, f)
+    validation.check_int("next_tokens", next_tokens, -2**63, 2**63 - 1, f)
+    if not isinstance(softmax_layout, str):
+        raise FagTypeError(f"{f}softmax_layout must be a str, got "
+                           f"{type(softmax_layout).__name__} {softmax_layout!r}")
+    slay = softmax_layout.upper()
+    if lay == "TND":
+        if slay not in ("", "TND"):
+            raise FagValueError(f"{f}softmax_layout must be \"\" or \"TND\" for input_layout "
+                                f"TND, got {softmax_layout!r}")
+        seq_q, seq_k, cu_q, cu_k = layout.parse_varlen(actual_seq_qlen, actual_seq_kvlen,
+                                                       query.shape[0], key.shape[0], f)
+        dims = layout.parse_dims(query, key, value, head_num, lay, seq_q, seq_k, cu_q, cu_k)
+    else:
+        if slay != "":
+            raise FagValueError(f"{f}softmax_layout must be \"\" for input_layout {lay}, got "
+                                f"{softmax_layout!r}")
+        for name, x in (("actual_seq_qlen", actual_seq_qlen),
+                        ("actual_seq_kvlen", actual_seq_kvlen)):
+            if x is not None:
+                raise FagValueError(f"{f}{name} is only allowed with input_layout TND, got "
+                                    f"{x!r} for layout {lay}")
+        dims = layout.parse_dims(query, key, value, head_num, lay)
+    P.dims = dims
+    P.softmax_layout = slay
+    P.dy_shape = validation.expected_dy_shape(query, dims)
+    if dy is not None:
+        validation.check_like("dy", dy, P.dy_shape, f)
+
+    # ---- output dtype and fp8 dequantisation scales ----
+    P.out_dtype = _out_dtype(out_dtype, qdt, f)
+    P.d_scales = _check_d_scales(d_scales, qdt, dims, f)
+
+    # ---- masks (SPEC §6, §7) ----
+    P.mask = masks.plan_masks(atten_mask, sparse_mode, pre_tokens, next_tokens, prefix,
+                              dims.seq_q, dims.seq_k, batch=dims.B, n1=dims.N1, tnd=dims.tnd)
+    has_mask = atten_mask is not None
+    causal = bool(has_mask and not P.mask.full and np.all(P.mask.hi <= 0)
+                  and (not P.mask.has_dense) and not np.any(P.mask.prefix > 0))
+
+    # ---- pse (SPEC §4) ----
+    P.pse = pse_mod.plan_pse(pse, pse_type, q_start_idx, kv_start_idx, dims, qdt, causal,
+                             int(sparse_mode), has_mask, f)
+
+    # ---- dropout (SPEC §5) ----
+    P.drop_kind = desc.DROP_NONE
+    P.drop_flat = np.zeros(1, np.uint8)
+    P.seed_lo = P.seed_hi = P.off_lo = P.off_hi = P.threshold = 0
+    numels = dims.N1 * int(np.sum(dims.seq_q * dims.seq_k))
+    P.numels = numels
+    if kp < 1:
+        if (drop_mask is None) == (seed is None):
+            raise FagValueError(f"{f}keep_prob={float(kp)} < 1 needs exactly one source of keep "
+                                f"bits: drop_mask or seed (got "
+                                f"{'both' if seed is not None else 'neither'})")
+        if drop_mask is not None:
+            validation.check_array("drop_mask", drop_mask, f)
+            if drop_mask.dtype != np.uint8:
+                raise FagTypeError(f"{f}drop_mask must be uint8 (a packed bit stream), got "
+                                   f"{drop_mask.dtype}")
+            need = -(-numels // 8)
+            if drop_mask.size < need:
+                raise FagValueError(f"{f}drop_mask must hold at least ceil(numels/8) = {need} "
+                                    f"bytes (numels = {numels}), got {drop_mask.size}")
+            P.drop_kind = desc.DROP_MASK
+            P.drop_flat = np.ascontiguousarray(drop_mask).reshape(-1)
+        else:
+            P.seed_lo, P.seed_hi = dropout_mod.split_seed(seed)
+            P.off_lo, P.off_hi = dropout_mod.split_offset(offset)
+            P.threshold = dropout_mod.keep_threshold(kp)
+            P.drop_kind = desc.DROP_PHILOX
+    return P
+
+
+def _out_dtype(out_dtype, qdt, f):
+    """Output dtype: the input dtype, or for fp8 inputs float16 (default), bfloat16, float32."""
+    names = {"float16": dtypes.FLOAT16, "bfloat16": dtypes.BFLOAT16, "float32": dtypes.FLOAT32}
+    codes = {0: dtypes.FLOAT16, 1: dtypes.BFLOAT16}
+    if out_dtype is None:
+        return dtypes.FLOAT16 if qdt in dtypes.FP8_DTYPES else qdt
+    if validation.is_int(out_dtype):
+        if int(out_dtype) not in codes:
+            raise FagValueError(f"{f}out_dtype code must be 0 (float16) or 1 (bfloat16), got "
+                                f"{out_dtype}")
+        dt = codes[int(out_dtype)]
+    elif isinstance(out_dtype, str) and out_dtype in names:
+        dt = names[out_dtype]
+    else:
+        try:
+            dt = np.dtype(out_dtype)
+        except TypeError:
+            raise FagTypeError(f"{f}out_dtype must be a dtype, a dtype name or 0/1, got "
+                               f"{out_dtype!r}") from None
+        if dt not in names.values():
+            raise FagValueError(f"{f}out_dtype must be float16, bfloat16 or float32, got {dt}")
+    if qdt not in dtypes.FP8_DTYPES and dt != qdt:
+        raise FagValueError(f"{f}out_dtype must be None or the input dtype {qdt.name} for "
+                            f"non-fp8 inputs, got {dt.name}")
+    return dt
+
+
+def _check_d_scales(d_scales, qdt, dims, f):
+    """d_scale_q/k/v/dy: only for fp8 inputs; a real or float32 [B, N, ceil(S/512), 1]."""
+    out = {}
+    for name, x in d_scales.items():
+        if x is None:
+            out[name] = None
+            continue
+        if qdt not in dtypes.FP8_DTYPES:
+            raise FagValueError(f"{f}{name} is only allowed with float8 inputs, got {x!r} for "
+                                f"{qdt.name} inputs")
+        if isinstance(x, np.ndarray):
+            if x.dtype != np.float32:
+                raise FagTypeError(f"{f}{name} array must be float32, got {x.dtype}")
+            if dims.tnd:
+                raise FagValueError(f"{f}{name}: per-block scale arrays are not supported for "
+                                    f"TND (pass a float), got shape {x.shape}")
+            n = dims.N2 if name in ("d_scale_k", "d_scale_v") else dims.N1
+            s = dims.S2 if name in ("d_scale_k", "d_scale_v") else dims.S1
+            want = (dims.B, n, -(-s // 512), 1)
+            if tuple(x.shape) != want:
+                raise FagValueError(f"{f}{name} must have shape {want} (one scale per 512 "
+                                    f"positions), got {tuple(x.shape)}")
+            out[name] = x
+        else:
+            out[name] = validation.check_real(name, x, f)
+    return out
+
+
+def _dequant(x, scale, dims, which):
+    """float32 flat copy/view of x; fp8 values times their d_scale (scalar or per 512 block)."""
+    if scale is None:
+        return dtypes.to_f32_flat(x)
+    x32 = np.asarray(x, dtype=np.float32)
+    if not isinstance(scale, np.ndarray):
+        if scale != 1:
+            x32 = x32 * scale
+        return np.ascontiguousarray(x32).reshape(-1)
+    n = dims.N1 if which in ("q", "dy") else dims.N2
+    s = dims.S1 if which in ("q", "dy") else dims.S2
+    per_pos = np.repeat(scale[:, :, :, 0], 512, axis=2)[:, :, :s]          # [B, N, S]
+    lay = dims.layout
+    if lay == "BNSD":
+        x32 = x32 * per_pos[:, :, :, None]
+    elif lay == "BSND":
+        x32 = x32 * per_pos.transpose(0, 2, 1)[:, :, :, None]
+    elif lay == "BSH":
+        x32 = (x32.reshape(dims.B, s, n, -1) * per_pos.transpose(0, 2, 1)[:, :, :, None])
+    else:  # SBH
+        x32 = (x32.reshape(s, dims.B, n, -1) * per_pos.transpose(2, 0, 1)[:, :, :, None])
+    return np.ascontiguousarray(x32, dtype=np.float32).reshape(-1)
+
+
+def _tables(P, block_m, block_n):
+    """Fill the seqtab / gp / fp descriptor tables (kernels/desc.py) for one call."""
+    d = P.dims
+    nb = d.B
+    st = np.zeros((nb, desc.NSEQ), np.int64)
+    st[:, desc.S1] = d.seq_q
+    st[:, desc.S2] = d.seq_k
+    qo, qhs, qrs = layout.tensor_desc(d, "q")
+    ko, khs, krs = layout.tensor_desc(d, "k")
+    vo, vhs, vrs = layout.tensor_desc(d, "v")
+    yo, yhs, yrs = layout.tensor_desc(d, "dy")
+    st[:, desc.Q_OFF] = qo
+    st[:, desc.K_OFF] = ko
+    st[:, desc.V_OFF] = vo
+    st[:, desc.DY_OFF] = yo
+    so, shs, srs, nrows = layout.stats_desc(d, P.softmax_layout)
+    st[:, desc.ST_OFF] = so
+    st[:, desc.ST_HS] = shs
+    mp = P.mask
+    st[:, desc.LO] = mp.lo
+    st[:, desc.HI] = mp.hi
+    st[:, desc.PREFIX] = mp.prefix
+    st[:, desc.MASK_OFF] = mp.dense_boff
+    pp = P.pse
+    st[:, desc.PSE_OFF] = pp.off
+    st[:, desc.PSE_HS] = pp.hs
+    st[:, desc.PSE_RS] = pp.rs
+    st[:, desc.DPSE_OFF] = pp.off
+    blk = d.seq_q * d.seq_k * d.N1
+    st[1:, desc.DROP_OFF] = np.cumsum(blk)[:-1]
+    st[:, desc.QSTART] = pp.qstart
+    st[:, desc.KVSTART] = pp.kvstart
+    st[:, desc.SLOPE_OFF] = pp.slope_off
+    gp = np.zeros(desc.NGP, np.int64)
+    gp[desc.N1], gp[desc.N2], gp[desc.G], gp[desc.D], gp[desc.DV] = d.N1, d.N2, d.G, d.D, d.Dv
+    gp[desc.Q_HS], gp[desc.Q_RS] = qhs, qrs
+    gp[desc.K_HS], gp[desc.K_RS] = khs, krs
+    gp[desc.V_HS], gp[desc.V_RS] = vhs, vrs
+    gp[desc.DY_HS], gp[desc.DY_RS] = yhs, yrs
+    gp[desc.ST_RS] = srs
+    gp[desc.MASK_KIND] = (desc.MASK_NONE if mp.full else
+                          (desc.MASK_DENSE if mp.has_dense else desc.MASK_BAND))
+    gp[desc.MASK_HS], gp[desc.MASK_RS] = mp.dense_hs, mp.dense_rs
+    gp[desc.PSE_KIND] = pp.kind
+    gp[desc.DROP_KIND] = P.drop_kind
+    gp[desc.SEED_LO], gp[desc.SEED_HI] = P.seed_lo, P.seed_hi
+    gp[desc.OFFSET_LO], gp[desc.OFFSET_HI] = P.off_lo, P.off_hi
+    gp[desc.DROP_THRESHOLD] = P.threshold
+    gp[desc.BLOCK_M], gp[desc.BLOCK_N] = block_m, block_n
+    gp[desc.NSPLIT] = 1
+    fp = np.zeros(desc.NFP, np.float32)
+    fp[desc.SCALE] = P.scale
+    fp[desc.KEEP_PROB] = P.keep_prob
+    fp[desc.INV_KEEP] = np.float32(1.0) / P.keep_prob
+    return st, gp, fp, nrows
+
+
+def _inputs(P, query, key, value, dy=None):
+    """float32 flat views/copies of the inputs (fp8 dequantised)."""
+    ds = P.d_scales
+    q = _dequant(query, ds.get("d_scale_q") if P.fp8 else None, P.dims, "q")
+    k = _dequant(key, ds.get("d_scale_k") if P.fp8 else None, P.dims, "k")
+    v = _dequant(value, ds.get("d_scale_v") if P.fp8 else None, P.dims, "v")
+    y = None if dy is None else _dequant(dy, ds.get("d_scale_dy") if P.fp8 else None, P.dims, "dy")
+    return q, k, v, y
+
+
+def _run_forward(P, q, k, v):
+    """Run the forward driver; returns (out float32 flat in the dy layout, m, l row arrays)."""
+    from .kernels.driver import fwd_driver
+    from .planning import plan_forward
+
+    bm, bn = config.FWD_BLOCK_M, config.FWD_BLOCK_N
+    st, gp, fp, nrows = _tables(P, bm, bn)
+    out = np.zeros(int(np.prod(P.dy_shape)), np.float32)
+    m = np.full(nrows, -_FLT_MAX, np.float32)
+    l = np.full(nrows, _FLT_MAX, np.float32)
+    items, tptr = plan_forward(st, P.dims.N1, bm, bn)
+    if items.shape[0]:
+        with blas_single_thread():
+            fwd_driver(q, k, v, out, m, l, P.pse.flat, P.pse.slopes, P.mask.dense, P.drop_flat,
+                       st, gp, fp, items, tptr)
+    return out, m, l
+
+
+def _stats_out(P, rows):
+    """Row values -> the 8-lane float32 statistics array of SPEC §3 / §8.3."""
+    return np.repeat(rows, 8).reshape(layout.stats_shape(P.dims))
+
+
+def flash_attention_score(query, key, value, head_num, input_layout, *, pse=None,
+                          drop_mask=None, padding_mask=None, atten_mask=None, scale_value=1.0,
+                          keep_prob=1.0, pre_tokens=INT32_MAX, next_tokens=INT32_MAX,
+                          inner_precise=0, prefix=None, actual_seq_qlen=None,
+                          actual_seq_kvlen=None, sparse_mode=0, pse_type=1, q_start_idx=None,
+                          kv_start_idx=None, softmax_layout="", seed=None, offset=0,
+                          d_scale_q=None, d_scale_k=None, d_scale_v=None, out_dtype=None):
+    """FlashAttentionScore forward: attention output and the softmax statistics FAG consumes.
+
+    Parameters
+    ----------
+    query : ndarray
+        ``[B,S1,N1*D]`` (BSH), ``[S1,B,N1*D]`` (SBH), ``[B,S1,N1,D]`` (BSND),
+        ``[B,N1,S1,D]`` (BNSD) or ``[T1,N1,D]`` (TND); float32, float16, bfloat16 or fp8.
+    key, value : ndarray
+        The same layout with N2 heads (N1 % N2 == 0); value's head dim Dv <= D.
+    head_num : int
+        N1.
+    input_layout : str
+        BSH, SBH, BSND, BNSD or TND (case-insensitive).
+    pse, atten_mask, drop_mask, seed, offset, keep_prob, sparse_mode, pre_tokens, next_tokens,
+    prefix, actual_seq_qlen, actual_seq_kvlen, pse_type, q_start_idx, kv_start_idx,
+    softmax_layout, d_scale_q/k/v, out_dtype
+        See SPEC.md §1-§8 and the README.  ``padding_mask`` is accepted and ignored;
+        ``inner_precise`` accepts 0, 1, 2 and changes nothing (invalid rows are always
+        handled as the NPU's ``inner_precise=2``).
+    scale_value : float
+        Multiplies Q K^T (rounded to float32; default 1.0, not 1/sqrt(D)).
+
+    Returns
+    -------
+    FlashAttentionOutput
+        ``attention_out`` like query with last dim Dv (dtype: the input dtype, or out_dtype for
+        fp8); ``softmax_max``, ``softmax_sum``: float32 ``[B,N1,S1,8]`` (TND ``[T1,N1,8]``).
+    """
+    P = _prepare("flash_attention_score", query, key, value, None, head_num, input_layout, pse,
+                 drop_mask, atten_mask, scale_value, keep_prob, pre_tokens, next_tokens,
+                 inner_precise, prefix, actual_seq_qlen, actual_seq_kvlen, sparse_mode, pse_type,
+                 q_start_idx, kv_start_idx, softmax_layout, seed, offset,
+                 {"d_scale_q": d_scale_q, "d_scale_k": d_scale_k, "d_scale_v": d_scale_v},
+                 out_dtype)
+    q, k, v, _ = _inputs(P, query, key, value)
+    out, m, l = _run_forward(P, q, k, v)
+    return FlashAttentionOutput(dtypes.from_f32(out, P.dy_shape, P.out_dtype),
+                                _stats_out(P, m), _stats_out(P, l))
+
+
+def flash_attention_score_grad(query, key, value, dy, head_num, input_layout, *, pse=None,
+                               drop_mask=None, padding_mask=None, atten_mask=None,
+                               softmax_max=None, softmax_sum=None, softmax_in=None,
+                               attention_in=None, scale_value=1.0, keep_prob=1.0,
+                               pre_tokens=INT32_MAX, next_tokens=INT32_MAX, inner_precise=0,
+                               prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None,
+                               sparse_mode=0, pse_type=1, q_start_idx=None, kv_start_idx=None,
+                               softmax_layout="", seed=None, offset=0, d_scale_q=None,
+                               d_scale_k=None, d_scale_v=None, d_scale_dy=None, out_dtype=None):
+    """FlashAttentionScoreGrad: dq, dk, dv (and dpse) from q, k, v, dy and the forward's results.
+
+    Parameters
+    ----------
+    query, key, value, head_num, input_layout, and the options
+        As in :func:`flash_attention_score`; they must be the forward's.
+    dy : ndarray
+        Gradient of attention_out: the query's shape with last dim Dv, query's dtype.
+    softmax_max, softmax_sum : ndarray, optional
+        float32 ``[B,N1,S1,8]`` (or ``[B,N1,S1,1]`` / ``[B,N1,S1]``; TND ``[T1,N1,8|1]`` /
+        ``[T1,N1]``); lane 0 is read.  Given together with ``attention_in`` or not at all: when
+        omitted the forward runs internally (its output stays float32), which costs about one
+        extra forward.
+    attention_in : ndarray, optional
+        The forward output O (float32, float16 or bfloat16), used as given in
+        ``rowsum(dy * O)``.
+    softmax_in : ignored (reserved on the NPU too).
+
+    Returns
+    -------
+    FlashAttentionGrads
+        dq like query, dk like key, dv like value (input dtype; out_dtype for fp8 inputs);
+        dpse like pse (per-element pse gradient summed over broadcast dims), the float32 slope
+        gradient for pse_type 2/3, None without pse or for compressed ALiBi.
+    """
+    fn = "flash_attention_score_grad"
+    P = _prepare(fn, query, key, value, dy, head_num, input_layout, pse, drop_mask, atten_mask,
+                 scale_value, keep_prob, pre_tokens, next_tokens, inner_precise, prefix,
+                 actual_seq_qlen, actual_seq_kvlen, sparse_mode, pse_type, q_start_idx,
+                 kv_start_idx, softmax_layout, seed, offset,
+                 {"d_scale_q": d_scale_q, "d_scale_k": d_scale_k, "d_scale_v": d_scale_v,
+                  "d_scale_dy": d_scale_dy}, out_dtype)
+    f = fn + ": "
+    given = [x is not None for x in (softmax_max, softmax_sum, attention_in)]
+    if any(given) and not all(given):
+        raise FagValueError(f"{f}softmax_max, softmax_sum and attention_in must be given together "
+                            f"or not at all, got softmax_max={'set' if given[0] else None}, "
+                            f"softmax_sum={'set' if given[1] else None}, "
+                            f"attention_in={'set' if given[2] else None}")
+    if all(given):
+        m = validation.check_stats("softmax_max", softmax_max, P.dims, f)
+        l = validation.check_stats("softmax_sum", softmax_sum, P.dims, f)
+        validation.check_like("attention_in", attention_in, P.dy_shape, f,
+                              allowed=dtypes.ATTN_IN_DTYPES)
+    q, k, v, y = _inputs(P, query, key, value, dy)
+    if all(given):
+        o = dtypes.to_f32_flat(attention_in)
+    else:
+        o, m, l = _run_forward(P, q, k, v)
+    dq, dk, dv, dpse = _run_backward(P, q, k, v, y, o, m, l)
+    odt = P.out_dtype
+    return FlashAttentionGrads(dtypes.from_f32(dq, query.shape, odt),
+                               dtypes.from_f32(dk, key.shape, odt),
+                               dtypes.from_f32(dv, value.shape, odt), dpse)
+
+
+def _run_backward(P, q, k, v, y, o, m, l):
+    """Row statistics pass, then the backward driver; dq/dk scaled once at the end (as the NPU)."""
+    from .kernels.driver import bwd_driver, rowstats_driver
+    from .planning import plan_backward
+
+    d = P.dims
+    bm, bn = config.BLOCK_M, config.BLOCK_N
+    st, gp, fp, nrows = _tables(P, bm, bn)
+    lse = np.zeros(nrows, np.float32)
+    dsum = np.zeros(nrows, np.float32)
+    dq = np.zeros(q.size, np.float32)
+    dk = np.zeros(k.size, np.float32)
+    dv = np.zeros(v.size, np.float32)
+    pp = P.pse
+    items, tptr, nsplit = plan_backward(st, d.N2, d.G, bm, bn, pp.merge_b)
+    gp[desc.NSPLIT] = nsplit
+    gp[desc.DPSE_KIND] = pp.dpse_kind
+    dqp = np.zeros((nsplit - 1, dq.size) if nsplit > 1 else (1, 1), np.float32)
+    dpse = np.zeros(pp.flat.size if pp.dpse_kind == 1 else 1, np.float32)
+    dslope = np.zeros((d.B, d.N1, nsplit) if pp.dpse_kind == 3 else (1, 1, 1), np.float32)
+    if items.shape[0] and nrows:
+        with blas_single_thread():
+            rowstats_driver(y, o, m, l, st, gp, lse, dsum)
+            bwd_driver(q, k, v, y, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pp.flat, pp.slopes,
+                       P.mask.dense, P.drop_flat, st, gp, fp, items, tptr)
+    for c in range(nsplit - 1):          # fixed order: the result never depends on threads
+        dq += dqp[c]
+    dq *= P.scale
+    dk *= P.scale
+    out_pse = None
+    if pp.dpse_kind == 1:
+        out_pse = dpse.reshape(pp.shape).astype(pp.dtype, copy=False)
+    elif pp.dpse_kind == 3:
+        sl = dslope.sum(axis=2, dtype=np.float64)          # splits, in order
+        if len(pp.shape) == 1:
+            sl = sl.sum(axis=0)                             # batch, in order
+        out_pse = sl.astype(np.float32).reshape(pp.shape)
+    return dq, dk, dv, out_pse

@@ -1,0 +1,293 @@
+"""Parallel drivers: the only ``parallel=True`` functions of fag_numba (STYLE b3, b4).
+
+Each driver runs ``prange`` over the thread chunks of a plan (``planning.py``): chunk t owns
+work items ``items[tptr[t]:tptr[t+1]]``.  Every output element has exactly one writer, so the
+result does not depend on which thread runs an item: bitwise identical across thread counts.
+
+- ``fwd_driver``: items (b, h, q-block); online softmax over the key blocks (FA-2 forward).
+- ``rowstats_driver``: items (b, h); ``lse = m + log(l)`` and ``dsum = rowsum(dy * o)``.
+- ``bwd_driver``: items (b_lo, b_hi, n2, split); the item owns dk/dv of the key blocks
+  ``split, split + NSPLIT, ...`` of kv head n2 for sequences ``[b_lo, b_hi)``, the partial dq
+  of its split for the G query heads, and the dpse elements of those tiles.
+"""
+import math
+
+import numpy as np
+from numba import prange
+
+from .. import _jit
+from . import desc
+from .tile import NEG_INF, TRANS_N, TRANS_T, exp_sub, gemm, keep_tile, score_tile, tile_class
+
+_FLT_MAX = np.float32(3.4028234663852886e38)
+
+
+@_jit.kernel
+def kv_block_range(lo, hi, prefix, s2, i0, i1, bn):
+    """Key blocks ``[jb_lo, jb_hi)`` that can hold computed elements of query rows [i0, i1)."""
+    if prefix > 0:
+        jlo = 0
+    else:
+        jlo = max(0, i0 + lo)
+    jhi = min(s2, i1 - 1 + hi + 1)
+    if jhi <= jlo:
+        return 0, 0
+    return jlo // bn, (jhi + bn - 1) // bn
+
+
+@_jit.kernel
+def q_block_range(lo, hi, prefix, s1, j0, j1, bm):
+    """Query blocks ``[ib_lo, ib_hi)`` that can hold computed elements of key columns [j0, j1)."""
+    if j0 < prefix:
+        return 0, (s1 + bm - 1) // bm
+    ilo = max(0, j0 - hi)
+    ihi = min(s1, j1 - 1 - lo + 1)
+    if ihi <= ilo:
+        return 0, 0
+    return ilo // bm, (ihi + bm - 1) // bm
+
+
+@_jit.driver
+def rowstats_driver(dy, o, m, l, seqtab, gp, lse, dsum):
+    """``lse[row] = m[row] + log(l[row])`` and ``dsum[row] = sum_e dy[row, e] * o[row, e]``.
+
+    Rows are (b, h, i) addressed through the statistics columns of ``seqtab``; dy and o share
+    the query layout with last dim Dv.
+    """
+    n1 = gp[desc.N1]
+    nb = seqtab.shape[0]
+    dv = gp[desc.DV]
+    for bh in prange(nb * n1):
+        b = bh // n1
+        h = bh - b * n1
+        s1 = seqtab[b, desc.S1]
+        st = seqtab[b, desc.ST_OFF] + h * seqtab[b, desc.ST_HS]
+        base = seqtab[b, desc.DY_OFF] + h * gp[desc.DY_HS]
+        for i in range(s1):
+            row = st + i * gp[desc.ST_RS]
+            lse[row] = m[row] + np.float32(math.log(l[row]))
+            off = base + i * gp[desc.DY_RS]
+            acc = np.float32(0.0)
+            for e in range(dv):
+                acc += dy[off + e] * o[off + e]
+            dsum[row] = acc
+
+
+@_jit.driver
+def fwd_driver(q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, gp, fp,
+               items, tptr):
+    """Forward: ``out = softmax(Z) (dropped) @ v`` and the row statistics m, l (SPEC §3).
+
+    items: int64 [n_items, 3] = (b, h, q-block); tptr: int64 [n_chunks + 1].
+    Invalid rows (no computed element) get out = 0, m = -FLT_MAX, l = +FLT_MAX.
+    """
+    bm = gp[desc.BLOCK_M]
+    bn = gp[desc.BLOCK_N]
+    dv = gp[desc.DV]
+    g = gp[desc.G]
+    inv_keep = fp[desc.INV_KEEP]
+    dropping = gp[desc.DROP_KIND] != desc.DROP_NONE
+    for t in prange(tptr.size - 1):
+        # scratch: s, rb: BLOCK_M*BLOCK_N; acc: BLOCK_M*Dv; row vectors: BLOCK_M
+        s = np.empty(bm * bn, np.float32)
+        rb = np.empty(bm * bn, np.float32)
+        acc = np.empty(bm * max(dv, 1), np.float32)
+        mrun = np.empty(bm, np.float32)
+        lrun = np.empty(bm, np.float32)
+        sub = np.empty(bm, np.float32)
+        ibuf = np.empty(bn, np.int32)
+        ab = np.empty(2, np.float32)
+        for it in range(tptr[t], tptr[t + 1]):
+            b = items[it, 0]
+            h = items[it, 1]
+            i0 = items[it, 2] * bm
+            s1 = seqtab[b, desc.S1]
+            s2 = seqtab[b, desc.S2]
+            m_len = min(bm, s1 - i0)
+            n2 = h // g
+            for r in range(m_len):
+                mrun[r] = NEG_INF
+                lrun[r] = 0.0
+            for x in range(m_len * dv):
+                acc[x] = 0.0
+            jb_lo, jb_hi = kv_block_range(seqtab[b, desc.LO], seqtab[b, desc.HI],
+                                          seqtab[b, desc.PREFIX], s2, i0, i0 + m_len, bn)
+            for jb in range(jb_lo, jb_hi):
+                j0 = jb * bn
+                n_len = min(bn, s2 - j0)
+                cls = tile_class(seqtab, gp, mask, b, h, i0, m_len, j0, n_len)
+                if cls == desc.EMPTY:
+                    continue
+                # s <- z (scaled, biased, masked)
+                score_tile(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0, n_len,
+                           cls, s, ab)
+                for r in range(m_len):
+                    # m_new <- max(m, rowmax(s));  p <- exp(s - m_new);  l <- l*exp(m-m_new) + rowsum(p)
+                    mx = mrun[r]
+                    for c in range(n_len):
+                        mx = max(mx, s[r * n_len + c])
+                    if mx == NEG_INF:
+                        sub[r] = np.float32(0.0)   # nothing computed yet: exp(-inf - 0) = 0
+                        corr = np.float32(1.0)
+                    else:
+                        sub[r] = mx
+                        corr = np.float32(math.exp(mrun[r] - mx)) if mrun[r] != NEG_INF else np.float32(0.0)
+                    mrun[r] = mx
+                    exp_sub(s, r * n_len, sub[r], n_len, ibuf)
+                    rs = np.float32(0.0)
+                    for c in range(n_len):
+                        rs += s[r * n_len + c]
+                    lrun[r] = lrun[r] * corr + rs
+                    if corr != 1.0:
+                        for e in range(dv):
+                            acc[r * dv + e] *= corr
+                if dropping:
+                    # p_drop <- r * p / keep_prob
+                    keep_tile(seqtab, gp, drop_mask, b, h, i0, m_len, j0, n_len, rb)
+                    for x in range(m_len * n_len):
+                        s[x] = s[x] * rb[x] * inv_keep
+                # acc <- acc + p_drop @ v
+                v_off = seqtab[b, desc.V_OFF] + n2 * gp[desc.V_HS] + j0 * gp[desc.V_RS]
+                gemm(TRANS_N, TRANS_N, m_len, dv, n_len, np.float32(1.0), s, 0, n_len, v, v_off,
+                     gp[desc.V_RS], np.float32(1.0), acc, 0, dv, ab)
+            st = seqtab[b, desc.ST_OFF] + h * seqtab[b, desc.ST_HS]
+            o_off = seqtab[b, desc.DY_OFF] + h * gp[desc.DY_HS]
+            for r in range(m_len):
+                i = i0 + r
+                row = st + i * gp[desc.ST_RS]
+                oo = o_off + i * gp[desc.DY_RS]
+                if mrun[r] == NEG_INF:
+                    # invalid row (SPEC §3): out 0, m = -FLT_MAX, l = +FLT_MAX
+                    mrow[row] = -_FLT_MAX
+                    lrow[row] = _FLT_MAX
+                    for e in range(dv):
+                        out[oo + e] = 0.0
+                else:
+                    mrow[row] = mrun[r]
+                    lrow[row] = lrun[r]
+                    inv_l = np.float32(1.0) / lrun[r]
+                    for e in range(dv):
+                        out[oo + e] = acc[r * dv + e] * inv_l
+
+
+@_jit.driver
+def bwd_driver(q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slopes, mask,
+               drop_mask, seqtab, gp, fp, items, tptr):
+    """Backward: accumulate unscaled dq, dk and dv (the caller multiplies dq, dk by scale).
+
+    items: int64 [n_items, 4] = (b_lo, b_hi, n2, split).  Split 0 writes dq, split c > 0 its
+    partial ``dqp[c - 1]`` (same offsets), reduced by the caller in a fixed order.
+    dpse: flat float32 with the pse offsets (DPSE_KIND 1/2), dslope: float32 [B, N1, NSPLIT].
+    """
+    bm = gp[desc.BLOCK_M]
+    bn = gp[desc.BLOCK_N]
+    d = gp[desc.D]
+    dvd = gp[desc.DV]
+    g = gp[desc.G]
+    nsplit = gp[desc.NSPLIT]
+    inv_keep = fp[desc.INV_KEEP]
+    scale = fp[desc.SCALE]
+    dropping = gp[desc.DROP_KIND] != desc.DROP_NONE
+    dpk = gp[desc.DPSE_KIND]
+    pk = gp[desc.PSE_KIND]
+    for t in prange(tptr.size - 1):
+        # scratch: s (p), dp (ds), rb (keep bits, then p_drop): BLOCK_M*BLOCK_N each
+        s = np.empty(bm * bn, np.float32)
+        dp = np.empty(bm * bn, np.float32)
+        rb = np.empty(bm * bn, np.float32)
+        ibuf = np.empty(bn, np.int32)
+        ab = np.empty(2, np.float32)
+        for it in range(tptr[t], tptr[t + 1]):
+            n2 = items[it, 2]
+            c = items[it, 3]
+            dqbuf = dq if c == 0 else dqp[c - 1]
+            for b in range(items[it, 0], items[it, 1]):
+                s1 = seqtab[b, desc.S1]
+                s2 = seqtab[b, desc.S2]
+                nkb = (s2 + bn - 1) // bn
+                lo = seqtab[b, desc.LO]
+                hi = seqtab[b, desc.HI]
+                pre = seqtab[b, desc.PREFIX]
+                for jb in range(c, nkb, nsplit):
+                    j0 = jb * bn
+                    n_len = min(bn, s2 - j0)
+                    k_off = seqtab[b, desc.K_OFF] + n2 * gp[desc.K_HS] + j0 * gp[desc.K_RS]
+                    v_off = seqtab[b, desc.V_OFF] + n2 * gp[desc.V_HS] + j0 * gp[desc.V_RS]
+                    ib_lo, ib_hi = q_block_range(lo, hi, pre, s1, j0, j0 + n_len, bm)
+                    for gg in range(g):
+                        h = n2 * g + gg
+                        st = seqtab[b, desc.ST_OFF] + h * seqtab[b, desc.ST_HS]
+                        for ib in range(ib_lo, ib_hi):
+                            i0 = ib * bm
+                            m_len = min(bm, s1 - i0)
+                            cls = tile_class(seqtab, gp, mask, b, h, i0, m_len, j0, n_len)
+                            if cls == desc.EMPTY:
+                                continue
+                            q_off = seqtab[b, desc.Q_OFF] + h * gp[desc.Q_HS] + i0 * gp[desc.Q_RS]
+                            dy_off = seqtab[b, desc.DY_OFF] + h * gp[desc.DY_HS] + i0 * gp[desc.DY_RS]
+                            # s <- z;  p <- exp(s - lse)
+                            score_tile(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len,
+                                       j0, n_len, cls, s, ab)
+                            for r in range(m_len):
+                                exp_sub(s, r * n_len, lse[st + (i0 + r) * gp[desc.ST_RS]], n_len, ibuf)
+                            # dp <- dy @ v.T
+                            gemm(TRANS_N, TRANS_T, m_len, n_len, dvd, np.float32(1.0), dy, dy_off,
+                                 gp[desc.DY_RS], v, v_off, gp[desc.V_RS], np.float32(0.0), dp, 0,
+                                 n_len, ab)
+                            if dropping:
+                                # dp_drop <- r * dp / keep;  p_drop <- r * p / keep  (into rb)
+                                keep_tile(seqtab, gp, drop_mask, b, h, i0, m_len, j0, n_len, rb)
+                                for x in range(m_len * n_len):
+                                    kx = rb[x] * inv_keep
+                                    dp[x] = dp[x] * kx
+                                    rb[x] = s[x] * kx
+                            # ds <- p * (dp_drop - dsum)   (in place in dp)
+                            for r in range(m_len):
+                                ds_r = dsum[st + (i0 + r) * gp[desc.ST_RS]]
+                                for cc in range(n_len):
+                                    x = r * n_len + cc
+                                    dp[x] = s[x] * (dp[x] - ds_r)
+                            pd = rb if dropping else s
+                            # dv <- dv + p_drop.T @ dy
+                            gemm(TRANS_T, TRANS_N, n_len, dvd, m_len, np.float32(1.0), pd, 0, n_len,
+                                 dy, dy_off, gp[desc.DY_RS], np.float32(1.0), dv, v_off,
+                                 gp[desc.V_RS], ab)
+                            # dk <- dk + ds.T @ q      (times scale later)
+                            gemm(TRANS_T, TRANS_N, n_len, d, m_len, np.float32(1.0), dp, 0, n_len,
+                                 q, q_off, gp[desc.Q_RS], np.float32(1.0), dk, k_off,
+                                 gp[desc.K_RS], ab)
+                            # dq <- dq + ds @ k        (times scale later)
+                            gemm(TRANS_N, TRANS_N, m_len, d, n_len, np.float32(1.0), dp, 0, n_len,
+                                 k, k_off, gp[desc.K_RS], np.float32(1.0), dqbuf, q_off,
+                                 gp[desc.Q_RS], ab)
+                            if dpk != 0:
+                                _dpse_tile(dp, m_len, n_len, b, h, i0, j0, c, pk, dpk, scale,
+                                           seqtab, dpse, dslope)
+
+
+@_jit.kernel
+def _dpse_tile(ds, m_len, n_len, b, h, i0, j0, c, pk, dpk, scale, seqtab, dpse, dslope):
+    """Accumulate the pse gradient of one tile (SPEC §4.4).
+
+    DPSE_KIND 1: ``dpse[b,h,i,j] += f * ds`` (f = scale for pse_type 1, 1 for type 0) at the pse
+    offsets (a row stride 0 sums over the broadcast rows, in row order, inside this item);
+    DPSE_KIND 3: ``dslope[b, h, c] += sum ds * (-|delta|)`` (or -sqrt).
+    """
+    if dpk == 1:
+        f = scale if (pk == desc.PSE_ADD_THEN_SCALE) else np.float32(1.0)
+        p_off = seqtab[b, desc.DPSE_OFF] + h * seqtab[b, desc.PSE_HS] + j0
+        p_rs = seqtab[b, desc.PSE_RS]
+        for r in range(m_len):
+            po = p_off + (i0 + r) * p_rs
+            for cc in range(n_len):
+                dpse[po + cc] += f * ds[r * n_len + cc]
+    elif dpk == 3:
+        base = (j0 + seqtab[b, desc.KVSTART]) - (i0 + seqtab[b, desc.QSTART])
+        acc = np.float32(0.0)
+        for r in range(m_len):
+            for cc in range(n_len):
+                dl = np.float32(abs(base + cc - r))
+                if pk == desc.PSE_ALIBI_SQRT:
+                    dl = np.sqrt(dl)
+                acc -= ds[r * n_len + cc] * dl
+        dslope[b, h, c] += acc

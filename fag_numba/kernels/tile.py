@@ -1,0 +1,222 @@
+"""Serial tile kernels: BLAS products, the vectorised exp, and the one score-modification step.
+
+Every function here is serial (``_jit.kernel``); only ``driver.py`` is parallel.  Arrays are
+flat float32 buffers addressed through the descriptor tables of ``desc.py``; a tile is the
+product of rows ``[i0, i0 + m_len)`` of one query head and rows ``[j0, j0 + n_len)`` of one
+key head of sequence b.
+"""
+import numpy as np
+from numba import types
+from numba.np.linalg import _BLAS
+
+from .. import _jit
+from ..dropout import _counter_start, _mask_keep_row, _philox_keep_row
+from ..masks import _band_tile_class, _dense_tile_class
+from . import desc
+
+# numba's own BLAS entry (it calls SciPy's cython_blas sgemm): single-threaded here because the
+# drivers run it inside prange and hold OpenBLAS to one thread (threads.py).
+_xxgemm = _BLAS().numba_xxgemm(types.float32)
+_KIND_S = ord("s")
+TRANS_N = ord("N")
+TRANS_T = ord("T")
+
+
+@_jit.kernel
+def gemm(ta, tb, m, n, k, alpha, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc, ab):
+    """Row-major ``C[m, n] = alpha * op(A) @ op(B) + beta * C`` on flat float32 buffers.
+
+    ``A``, ``B``, ``C`` start at element offsets ``a_off``, ``b_off``, ``c_off`` with row strides
+    ``lda``, ``ldb``, ``ldc`` (the last dim is contiguous); ``op`` is ``TRANS_N``/``TRANS_T``.
+    Column-major BLAS sees the transposed problem ``C^T = op(B)^T op(A)^T``, so A and B swap.
+    ``ab`` is a float32 scratch of 2 elements holding alpha/beta for the pointer interface.
+    """
+    if m <= 0 or n <= 0:
+        return
+    if k <= 0:
+        # empty inner dimension (D = 0): the product is zero; BLAS would reject ld = 0
+        if beta == 0.0:
+            for r in range(m):
+                for q in range(n):
+                    c[c_off + r * ldc + q] = 0.0
+        return
+    ab[0] = alpha
+    ab[1] = beta
+    _xxgemm(_KIND_S, tb, ta, n, m, k, ab[0:1].ctypes, b[b_off:].ctypes, max(ldb, 1),
+            a[a_off:].ctypes, max(lda, 1), ab[1:2].ctypes, c[c_off:].ctypes, max(ldc, 1))
+
+
+# ---- exp: Cephes expf range reduction + degree-6 polynomial, written so LLVM vectorises it ----
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+_P0 = np.float32(1.9875691500e-4)
+_P1 = np.float32(1.3981999507e-3)
+_P2 = np.float32(8.3334519073e-3)
+_P3 = np.float32(4.1665795894e-2)
+_P4 = np.float32(1.6666665459e-1)
+_P5 = np.float32(5.0000001201e-1)
+_ONE = np.float32(1.0)
+_HALF = np.float32(0.5)
+_ZERO = np.float32(0.0)
+_XMIN = np.float32(-87.33654)   # below: exp underflows to (almost) 0 -> exactly 0
+_XCLAMP = np.float32(88.0)      # clamp for the 2**n bits (n <= 127 keeps the exponent finite)
+_XOVF = np.float32(88.72283)    # above: float32 overflow -> inf
+_INF = np.float32(np.inf)
+NEG_INF = np.float32(-np.inf)
+
+
+@_jit.kernel
+def exp_sub(buf, off, sub, n, ibuf):
+    """In place ``buf[off + q] = exp(buf[off + q] - sub)`` for q < n.
+
+    Vectorised (PERF.md: a scalar libm exp per score costs as much as the GEMMs at D = 64):
+    range reduction x = n*ln2 + t, a degree-6 polynomial for exp(t), and 2**n built from integer
+    bits in ``ibuf`` (int32 scratch of at least n) read back through a float32 view.  Max relative
+    error ~6e-7.  x < -87.34 (and -inf) give exactly 0, x > 88.72 gives inf, NaN propagates;
+    arguments in (88, 88.72] are clamped to 88 (softmax arguments are <= 0).
+    """
+    fbuf = ibuf.view(np.float32)
+    for q in range(n):
+        src = buf[off + q]
+        x = src - sub
+        xc = min(max(x, _XMIN), _XCLAMP)
+        fx = np.floor(xc * _LOG2E + _HALF)
+        t = xc - fx * _LN2_HI - fx * _LN2_LO
+        y = ((((_P0 * t + _P1) * t + _P2) * t + _P3) * t + _P4) * t + _P5
+        y = y * (t * t) + t + _ONE
+        ibuf[q] = (np.int32(fx) + np.int32(127)) << np.int32(23)
+        v = y if x >= _XMIN else _ZERO
+        v = _INF if x > _XOVF else v
+        v = x if x != x else v
+        # a masked score (-inf) gives exactly 0 whatever sub is (even -inf or NaN statistics)
+        buf[off + q] = _ZERO if src == NEG_INF else v
+    for q in range(n):
+        buf[off + q] = buf[off + q] * fbuf[q]
+
+
+@_jit.kernel
+def tile_class(seqtab, gp, mask, b, h, i0, m_len, j0, n_len):
+    """Classify a tile: ``desc.EMPTY`` (skip), ``desc.FULL`` (no test), ``desc.PARTIAL``.
+
+    The band/prefix part is analytic (``masks._band_tile_class``); a dense mask is scanned
+    (bytes only, cheap next to the five products) so a user mask with whole masked or whole
+    visible tiles still skips / runs test-free.
+    """
+    kind = gp[desc.MASK_KIND]
+    if kind == desc.MASK_NONE:
+        return desc.FULL
+    cls = _band_tile_class(seqtab[b, desc.LO], seqtab[b, desc.HI], seqtab[b, desc.PREFIX],
+                           i0, i0 + m_len, j0, j0 + n_len)
+    if cls == desc.EMPTY or kind != desc.MASK_DENSE:
+        return cls
+    moff = seqtab[b, desc.MASK_OFF] + h * gp[desc.MASK_HS]
+    dcls = _dense_tile_class(mask, moff, gp[desc.MASK_RS], i0, i0 + m_len, j0, j0 + n_len)
+    if dcls == desc.EMPTY:
+        return desc.EMPTY
+    if dcls == desc.FULL and cls == desc.FULL:
+        return desc.FULL
+    return desc.PARTIAL
+
+
+@_jit.kernel
+def score_tile(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0, n_len, cls,
+               s, ab):
+    """Scores of one tile, the single place where scores are modified (pse, mask).
+
+    ``s[r * n_len + c] = Z[i0 + r, j0 + c]`` of SPEC §3 for query head h of sequence b, with
+    masked elements (PARTIAL tiles only) set to -inf.  q/k are flat float32 with descriptor
+    offsets; ``pse`` is the flat external pse or unused; ``slopes`` float32 ALiBi slopes.
+    """
+    g = gp[desc.G]
+    n2 = h // g
+    d = gp[desc.D]
+    scale = fp[desc.SCALE]
+    pk = gp[desc.PSE_KIND]
+    # X * scale straight out of the GEMM unless pse must be added before scaling (type 1)
+    alpha = np.float32(1.0) if (pk == desc.PSE_ADD_THEN_SCALE or pk == desc.PSE_COMPRESSED) else scale
+    q_off = seqtab[b, desc.Q_OFF] + h * gp[desc.Q_HS] + i0 * gp[desc.Q_RS]
+    k_off = seqtab[b, desc.K_OFF] + n2 * gp[desc.K_HS] + j0 * gp[desc.K_RS]
+    # s <- alpha * q @ k.T
+    gemm(TRANS_N, TRANS_T, m_len, n_len, d, alpha, q, q_off, gp[desc.Q_RS], k, k_off,
+         gp[desc.K_RS], np.float32(0.0), s, 0, n_len, ab)
+    if pk == desc.PSE_ADD_THEN_SCALE or pk == desc.PSE_SCALE_THEN_ADD:
+        p_off = seqtab[b, desc.PSE_OFF] + h * seqtab[b, desc.PSE_HS] + j0
+        p_rs = seqtab[b, desc.PSE_RS]
+        if pk == desc.PSE_ADD_THEN_SCALE:
+            # s <- (x + pse) * scale
+            for r in range(m_len):
+                po = p_off + (i0 + r) * p_rs
+                for c in range(n_len):
+                    s[r * n_len + c] = (s[r * n_len + c] + pse[po + c]) * scale
+        else:
+            # s <- x * scale + pse
+            for r in range(m_len):
+                po = p_off + (i0 + r) * p_rs
+                for c in range(n_len):
+                    s[r * n_len + c] = s[r * n_len + c] + pse[po + c]
+    elif pk == desc.PSE_ALIBI_ABS or pk == desc.PSE_ALIBI_SQRT:
+        # s <- x * scale - slope * |delta|  (or sqrt), delta = (j + kv_start) - (i + q_start)
+        slope = slopes[seqtab[b, desc.SLOPE_OFF] + h]
+        base = (j0 + seqtab[b, desc.KVSTART]) - (i0 + seqtab[b, desc.QSTART])
+        for r in range(m_len):
+            for c in range(n_len):
+                dl = np.float32(abs(base + c - r))
+                if pk == desc.PSE_ALIBI_SQRT:
+                    dl = np.sqrt(dl)
+                s[r * n_len + c] = s[r * n_len + c] - slope * dl
+    elif pk == desc.PSE_COMPRESSED or pk == desc.PSE_COMPRESSED_0:
+        # compressed ALiBi H = last 1024 rows of a Toeplitz bias: full[i, j] = H[1023, S1-1-(i-j)]
+        # for j <= i; j > i is masked (causal is required), so it gets no bias.
+        s1 = seqtab[b, desc.S1]
+        p_off = seqtab[b, desc.PSE_OFF] + h * seqtab[b, desc.PSE_HS] + 1023 * seqtab[b, desc.PSE_RS]
+        for r in range(m_len):
+            i = i0 + r
+            for c in range(n_len):
+                j = j0 + c
+                if j <= i:
+                    hv = pse[p_off + s1 - 1 - (i - j)]
+                    if pk == desc.PSE_COMPRESSED:
+                        s[r * n_len + c] = (s[r * n_len + c] + hv) * scale
+                    else:
+                        s[r * n_len + c] = s[r * n_len + c] + hv
+                elif pk == desc.PSE_COMPRESSED:
+                    s[r * n_len + c] = s[r * n_len + c] * scale
+    if cls == desc.PARTIAL:
+        lo = seqtab[b, desc.LO]
+        hi = seqtab[b, desc.HI]
+        pre = seqtab[b, desc.PREFIX]
+        dense = gp[desc.MASK_KIND] == desc.MASK_DENSE
+        moff = seqtab[b, desc.MASK_OFF] + h * gp[desc.MASK_HS]
+        mrs = gp[desc.MASK_RS]
+        for r in range(m_len):
+            i = i0 + r
+            for c in range(n_len):
+                j = j0 + c
+                dl = j - i
+                ok = (dl >= lo and dl <= hi) or j < pre
+                if dense and ok:
+                    ok = mask[moff + i * mrs + j] == 0
+                if not ok:
+                    s[r * n_len + c] = NEG_INF
+
+
+@_jit.kernel
+def keep_tile(seqtab, gp, drop_mask, b, h, i0, m_len, j0, n_len, rbuf):
+    """Dropout keep bits of a tile as 0.0/1.0 in ``rbuf[r * n_len + c]`` (SPEC §5).
+
+    Element index ``e = DROP_OFF[b] + (h * S1 + i) * S2 + j``; the bits come from the user's
+    packed ``drop_mask`` or from the counter-based generator keyed on (seed, offset + e).
+    """
+    s1 = seqtab[b, desc.S1]
+    s2 = seqtab[b, desc.S2]
+    kind = gp[desc.DROP_KIND]
+    for r in range(m_len):
+        e0 = seqtab[b, desc.DROP_OFF] + (h * s1 + i0 + r) * s2 + j0
+        row = rbuf[r * n_len:(r + 1) * n_len]
+        if kind == desc.DROP_MASK:
+            _mask_keep_row(drop_mask, e0, n_len, row)
+        else:
+            c0 = _counter_start(gp[desc.OFFSET_LO], gp[desc.OFFSET_HI], e0)
+            _philox_keep_row(gp[desc.SEED_LO], gp[desc.SEED_HI], c0, n_len,
+                             gp[desc.DROP_THRESHOLD], row)
