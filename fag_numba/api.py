@@ -23,8 +23,8 @@ Argument names are the aclnn attribute names (``pre_tokens``, not torch_npu's
 ``pre_tockens``; ``fag_numba.torch`` accepts both).  Internal names: query/key/value -> q/k/v,
 dy -> do, attention_in -> o, softmax_max/sum -> m/l (lse = m + log l), atten_mask -> mask plan.
 """
+import dataclasses
 from typing import NamedTuple, Optional
-import warnings
 
 import numpy as np
 
@@ -118,10 +118,14 @@ def _prepare(fn, query, key, value, dy, head_num, input_layout, pse, drop_mask, 
 
     # ---- masks (SPEC §6, §7) ----
     P.mask = masks.plan_masks(atten_mask, sparse_mode, pre_tokens, next_tokens, prefix,
-                              dims.seq_q, dims.seq_k, batch=dims.B, n1=dims.N1, tnd=dims.tnd)
+                              dims.seq_q, dims.seq_k, batch=dims.B, n1=dims.N1, tnd=dims.tnd,
+                              s1=dims.S1, s2=dims.S2)
+    if not P.mask.dense.flags.writeable:
+        # a read-only array is a different numba type (a second compile of every driver)
+        P.mask = dataclasses.replace(P.mask, dense=P.mask.dense.copy())
     has_mask = atten_mask is not None
-    causal = bool(has_mask and not P.mask.full and np.all(P.mask.hi <= 0)
-                  and (not P.mask.has_dense) and not np.any(P.mask.prefix > 0))
+    # causal: every computed element has j <= i (a dense mask only removes more elements)
+    causal = bool(has_mask and np.all(P.mask.hi <= 0) and not np.any(P.mask.prefix > 0))
 
     # ---- pse (SPEC §4) ----
     P.pse = pse_mod.plan_pse(pse, pse_type, q_start_idx, kv_start_idx, dims, qdt, causal,
@@ -148,7 +152,7 @@ def _prepare(fn, query, key, value, dy, head_num, input_layout, pse, drop_mask, 
                 raise FagValueError(f"{f}drop_mask must hold at least ceil(numels/8) = {need} "
                                     f"bytes (numels = {numels}), got {drop_mask.size}")
             P.drop_kind = desc.DROP_MASK
-            P.drop_flat = np.ascontiguousarray(drop_mask).reshape(-1)
+            P.drop_flat = dtypes.writable(np.ascontiguousarray(drop_mask).reshape(-1))
         else:
             P.seed_lo, P.seed_hi = dropout_mod.split_seed(seed)
             P.off_lo, P.off_hi = dropout_mod.split_offset(offset)

@@ -70,9 +70,9 @@ from __future__ import annotations
 import math
 import numbers
 
-import numba
 import numpy as np
 
+from . import _jit
 from .errors import FagTypeError, FagValueError
 
 __all__ = ["dropout_mask", "keep_threshold", "split_seed", "split_offset"]
@@ -83,8 +83,8 @@ _JIT_OPTIONS = dict(nogil=True, error_model="numpy")
 
 
 def _njit(**extra):
-    """``numba.njit`` with this module's options plus ``extra`` (e.g. ``inline="always"``)."""
-    return numba.njit(**dict(_JIT_OPTIONS, **extra))
+    """The package's serial-kernel decorator (``_jit.kernel``) plus ``extra``."""
+    return _jit.kernel(**extra)
 
 
 # ---- Philox-4x32-10 constants (Random123 philox.h: PHILOX_M4x32_0/1, PHILOX_W32_0/1) ----

@@ -25,9 +25,16 @@ def dtype_name(dt):
     return np.dtype(dt).name
 
 
+def writable(a):
+    """``a`` itself, or a copy when it is read-only: numba types read-only arrays separately,
+    so passing one would compile every driver a second time."""
+    return a if a.flags.writeable else a.copy()
+
+
 def to_f32_flat(x):
-    """float32 C-contiguous 1-D view of ``x`` (no copy when x already is float32 C-contiguous)."""
-    return np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    """float32 C-contiguous 1-D view of ``x`` (no copy when x already is a writable float32
+    C-contiguous array; the kernels only read it)."""
+    return writable(np.ascontiguousarray(x, dtype=np.float32).reshape(-1))
 
 
 def from_f32(flat, shape, dtype):

@@ -55,10 +55,9 @@ import functools
 import sys
 import warnings
 
-import numba
 import numpy as np
 
-from . import config
+from . import _jit, config
 from .errors import FagTypeError, FagValueError
 
 __all__ = ["MaskPlan", "plan_masks", "materialize", "EMPTY", "FULL", "PARTIAL"]
@@ -509,7 +508,7 @@ def materialize(plan: MaskPlan, b: int, h: int, s1: int, s2: int) -> np.ndarray:
 # njit helpers read by the kernels and the planner
 # ------------------------------------------------------------------------------------------------
 
-@numba.njit(nogil=True, error_model="numpy")
+@_jit.kernel
 def _band_tile_class(lo, hi, prefix, i0, i1, j0, j1):
     """Class of tile rows [i0, i1) x cols [j0, j1) (both non-empty) under band-or-prefix only.
 
@@ -531,7 +530,7 @@ def _band_tile_class(lo, hi, prefix, i0, i1, j0, j1):
     return 2
 
 
-@numba.njit(nogil=True, error_model="numpy")
+@_jit.kernel
 def _dense_tile_class(dense, off, rs, i0, i1, j0, j1):
     """Class of tile rows [i0, i1) x cols [j0, j1) under the dense mask alone.
 
@@ -548,7 +547,7 @@ def _dense_tile_class(dense, off, rs, i0, i1, j0, j1):
     return 1 if first else 0
 
 
-@numba.njit(nogil=True, error_model="numpy")
+@_jit.kernel
 def _row_col_range(lo, hi, prefix, i, s2):
     """Smallest [jlo, jhi) holding every band-or-prefix column of row i (``(0, 0)`` if none).
 
@@ -573,7 +572,7 @@ def _row_col_range(lo, hi, prefix, i, s2):
     return 0, 0
 
 
-@numba.njit(nogil=True, error_model="numpy")
+@_jit.kernel
 def _count_tiles(lo, hi, prefix, s1, s2, bm, bn):
     """Number of non-EMPTY band/prefix tiles of one sequence (tiles of bm rows x bn cols).
 

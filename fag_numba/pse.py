@@ -109,7 +109,7 @@ def plan_pse(pse, pse_type, q_start_idx, kv_start_idx, dims, qdtype, causal, spa
             kvstart = np.where(keep, kvstart, 0)
         kind = desc.PSE_ALIBI_ABS if pse_type == 2 else desc.PSE_ALIBI_SQRT
         return PsePlan(kind=kind, flat=np.zeros(1, np.float32), off=z, hs=z, rs=z,
-                       slopes=np.ascontiguousarray(pse, np.float32).reshape(-1),
+                       slopes=dtypes.to_f32_flat(pse),
                        slope_off=slope_off, qstart=qstart, kvstart=kvstart, dpse_kind=3,
                        merge_b=False, shape=pse.shape, dtype=pse.dtype)
     # external pse: dtype = query dtype or float32 (fp8 queries: float32, float16, bfloat16)
@@ -119,7 +119,7 @@ def plan_pse(pse, pse_type, q_start_idx, kv_start_idx, dims, qdtype, causal, spa
         raise FagTypeError(f"{fn}pse dtype must be one of {', '.join(d.name for d in allowed)} "
                            f"for {np.dtype(qdtype).name} queries, got {pse.dtype}")
     kind = desc.PSE_ADD_THEN_SCALE if pse_type == 1 else desc.PSE_SCALE_THEN_ADD
-    flat = np.ascontiguousarray(pse, dtype=np.float32).reshape(-1)
+    flat = dtypes.to_f32_flat(pse)
     s1, s2 = dims.S1, dims.S2
     if dims.tnd:
         if pse.ndim != 1:

@@ -67,9 +67,11 @@ def rowstats_driver(dy, o, m, l, seqtab, gp, lse, dsum):
             row = st + i * gp[desc.ST_RS]
             lse[row] = m[row] + np.float32(math.log(l[row]))
             off = base + i * gp[desc.DY_RS]
+            yr = dy[off:off + dv]
+            orr = o[off:off + dv]
             acc = np.float32(0.0)
             for e in range(dv):
-                acc += dy[off + e] * o[off + e]
+                acc += yr[e] * orr[e]
             dsum[row] = acc
 
 
@@ -123,9 +125,11 @@ def fwd_driver(q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, g
                            cls, s, ab)
                 for r in range(m_len):
                     # m_new <- max(m, rowmax(s));  p <- exp(s - m_new);  l <- l*exp(m-m_new) + rowsum(p)
+                    sr = s[r * n_len:(r + 1) * n_len]
                     mx = mrun[r]
                     for c in range(n_len):
-                        mx = max(mx, s[r * n_len + c])
+                        x = sr[c]
+                        mx = x if x > mx else mx
                     if mx == NEG_INF:
                         sub[r] = np.float32(0.0)   # nothing computed yet: exp(-inf - 0) = 0
                         corr = np.float32(1.0)
@@ -136,16 +140,19 @@ def fwd_driver(q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, g
                     exp_sub(s, r * n_len, sub[r], n_len, ibuf)
                     rs = np.float32(0.0)
                     for c in range(n_len):
-                        rs += s[r * n_len + c]
+                        rs += sr[c]
                     lrun[r] = lrun[r] * corr + rs
                     if corr != 1.0:
+                        ar = acc[r * dv:(r + 1) * dv]
                         for e in range(dv):
-                            acc[r * dv + e] *= corr
+                            ar[e] *= corr
                 if dropping:
                     # p_drop <- r * p / keep_prob
                     keep_tile(seqtab, gp, drop_mask, b, h, i0, m_len, j0, n_len, rb)
+                    st_ = s[:m_len * n_len]
+                    rb_ = rb[:m_len * n_len]
                     for x in range(m_len * n_len):
-                        s[x] = s[x] * rb[x] * inv_keep
+                        st_[x] = st_[x] * rb_[x] * inv_keep
                 # acc <- acc + p_drop @ v
                 v_off = seqtab[b, desc.V_OFF] + n2 * gp[desc.V_HS] + j0 * gp[desc.V_RS]
                 gemm(TRANS_N, TRANS_N, m_len, dv, n_len, np.float32(1.0), s, 0, n_len, v, v_off,
@@ -166,8 +173,10 @@ def fwd_driver(q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, g
                     mrow[row] = mrun[r]
                     lrow[row] = lrun[r]
                     inv_l = np.float32(1.0) / lrun[r]
+                    orow = out[oo:oo + dv]
+                    ar = acc[r * dv:(r + 1) * dv]
                     for e in range(dv):
-                        out[oo + e] = acc[r * dv + e] * inv_l
+                        orow[e] = ar[e] * inv_l
 
 
 @_jit.driver
@@ -234,19 +243,24 @@ def bwd_driver(q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slope
                             gemm(TRANS_N, TRANS_T, m_len, n_len, dvd, np.float32(1.0), dy, dy_off,
                                  gp[desc.DY_RS], v, v_off, gp[desc.V_RS], np.float32(0.0), dp, 0,
                                  n_len, ab)
+                            mn = m_len * n_len
                             if dropping:
                                 # dp_drop <- r * dp / keep;  p_drop <- r * p / keep  (into rb)
                                 keep_tile(seqtab, gp, drop_mask, b, h, i0, m_len, j0, n_len, rb)
-                                for x in range(m_len * n_len):
-                                    kx = rb[x] * inv_keep
-                                    dp[x] = dp[x] * kx
-                                    rb[x] = s[x] * kx
+                                dp_ = dp[:mn]
+                                rb_ = rb[:mn]
+                                s_ = s[:mn]
+                                for x in range(mn):
+                                    kx = rb_[x] * inv_keep
+                                    dp_[x] = dp_[x] * kx
+                                    rb_[x] = s_[x] * kx
                             # ds <- p * (dp_drop - dsum)   (in place in dp)
                             for r in range(m_len):
                                 ds_r = dsum[st + (i0 + r) * gp[desc.ST_RS]]
+                                dpr = dp[r * n_len:(r + 1) * n_len]
+                                sr = s[r * n_len:(r + 1) * n_len]
                                 for cc in range(n_len):
-                                    x = r * n_len + cc
-                                    dp[x] = s[x] * (dp[x] - ds_r)
+                                    dpr[cc] = sr[cc] * (dpr[cc] - ds_r)
                             pd = rb if dropping else s
                             # dv <- dv + p_drop.T @ dy
                             gemm(TRANS_T, TRANS_N, n_len, dvd, m_len, np.float32(1.0), pd, 0, n_len,
@@ -279,8 +293,10 @@ def _dpse_tile(ds, m_len, n_len, b, h, i0, j0, c, pk, dpk, scale, seqtab, dpse, 
         p_rs = seqtab[b, desc.PSE_RS]
         for r in range(m_len):
             po = p_off + (i0 + r) * p_rs
+            dr = dpse[po:po + n_len]
+            sr = ds[r * n_len:(r + 1) * n_len]
             for cc in range(n_len):
-                dpse[po + cc] += f * ds[r * n_len + cc]
+                dr[cc] += f * sr[cc]
     elif dpk == 3:
         base = (j0 + seqtab[b, desc.KVSTART]) - (i0 + seqtab[b, desc.QSTART])
         acc = np.float32(0.0)
