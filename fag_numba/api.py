@@ -34,6 +34,9 @@ from .kernels import desc
 from .threads import blas_single_thread
 
 INT32_MAX = 2147483647
+#: Debug hook: the number of (q-block, kv-block, head) tiles the last forward / backward driver
+#: computed (EMPTY tiles are skipped and not counted).  Tests use it to prove tile skipping.
+last_tile_count = {"forward": 0, "backward": 0}
 _FLT_MAX = np.float32(3.4028234663852886e38)
 
 
@@ -318,10 +321,12 @@ def _run_forward(P, q, k, v):
     m = np.full(nrows, -_FLT_MAX, np.float32)
     l = np.full(nrows, _FLT_MAX, np.float32)
     items, tptr = plan_forward(st, P.dims.N1, bm, bn)
+    visits = np.zeros(tptr.size - 1, np.int64)
     if items.shape[0]:
         with blas_single_thread():
             fwd_driver(q, k, v, out, m, l, P.pse.flat, P.pse.slopes, P.mask.dense, P.drop_flat,
-                       st, gp, fp, items, tptr)
+                       st, gp, fp, items, tptr, visits)
+    last_tile_count["forward"] = int(visits.sum())
     return out, m, l
 
 
@@ -462,11 +467,13 @@ def _run_backward(P, q, k, v, y, o, m, l):
     dqp = np.zeros((nsplit - 1, dq.size) if nsplit > 1 else (1, 1), np.float32)
     dpse = np.zeros(pp.flat.size if pp.dpse_kind == 1 else 1, np.float32)
     dslope = np.zeros((d.B, d.N1, nsplit) if pp.dpse_kind == 3 else (1, 1, 1), np.float32)
+    visits = np.zeros(tptr.size - 1, np.int64)
     if items.shape[0] and nrows:
         with blas_single_thread():
             rowstats_driver(y, o, m, l, st, gp, lse, dsum)
             bwd_driver(q, k, v, y, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pp.flat, pp.slopes,
-                       P.mask.dense, P.drop_flat, st, gp, fp, items, tptr)
+                       P.mask.dense, P.drop_flat, st, gp, fp, items, tptr, visits)
+    last_tile_count["backward"] = int(visits.sum())
     for c in range(nsplit - 1):          # fixed order: the result never depends on threads
         dq += dqp[c]
     dq *= P.scale

@@ -77,10 +77,11 @@ def rowstats_driver(dy, o, m, l, seqtab, gp, lse, dsum):
 
 @_jit.driver
 def fwd_driver(q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, gp, fp,
-               items, tptr):
+               items, tptr, visits):
     """Forward: ``out = softmax(Z) (dropped) @ v`` and the row statistics m, l (SPEC §3).
 
-    items: int64 [n_items, 3] = (b, h, q-block); tptr: int64 [n_chunks + 1].
+    items: int64 [n_items, 3] = (b, h, q-block); tptr: int64 [n_chunks + 1]; visits: int64
+    [n_chunks], tiles computed per chunk (the debug hook that proves EMPTY tiles are skipped).
     Invalid rows (no computed element) get out = 0, m = -FLT_MAX, l = +FLT_MAX.
     """
     bm = gp[desc.BLOCK_M]
@@ -120,6 +121,7 @@ def fwd_driver(q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, g
                 cls = tile_class(seqtab, gp, mask, b, h, i0, m_len, j0, n_len)
                 if cls == desc.EMPTY:
                     continue
+                visits[t] += 1
                 # s <- z (scaled, biased, masked)
                 score_tile(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0, n_len,
                            cls, s, ab)
@@ -181,12 +183,13 @@ def fwd_driver(q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, g
 
 @_jit.driver
 def bwd_driver(q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slopes, mask,
-               drop_mask, seqtab, gp, fp, items, tptr):
+               drop_mask, seqtab, gp, fp, items, tptr, visits):
     """Backward: accumulate unscaled dq, dk and dv (the caller multiplies dq, dk by scale).
 
     items: int64 [n_items, 4] = (b_lo, b_hi, n2, split).  Split 0 writes dq, split c > 0 its
     partial ``dqp[c - 1]`` (same offsets), reduced by the caller in a fixed order.
-    dpse: flat float32 with the pse offsets (DPSE_KIND 1/2), dslope: float32 [B, N1, NSPLIT].
+    dpse: flat float32 with the pse offsets (DPSE_KIND 1/2), dslope: float32 [B, N1, NSPLIT];
+    visits: int64 [n_chunks], tiles computed per chunk (debug hook).
     """
     bm = gp[desc.BLOCK_M]
     bn = gp[desc.BLOCK_N]
@@ -232,6 +235,7 @@ def bwd_driver(q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slope
                             cls = tile_class(seqtab, gp, mask, b, h, i0, m_len, j0, n_len)
                             if cls == desc.EMPTY:
                                 continue
+                            visits[t] += 1
                             q_off = seqtab[b, desc.Q_OFF] + h * gp[desc.Q_HS] + i0 * gp[desc.Q_RS]
                             dy_off = seqtab[b, desc.DY_OFF] + h * gp[desc.DY_HS] + i0 * gp[desc.DY_RS]
                             # s <- z;  p <- exp(s - lse)
