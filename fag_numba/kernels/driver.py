@@ -17,7 +17,8 @@ from numba import prange
 
 from .. import _jit
 from . import desc
-from .tile import NEG_INF, TRANS_N, TRANS_T, exp_sub, gemm, keep_tile, score_tile, tile_class
+from .tile import (NEG_INF, TRANS_N, TRANS_T, exp_sub, gemm, keep_tile, row_max, score_tile,
+                   tile_class)
 
 _FLT_MAX = np.float32(3.4028234663852886e38)
 
@@ -100,6 +101,7 @@ def fwd_driver(q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, g
         sub = np.empty(bm, np.float32)
         ibuf = np.empty(bn, np.int32)
         ab = np.empty(2, np.float32)
+        lanes = np.empty(16, np.float32)
         for it in range(tptr[t], tptr[t + 1]):
             b = items[it, 0]
             h = items[it, 1]
@@ -128,10 +130,7 @@ def fwd_driver(q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, g
                 for r in range(m_len):
                     # m_new <- max(m, rowmax(s));  p <- exp(s - m_new);  l <- l*exp(m-m_new) + rowsum(p)
                     sr = s[r * n_len:(r + 1) * n_len]
-                    mx = mrun[r]
-                    for c in range(n_len):
-                        x = sr[c]
-                        mx = x if x > mx else mx
+                    mx = row_max(sr, n_len, mrun[r], lanes)
                     if mx == NEG_INF:
                         sub[r] = np.float32(0.0)   # nothing computed yet: exp(-inf - 0) = 0
                         corr = np.float32(1.0)

@@ -98,6 +98,30 @@ def exp_sub(buf, off, sub, n, ibuf):
         b[q] = b[q] * fbuf[q]
 
 
+@_jit.kernel(inline="always")
+def row_max(x, n, init, lanes):
+    """``max(init, x[0:n])`` ignoring NaN, vectorised through 16 independent lanes.
+
+    A plain running max is a loop-carried select that LLVM cannot reorder without ``nnan``
+    (which we never enable), so it runs scalar; 16 lanes make it SIMD.  lanes: float32 [16].
+    """
+    for t in range(16):
+        lanes[t] = init
+    nv = n - n % 16
+    for c0 in range(0, nv, 16):
+        xr = x[c0:c0 + 16]
+        for t in range(16):
+            v = xr[t]
+            lanes[t] = v if v > lanes[t] else lanes[t]
+    mx = init
+    for t in range(16):
+        mx = lanes[t] if lanes[t] > mx else mx
+    for c in range(nv, n):
+        v = x[c]
+        mx = v if v > mx else mx
+    return mx
+
+
 @_jit.kernel
 def tile_class(seqtab, gp, mask, b, h, i0, m_len, j0, n_len):
     """Classify a tile: ``desc.EMPTY`` (skip), ``desc.FULL`` (no test), ``desc.PARTIAL``.
