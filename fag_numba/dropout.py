@@ -413,13 +413,15 @@ def keep_threshold(keep_prob) -> int:
     return _threshold_of(_check_keep_prob(keep_prob, "keep_threshold"))
 
 
-def split_seed(seed) -> tuple[int, int]:
+def split_seed(seed, caller: str = "split_seed") -> tuple[int, int]:
     """Split ``seed`` into the Philox key words ``(seed & 0xFFFFFFFF, seed >> 32)``.
 
     Parameters
     ----------
     seed : int
         An int (Python or numpy integer, not bool) in ``[0, 2**64)``.
+    caller : str, default "split_seed"
+        Function name that error messages start with (the public API passes its own).
 
     Returns
     -------
@@ -433,17 +435,19 @@ def split_seed(seed) -> tuple[int, int]:
     FagValueError
         ``seed`` is outside ``[0, 2**64)``.
     """
-    v = _check_u64(seed, "seed", "split_seed")
+    v = _check_u64(seed, "seed", caller)
     return v & 0xFFFFFFFF, v >> 32
 
 
-def split_offset(offset) -> tuple[int, int]:
+def split_offset(offset, caller: str = "split_offset") -> tuple[int, int]:
     """Split ``offset`` into its 32-bit halves ``(offset & 0xFFFFFFFF, offset >> 32)``.
 
     Parameters
     ----------
     offset : int
         An int (Python or numpy integer, not bool) in ``[0, 2**64)``.
+    caller : str, default "split_offset"
+        Function name that error messages start with (the public API passes its own).
 
     Returns
     -------
@@ -457,7 +461,7 @@ def split_offset(offset) -> tuple[int, int]:
     FagValueError
         ``offset`` is outside ``[0, 2**64)``.
     """
-    v = _check_u64(offset, "offset", "split_offset")
+    v = _check_u64(offset, "offset", caller)
     return v & 0xFFFFFFFF, v >> 32
 
 
