@@ -157,8 +157,8 @@ def _prepare(fn, query, key, value, dy, head_num, input_layout, pse, drop_mask, 
             P.drop_kind = desc.DROP_MASK
             P.drop_flat = dtypes.writable(np.ascontiguousarray(drop_mask).reshape(-1))
         else:
-            P.seed_lo, P.seed_hi = dropout_mod.split_seed(seed)
-            P.off_lo, P.off_hi = dropout_mod.split_offset(offset)
+            P.seed_lo, P.seed_hi = dropout_mod.split_seed(seed, fn)
+            P.off_lo, P.off_hi = dropout_mod.split_offset(offset, fn)
             P.threshold = dropout_mod.keep_threshold(kp)
             P.drop_kind = desc.DROP_PHILOX
     return P
