@@ -160,3 +160,82 @@ def max_abs_err(actual, expected):
 def bf16():
     """The ml_dtypes bfloat16 dtype (a shortcut for ids and generators)."""
     return np.dtype(ml_dtypes.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout conversions, head repetition and a naive same-dtype implementation (tests/test_core.py)
+# ------------------------------------------------------------------------------------------------
+
+def to_bnsd(x, layout, n):
+    """Non-TND tensor in ``layout`` with ``n`` heads -> ``[B, n, S, d]`` (a view when possible)."""
+    layout = layout.upper()
+    if layout == "BNSD":
+        return x
+    if layout == "BSND":
+        return x.transpose(0, 2, 1, 3)
+    if layout == "BSH":
+        b, s, h = x.shape
+        return x.reshape(b, s, n, h // n if n else 0).transpose(0, 2, 1, 3)
+    if layout == "SBH":
+        s, b, h = x.shape
+        return x.reshape(s, b, n, h // n if n else 0).transpose(1, 2, 0, 3)
+    raise ValueError(layout)
+
+
+def from_bnsd(x, layout):
+    """``[B, n, S, d]`` -> the same tensor in ``layout`` (C-contiguous copy)."""
+    layout = layout.upper()
+    b, n, s, d = x.shape
+    y = {"BNSD": lambda: x,
+         "BSND": lambda: x.transpose(0, 2, 1, 3),
+         "BSH": lambda: x.transpose(0, 2, 1, 3).reshape(b, s, n * d),
+         "SBH": lambda: x.transpose(2, 0, 1, 3).reshape(s, b, n * d)}[layout]()
+    return np.ascontiguousarray(y)
+
+
+def repeat_heads(x, layout, n, g):
+    """Repeat each of the ``n`` heads of ``x`` ``g`` times (head h of the result = head h // g):
+    K/V of a GQA problem turned into the equivalent MHA inputs."""
+    return from_bnsd(np.repeat(to_bnsd(x, layout, n), g, axis=1), layout)
+
+
+def sum_head_groups(x, layout, n, g):
+    """Inverse of ``repeat_heads`` for gradients: ``n`` heads summed in groups of ``g`` (float64)."""
+    y = to_float64(to_bnsd(x, layout, n))
+    b, _, s, d = y.shape
+    return from_bnsd(y.reshape(b, n // g, g, s, d).sum(axis=2), layout)
+
+
+def naive_attention(q, k, v, dy, scale, g, dtype):
+    """Straightforward dense attention forward + backward "in the input dtype" (the baseline of
+    ``tolerances.baseline_check``): inputs as given (already in ``dtype``), float32 math, P and dS
+    rounded to ``dtype`` before their matmuls (as the NPU does), outputs rounded to ``dtype``.
+
+    q ``[B,N1,S1,D]``, k ``[B,N2,S2,D]``, v ``[B,N2,S2,Dv]``, dy ``[B,N1,S1,Dv]`` (BNSD, no masks,
+    no pse, no dropout). Returns ``(out, dq, dk, dv)`` in BNSD and ``dtype``.
+    """
+    f32 = np.float32
+    q32, dy32 = q.astype(f32), dy.astype(f32)
+    k32 = np.repeat(k.astype(f32), g, axis=1)
+    v32 = np.repeat(v.astype(f32), g, axis=1)
+    sc = f32(scale)
+    z = (q32 @ k32.transpose(0, 1, 3, 2)) * sc
+    if z.shape[-1]:
+        m = z.max(axis=-1, keepdims=True)
+        e = np.exp(z - m)
+        p = e / e.sum(axis=-1, keepdims=True)
+    else:
+        p = z
+    p = p.astype(dtype).astype(f32)
+    out = p @ v32
+    dp = dy32 @ v32.transpose(0, 1, 3, 2)
+    dsum = (dy32 * out.astype(dtype).astype(f32)).sum(axis=-1, keepdims=True)
+    ds = (p * (dp - dsum)).astype(dtype).astype(f32)
+    dq = sc * (ds @ k32)
+    dk = sc * (ds.transpose(0, 1, 3, 2) @ q32)
+    dv = p.transpose(0, 1, 3, 2) @ dy32
+    b, n1, s2 = q.shape[0], q.shape[1], k.shape[2]
+    n2 = n1 // g if g else 0
+    dk = dk.reshape(b, n2, g, s2, -1).sum(axis=2)
+    dv = dv.reshape(b, n2, g, s2, -1).sum(axis=2)
+    return tuple(x.astype(dtype) for x in (out, dq, dk, dv))
