@@ -231,10 +231,7 @@ def prefix_fwd_bug(c, prefix, S1, S2, fbm, fbn):
 
 
 def xfail_if_prefix_bug(kw, B, N1, S1, S2):
-    if kw.get("sparse_mode") in (5, 6) and kw.get("atten_mask") is not None:
-        c = predicates(B, N1, S1, S2, **kw)
-        if prefix_fwd_bug(c, kw["prefix"], S1, S2, FBM, FBN):
-            return [pytest.mark.xfail(strict=True, reason=PREFIX_BUG)]
+    """No marks: the kv_block_range prefix bug this used to mark is fixed."""
     return []
 
 
@@ -363,7 +360,6 @@ def test_prefix_modes_backward(mode, layout, s1, s2):
         assert api.last_tile_count["backward"] == exact
 
 
-@pytest.mark.xfail(strict=True, reason=PREFIX_BUG)
 def test_prefix_forward_default_blocks(blocks):
     """Minimal reproduction of the kv_block_range prefix bug with the default tile sizes:
     BNSD, B = N = 1, S1 = S2 = 600, D = 8, sparse_mode 6, prefix [500]: query rows 0..63 (first
@@ -558,7 +554,6 @@ DENSE_BAND_LOOSE = ("kernels/tile.py::tile_class: a tile whose band part and den
                     "is computed (as all -inf) instead of skipped; results stay right")
 
 
-@pytest.mark.xfail(strict=True, reason=DENSE_BAND_LOOSE)
 def test_dense_and_band_tile_skipping():
     """Mode 0, pre = next = 0 (the diagonal) and a mask that masks exactly the diagonal: nothing
     is computed, so no tile may be visited (BNSD, B = N = 1, S1 = S2 = 8, tiles 4x8 / 5x7).

@@ -30,7 +30,8 @@ def kv_block_range(lo, hi, prefix, s2, i0, i1, bn):
         jlo = 0
     else:
         jlo = max(0, i0 + lo)
-    jhi = min(s2, i1 - 1 + hi + 1)
+    # the band of the last row ends at i1 - 1 + hi; prefix columns [0, prefix) count too
+    jhi = min(s2, max(i1 - 1 + hi + 1, prefix))
     if jhi <= jlo:
         return 0, 0
     return jlo // bn, (jhi + bn - 1) // bn

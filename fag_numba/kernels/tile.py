@@ -143,6 +143,20 @@ def tile_class(seqtab, gp, mask, b, h, i0, m_len, j0, n_len):
         return desc.EMPTY
     if dcls == desc.FULL and cls == desc.FULL:
         return desc.FULL
+    if dcls == desc.PARTIAL and cls == desc.PARTIAL:
+        # both partial: their intersection may still be empty; a byte scan is cheap next to
+        # the five products it can save
+        lo = seqtab[b, desc.LO]
+        hi = seqtab[b, desc.HI]
+        pre = seqtab[b, desc.PREFIX]
+        mrs = gp[desc.MASK_RS]
+        for i in range(i0, i0 + m_len):
+            mr = mask[moff + i * mrs + j0:moff + i * mrs + j0 + n_len]
+            for c in range(n_len):
+                dl = j0 + c - i
+                if ((dl >= lo and dl <= hi) or j0 + c < pre) and mr[c] == 0:
+                    return desc.PARTIAL
+        return desc.EMPTY
     return desc.PARTIAL
 
 
