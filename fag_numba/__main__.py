@@ -1,4 +1,5 @@
-"""``python -m fag_numba [demo|info|selftest]``: the demo (default), runtime facts, a self-check."""
+"""``python -m fag_numba [demo|info|selftest|bench]``: the demo (default), runtime facts, a
+self-check, a configurable benchmark."""
 import argparse
 import json
 import sys
@@ -93,6 +94,109 @@ def selftest(args):
     return 0 if ok else 1
 
 
+def _progress(i, n, label, stream=sys.stderr):
+    """A one-line text progress bar (stderr, so the report on stdout stays clean)."""
+    width = 30
+    done = int(width * i / max(n, 1))
+    stream.write(f"\r{label} [{'#' * done}{'.' * (width - done)}] {i}/{n}")
+    if i >= n:
+        stream.write("\n")
+    stream.flush()
+
+
+def bench(args):
+    """Time forward and backward on a configurable problem; optional torch peer."""
+    import resource
+
+    import numba
+
+    import fag_numba
+    from fag_numba import dtypes
+
+    if args.threads:
+        fag_numba.set_num_threads(args.threads)
+    b, n1, s, d = args.shape
+    n2 = args.kv_heads or n1
+    dt = {"float32": dtypes.FLOAT32, "float16": dtypes.FLOAT16, "bfloat16": dtypes.BFLOAT16,
+          "float8_e4m3fn": dtypes.FP8_E4M3, "float8_e5m2": dtypes.FP8_E5M2}[args.dtype]
+    rng = np.random.default_rng(0)
+    shapes = {"BNSD": ((b, n1, s, d), (b, n2, s, d)), "BSND": ((b, s, n1, d), (b, s, n2, d)),
+              "BSH": ((b, s, n1 * d), (b, s, n2 * d)), "SBH": ((s, b, n1 * d), (s, b, n2 * d)),
+              "TND": ((b * s, n1, d), (b * s, n2, d))}
+    qs, ks = shapes[args.layout]
+    q, dy = (rng.standard_normal(qs).astype(np.float32).astype(dt) for _ in range(2))
+    k, v = (rng.standard_normal(ks).astype(np.float32).astype(dt) for _ in range(2))
+    kw = dict(scale_value=1.0 / np.sqrt(d), sparse_mode=args.sparse_mode)
+    density = 1.0
+    if args.sparse_mode in (2, 3):
+        kw["atten_mask"] = np.triu(np.ones((2048, 2048), bool), 1)
+        density = 0.5
+    elif args.sparse_mode == 4:
+        kw.update(atten_mask=np.triu(np.ones((2048, 2048), bool), 1),
+                  pre_tokens=args.band, next_tokens=args.band)
+        density = min(1.0, (2 * args.band + 1) / s)
+    elif args.sparse_mode != 0:
+        print("bench: --sparse-mode must be 0, 2, 3 or 4", file=sys.stderr)
+        return 2
+    if args.layout == "TND":
+        cu = [s * (i + 1) for i in range(b)]
+        kw.update(actual_seq_qlen=cu, actual_seq_kvlen=cu)
+    total = args.rounds + 1
+    _progress(0, total, "bench")
+    fwd = fag_numba.flash_attention_score(q, k, v, n1, args.layout, **kw)
+    grad = lambda: fag_numba.flash_attention_score_grad(
+        q, k, v, dy, n1, args.layout, softmax_max=fwd.softmax_max, softmax_sum=fwd.softmax_sum,
+        attention_in=fwd.attention_out, **kw)
+    grad()
+    _progress(1, total, "bench")
+    tf, tb = [], []
+    for r in range(args.rounds):
+        t = time.perf_counter()
+        fag_numba.flash_attention_score(q, k, v, n1, args.layout, **kw)
+        tf.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        grad()
+        tb.append(time.perf_counter() - t)
+        _progress(r + 2, total, "bench")
+    flops = 4.0 * b * n1 * s * s * d * density
+    mf, mb = float(np.median(tf)), float(np.median(tb))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"fag_numba {args.layout} {args.dtype} B={b} N1={n1} N2={n2} S={s} D={d} "
+          f"sparse_mode={args.sparse_mode} threads={numba.get_num_threads()}")
+    print(f"forward  median {mf * 1e3:9.1f} ms  {flops / mf / 1e9:7.1f} GFLOP/s")
+    print(f"backward median {mb * 1e3:9.1f} ms  {2.5 * flops / mb / 1e9:7.1f} GFLOP/s")
+    print(f"peak RSS of the process {peak:.0f} MB")
+    if args.torch:
+        try:
+            import torch
+        except ImportError:
+            print("torch peer: torch is not installed (pip install torch==2.13.0)")
+            return 0
+        if args.layout != "BNSD" or args.sparse_mode not in (0, 2, 3) or n1 != n2:
+            print("torch peer: only BNSD, N1 == N2, sparse_mode 0/2/3 (torch has no band/GQA "
+                  "flash path)")
+            return 0
+        torch.set_num_threads(numba.get_num_threads())
+        tt = torch.float32 if args.dtype == "float32" else torch.bfloat16
+        tq, tk, tv, tdy = (torch.randn(b, n1, s, d, dtype=tt) for _ in range(4))
+        causal = args.sparse_mode in (2, 3)
+        op = torch.ops.aten
+        out, lse = op._scaled_dot_product_flash_attention_for_cpu(tq, tk, tv, 0.0, causal,
+                                                                 scale=kw["scale_value"])
+        tgrad = lambda: op._scaled_dot_product_flash_attention_for_cpu_backward(
+            tdy, tq, tk, tv, out, lse, 0.0, causal, scale=kw["scale_value"])
+        tgrad()
+        ts = []
+        for _ in range(args.rounds):
+            t = time.perf_counter()
+            tgrad()
+            ts.append(time.perf_counter() - t)
+        mt = float(np.median(ts))
+        print(f"torch backward median {mt * 1e3:9.1f} ms  {2.5 * flops / mt / 1e9:7.1f} GFLOP/s"
+              f"  -> ratio fag_numba / torch = {mb / mt:.2f}")
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m fag_numba",
                                 description="fag_numba: Ascend FlashAttentionScoreGrad on the CPU.")
@@ -102,10 +206,22 @@ def main(argv=None):
         q.add_argument("--shape", type=int, nargs=4, default=[1, 8, 2048, 128],
                        metavar=("B", "N", "S", "D"), help="problem size (default 1 8 2048 128)")
         q.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    pb = sub.add_parser("bench", help="time forward/backward on a configurable problem")
+    pb.add_argument("--shape", type=int, nargs=4, default=[1, 8, 2048, 128],
+                    metavar=("B", "N1", "S", "D"))
+    pb.add_argument("--kv-heads", type=int, default=0, help="N2 (default N1)")
+    pb.add_argument("--layout", default="BNSD", choices=["BNSD", "BSND", "BSH", "SBH", "TND"])
+    pb.add_argument("--dtype", default="float32",
+                    choices=["float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"])
+    pb.add_argument("--sparse-mode", type=int, default=0, help="0 (dense), 2/3 (causal), 4 (band)")
+    pb.add_argument("--band", type=int, default=256, help="pre = next tokens for sparse mode 4")
+    pb.add_argument("--threads", type=int, default=0, help="numba threads (default all)")
+    pb.add_argument("--rounds", type=int, default=3, help="timed rounds (medians reported)")
+    pb.add_argument("--torch", action="store_true", help="also time torch's CPU flash backward")
     sub.add_parser("info", help="versions, threading layer, threads, BLAS, CPU, cache dir")
     sub.add_parser("selftest", help="quick correctness check; exit code 0 = pass")
     args = p.parse_args(argv)
-    return {"info": info, "selftest": selftest}.get(args.cmd, demo)(args)
+    return {"info": info, "selftest": selftest, "bench": bench}.get(args.cmd, demo)(args)
 
 
 if __name__ == "__main__":
