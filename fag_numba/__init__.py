@@ -11,6 +11,7 @@ from .api import (FlashAttentionGrads, FlashAttentionOutput, flash_attention_sco
                   flash_attention_score_grad)
 from .dropout import dropout_mask
 from .errors import FagError, FagTypeError, FagValueError
+from .merge import merge_attention_outputs
 from .threads import runtime_info, set_num_threads, threads
 
 try:
@@ -20,6 +21,7 @@ except PackageNotFoundError:  # running from a source tree
 
 __all__ = [
     "flash_attention_score", "flash_attention_score_grad", "dropout_mask",
+    "merge_attention_outputs",
     "FlashAttentionOutput", "FlashAttentionGrads", "FagError", "FagTypeError", "FagValueError",
     "set_num_threads", "threads", "runtime_info", "__version__",
 ]
