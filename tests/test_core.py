@@ -616,3 +616,33 @@ def test_nan_score_row_propagates_in_forward(where):
     assert np.isnan(g.dq[0, 0, rows]).all()          # the grad does propagate (passes today)
     assert np.isnan(out.attention_out[0, 0, rows]).all(), out.attention_out[0, 0, rows]
     assert np.isnan(out.softmax_sum[0, 0, rows]).all(), out.softmax_sum[0, 0, rows]
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. larger shapes (slow lane)
+# ------------------------------------------------------------------------------------------------
+
+SLOW_CASES = [("BSND", BF16, 2, 4, 2, 700, 1030, 128, 128), ("SBH", np.dtype(np.float16), 1, 8,
+                                                                1, 1025, 513, 96, 64),
+              ("BNSD", np.dtype(np.float32), 1, 2, 2, 2049, 2049, 64, 64)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout,dtype,B,N1,N2,S1,S2,D,Dv", SLOW_CASES,
+                         ids=[make_id(layout=c[0], dtype=c[1], b=c[2], n1=c[3], n2=c[4], s1=c[5],
+                                      s2=c[6], d=c[7], dv=c[8]) for c in SLOW_CASES])
+def test_large_shapes_default_tiles(layout, dtype, B, N1, N2, S1, S2, D, Dv):
+    rng = np.random.default_rng(S1 + S2)
+    q, k, v, dy = make_qkv(layout, B, N1, N2, S1, S2, D, Dv, dtype, rng)
+    kw = dict(scale_value=float(1 / np.sqrt(D)))
+    out = fwd(q, k, v, N1, layout, **kw)
+    check_forward_contract(out, q, layout, B, N1, S1, Dv)
+    r = ref_forward(q, k, v, N1, layout, **kw)
+    for name, a, e, tol in zip(("attention_out", "softmax_max", "softmax_sum"), out, r,
+                               (tolerance(dtype, "fwd"), STATS, STATS)):
+        assert_close(a, e, tol, name)
+    g = grad(q, k, v, dy, N1, layout, **kw)
+    check_grad_contract(g, q, k, v)
+    e = ref_backward(q, k, v, dy, N1, layout, **kw)
+    for name, a, r_ in zip(("dq", "dk", "dv"), g[:3], e[:3]):
+        assert_close(a, r_, tolerance(dtype, "bwd"), name)

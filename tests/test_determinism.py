@@ -112,3 +112,18 @@ def test_threads_context_manager_restores_count():
         with fag_numba.threads(1):
             raise RuntimeError("boom")
     assert numba.get_num_threads() == before
+
+
+@pytest.mark.parametrize("n,exc", [(0, fag_numba.FagValueError),
+                                   (ALL_THREADS + 1, fag_numba.FagValueError),
+                                   (-1, fag_numba.FagValueError),
+                                   (1.0, fag_numba.FagTypeError), ("1", fag_numba.FagTypeError),
+                                   (True, fag_numba.FagTypeError)])
+def test_threads_rejects_bad_counts_and_keeps_the_current_one(n, exc):
+    before = numba.get_num_threads()
+    with pytest.raises(exc, match="n must"):
+        with fag_numba.threads(n):
+            pass                                                  # pragma: no cover
+    with pytest.raises(exc):
+        fag_numba.set_num_threads(n)
+    assert numba.get_num_threads() == before

@@ -353,7 +353,8 @@ def _equal(a, b):
 def test_input_layout_case_insensitive(spelling):
     a = base(layout="BNSD")
     ref = call("grad", a), call("fwd", a)
-    got = call("grad", {**a, "input_layout": spelling}), call("fwd", {**a, "input_layout": spelling})
+    b = {**a, "input_layout": spelling}
+    got = call("grad", b), call("fwd", b)
     _equal(ref[0], got[0])
     _equal(ref[1], got[1])
 

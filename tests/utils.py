@@ -200,7 +200,8 @@ def repeat_heads(x, layout, n, g):
 
 
 def sum_head_groups(x, layout, n, g):
-    """Inverse of ``repeat_heads`` for gradients: ``n`` heads summed in groups of ``g`` (float64)."""
+    """Inverse of ``repeat_heads`` for gradients: ``n`` heads summed in groups of ``g``
+    (float64)."""
     y = to_float64(to_bnsd(x, layout, n))
     b, _, s, d = y.shape
     return from_bnsd(y.reshape(b, n // g, g, s, d).sum(axis=2), layout)
