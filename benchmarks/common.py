@@ -336,7 +336,7 @@ def prepare_torch_flash(case: Case, pass_: str, warmup: bool = True) -> Prepared
 
         def fn():
             return flash_bwd(dy, q, k, v, out, lse, 0.0, causal, scale=scale)
-    label = "torch flash" + (" (kv expanded)" if row.N1 != row.N2 else "")
+    label = "torch flash" + ("-kvrep" if row.N1 != row.N2 else "")   # K/V repeated to N1 heads
     return Prepared("torch", label, fn, fn() if warmup else None)
 
 
@@ -445,6 +445,53 @@ def max_rel_diff(case: Case, fag_result, torch_result, pass_: str) -> float | No
         ref = float(np.max(np.abs(b))) or 1.0
         worst = max(worst, float(np.max(np.abs(a - b))) / ref)
     return worst
+
+
+def _machine_busy_seconds() -> float:
+    """CPU-seconds all CPUs spent busy since boot (/proc/stat; 0 where unavailable)."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = vals[3] + vals[4]                          # idle + iowait
+    return (sum(vals) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class LoadMeter:
+    """CPU used by *other* processes while a block runs, as a fraction of the whole machine.
+
+    The machine is shared: a row timed while something else ran is suspect, so every result
+    carries this number (``other%`` in compare.py, ``other_load`` in extra_info).  It is the
+    machine's busy CPU time (/proc/stat) minus this process's own (``os.times``), over
+    wall time x CPU count.
+    """
+
+    def __enter__(self):
+        self._t = time.perf_counter()
+        self._busy = _machine_busy_seconds()
+        self._own = sum(os.times()[:2])
+        self.fraction = None
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self._t
+        other = (_machine_busy_seconds() - self._busy) - (sum(os.times()[:2]) - self._own)
+        cpus = os.cpu_count() or 1
+        self.fraction = max(0.0, other / (wall * cpus)) if wall > 0 else 0.0
+        return False
+
+
+def wait_for_idle(max_wait: float, threshold: float = 0.10, sample: float = 1.0) -> float:
+    """Wait (up to ``max_wait`` s) until other processes use < ``threshold`` of the machine
+    over a ``sample``-second window; return the last measured fraction."""
+    deadline = time.perf_counter() + max_wait
+    while True:
+        with LoadMeter() as meter:
+            time.sleep(sample)
+        if meter.fraction < threshold or time.perf_counter() >= deadline:
+            return meter.fraction
+        time.sleep(2.0)
 
 
 def time_once(fn: Callable[[], Any]) -> float:

@@ -13,7 +13,12 @@ the inputs, calls each implementation once (JIT compile, excluded), then times `
 rounds, each round calling both (order swapped every round so drift hits both alike), and
 prints the medians, the ratio fag/torch (< 1: fag_numba is faster), the GFLOP/s of each
 (benchmarks/flops.py) and max|fag - torch| / max|torch| of the warm-up outputs as a sanity
-check.  numba and torch get the same thread count.  The machine is shared: quote ratios.
+check.  numba and torch get the same thread count.  The machine is shared: quote ratios, and
+look at ``other%`` (CPU used by other processes during the timed rounds, % of the machine):
+torch's OpenMP kernel degrades badly when a core is taken away, so rows with other% above ~5
+are not comparable.  Rounds measured while others used more than ``--max-other`` percent are
+retried (up to 4x); if the machine never got quiet enough the least loaded rounds are used and
+other% is starred.  ``--wait-idle 300`` also waits for a quiet machine before each row.
 """
 from __future__ import annotations
 
@@ -31,8 +36,8 @@ if __package__ in (None, ""):                     # run as a script: python benc
 from benchmarks import common, flops, shapes  # noqa: E402
 
 COLUMNS = ("shape", "dtype", "pass", "fag ms", "torch ms", "fag/torch", "fag GF/s",
-           "torch GF/s", "peer", "rel.err")
-WIDTHS = (28, 5, 4, 9, 9, 9, 8, 10, 12, 8)
+           "torch GF/s", "peer", "rel.err", "other%")
+WIDTHS = (28, 5, 4, 9, 9, 9, 8, 10, 12, 8, 6)
 
 
 def _fmt(value, spec: str) -> str:
@@ -46,7 +51,8 @@ def _line(cells) -> str:
     return "  ".join(out).rstrip()
 
 
-def compare_one(row: shapes.Row, dtype: str, pass_: str, rounds: int, check: bool) -> dict:
+def compare_one(row: shapes.Row, dtype: str, pass_: str, rounds: int, check: bool,
+                max_other: float | None = 0.05) -> dict:
     """Warm up both sides, time them alternately, return medians and derived numbers."""
     case = common.make_case(row, dtype)
     prepared, notes = {}, []
@@ -63,11 +69,27 @@ def compare_one(row: shapes.Row, dtype: str, pass_: str, rounds: int, check: boo
         p.first = None
     gc.collect()
 
-    times = {impl: [] for impl in prepared}
+    # A/B rounds; a round during which other processes used more than ``max_other`` of the
+    # machine is set aside and retried (up to 4x rounds attempts), because one busy core slows
+    # an OpenMP kernel far more than its share.  Rounds shorter than 0.1 s are always kept:
+    # /proc/stat counts in 10 ms ticks, too coarse to judge them.
     order = list(prepared)
-    for r in range(rounds):
-        for impl in (order if r % 2 == 0 else order[::-1]):
-            times[impl].append(common.time_once(prepared[impl].fn))
+    kept, spare, attempts = [], [], 0
+    while len(kept) < rounds and attempts < 4 * rounds:
+        with common.LoadMeter() as load:
+            ts = {impl: common.time_once(prepared[impl].fn)
+                  for impl in (order if attempts % 2 == 0 else order[::-1])}
+        attempts += 1
+        rnd = (load.fraction, ts)
+        if max_other is None or sum(ts.values()) < 0.1 or load.fraction <= max_other:
+            kept.append(rnd)
+        else:
+            spare.append(rnd)
+    short = rounds - len(kept)
+    if short > 0:                       # never quiet enough: use the least loaded rounds
+        kept += sorted(spare, key=lambda x: x[0])[:short]
+    times = {impl: [ts[impl] for _, ts in kept] for impl in prepared}
+    other = statistics.mean(f for f, _ in kept) if kept else 0.0
     med = {impl: statistics.median(ts) for impl, ts in times.items()}
     fag_s, torch_s = med.get("fag_numba"), med.get("torch")
     result = {
@@ -79,7 +101,8 @@ def compare_one(row: shapes.Row, dtype: str, pass_: str, rounds: int, check: boo
         "fag_gflops": common.gflops(row, pass_, fag_s) if fag_s else None,
         "torch_gflops": common.gflops(row, pass_, torch_s) if torch_s else None,
         "peer": prepared["torch"].label if "torch" in prepared else None,
-        "rel_err": err, "notes": notes,
+        "rel_err": err, "notes": notes, "other_load": other,
+        "loaded": short > 0, "attempts": attempts,
         "fag_times_ms": [t * 1e3 for t in times.get("fag_numba", [])],
         "torch_times_ms": [t * 1e3 for t in times.get("torch", [])],
     }
@@ -100,6 +123,12 @@ def main(argv=None) -> int:
                         help="threads for numba and torch (default: numba's count)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip the fag-vs-torch output comparison")
+    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                        help="before each row wait up to SECONDS for other processes to use "
+                             "< 10%% of the machine (the box is shared; default 0: no wait)")
+    parser.add_argument("--max-other", type=float, default=5.0, metavar="PCT",
+                        help="retry A/B rounds during which other processes used more than PCT%% "
+                             "of the machine (default 5; -1 keeps every round)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -114,7 +143,10 @@ def main(argv=None) -> int:
     for row in rows:
         for dtype in args.dtype:
             for pass_ in passes:
-                res = compare_one(row, dtype, pass_, args.rounds, not args.no_check)
+                if args.wait_idle > 0:
+                    common.wait_for_idle(args.wait_idle)
+                res = compare_one(row, dtype, pass_, args.rounds, not args.no_check,
+                                  None if args.max_other < 0 else args.max_other / 100)
                 results.append(res)
                 if not header_done:         # after the first warm-up: the layer is known now
                     info = common.env_info()
@@ -129,7 +161,9 @@ def main(argv=None) -> int:
                              _fmt(res["torch_ms"], ".1f"), _fmt(res["ratio"], ".2f"),
                              _fmt(res["fag_gflops"], ".1f"), _fmt(res["torch_gflops"], ".1f"),
                              (res["peer"] or "none").replace("torch ", ""),
-                             _fmt(res["rel_err"], ".1e"))), flush=True)
+                             _fmt(res["rel_err"], ".1e"),
+                             _fmt(100 * res["other_load"], ".0f")
+                             + ("*" if res["loaded"] else ""))), flush=True)
                 for note in res["notes"]:
                     print(f"    n/a {note}", flush=True)
     if args.json:

@@ -97,7 +97,8 @@ def run_bench(request):
         except common.Unavailable as exc:
             pytest.skip(str(exc))
         rounds = rounds_override or row.rounds
-        benchmark.pedantic(prepared.fn, rounds=rounds, iterations=1, warmup_rounds=1)
+        with common.LoadMeter() as load:
+            benchmark.pedantic(prepared.fn, rounds=rounds, iterations=1, warmup_rounds=1)
         info = common.env_info()
         total = flops.flops(row, pass_)
         extra = benchmark.extra_info
@@ -109,7 +110,8 @@ def run_bench(request):
             numba=info["numba"], threading_layer=info["threading_layer"],
             numba_threads=info["numba_threads"], torch=info.get("torch"),
             torch_threads=info.get("torch_threads"), cpu=info["cpu"],
-            fastmath=info.get("fastmath"), fag_numba=info.get("fag_numba"))
+            fastmath=info.get("fastmath"), fag_numba=info.get("fag_numba"),
+            other_load=round(load.fraction, 3))
         stats = getattr(benchmark, "stats", None)
         if stats is not None and getattr(stats, "stats", None) is not None:
             median = stats.stats.median
