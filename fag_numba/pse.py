@@ -60,10 +60,12 @@ def none_plan(nb):
 
 
 def plan_pse(pse, pse_type, q_start_idx, kv_start_idx, dims, qdtype, causal, sparse_mode,
-             has_mask, fn=""):
+             has_mask, fn="", pre_tokens=None, next_tokens=None):
     """Validate pse / pse_type / start indices and build the PsePlan (SPEC §4).
 
-    causal: the mask makes every computed element satisfy j <= i (needed by compressed ALiBi).
+    causal: the mask makes every computed element satisfy j <= i (needed by compressed ALiBi,
+    which SPEC §4.1 allows only with sparse_mode 2/3, or 0 with pre_tokens >= S1 and
+    next_tokens == 0; ``pre_tokens``/``next_tokens`` None skip that token test).
     """
     if not is_int(pse_type):
         raise FagTypeError(f"{fn}pse_type must be an int, got {type(pse_type).__name__} "
@@ -157,10 +159,15 @@ def plan_pse(pse, pse_type, q_start_idx, kv_start_idx, dims, qdtype, causal, spa
         if not (s1 == s2 and s1 > 1024):
             raise FagValueError(f"{fn}pse: compressed ALiBi [.,N1,1024,S2] needs S1 == S2 > 1024,"
                                 f" got S1={s1}, S2={s2}")
-        if not causal:
+        mode_ok = sparse_mode in (2, 3) or (
+            sparse_mode == 0 and (pre_tokens is None or pre_tokens >= s1)
+            and (next_tokens is None or next_tokens == 0))
+        if not (causal and mode_ok):
+            got = f"sparse_mode {sparse_mode}" if has_mask else "no atten_mask"
             raise FagValueError(f"{fn}pse: compressed ALiBi [.,N1,1024,S2] needs causal masking "
                                 f"(sparse_mode 2/3 with the compressed mask, or 0 with "
-                                f"pre_tokens >= S1 and next_tokens == 0)")
+                                f"pre_tokens >= S1 and next_tokens == 0), got {got}, "
+                                f"pre_tokens={pre_tokens}, next_tokens={next_tokens}")
         kind = desc.PSE_COMPRESSED if pse_type == 1 else desc.PSE_COMPRESSED_0
         return PsePlan(kind=kind, flat=flat, off=off, hs=hs, rs=np.full(nb, s2, np.int64),
                        slopes=np.zeros(1, np.float32), slope_off=z, qstart=z, kvstart=z,

@@ -510,6 +510,19 @@ def test_validation_compressed_alibi():
             atten_mask=np.zeros((S, S), bool), sparse_mode=0, pre_tokens=S, next_tokens=3)
     _raises(FagValueError, "pse", ok, 1, "BNSD", pse=comp, pse_type=0, atten_mask=TRI,
             sparse_mode=4, pre_tokens=S, next_tokens=5)
+    # causal-looking but not one of the allowed forms (SPEC §4.1): mode 0 with
+    # pre_tokens < S1 or next_tokens < 0, mode 4 with next_tokens == 0, mode 6 with prefix 0
+    tri_full = np.triu(np.ones((S, S), bool), 1)
+    _raises(FagValueError, "pse", ok, 1, "BNSD", pse=comp, atten_mask=tri_full, sparse_mode=0,
+            pre_tokens=S - 1, next_tokens=0)
+    _raises(FagValueError, "pse", ok, 1, "BNSD", pse=comp, atten_mask=tri_full, sparse_mode=0,
+            pre_tokens=S, next_tokens=-1)
+    _raises(FagValueError, "pse", ok, 1, "BNSD", pse=comp, atten_mask=TRI, sparse_mode=4,
+            pre_tokens=S, next_tokens=0)
+    tri6 = np.concatenate([TRI, np.zeros((1024, 2048), bool)])
+    tri6[2048:, 1024:] = True
+    _raises(FagValueError, "pse", ok, 1, "BNSD", pse=comp, atten_mask=tri6, sparse_mode=6,
+            prefix=[0])
     # S1 != S2
     q, k, v, dy = make_qkv("BNSD", 1, 1, 1, S, S + 1, 2, 2, F32, rng)
     _raises(FagValueError, "pse", (q, k, v, dy), 1, "BNSD",
