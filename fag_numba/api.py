@@ -132,7 +132,7 @@ def _prepare(fn, query, key, value, dy, head_num, input_layout, pse, drop_mask, 
 
     # ---- pse (SPEC §4) ----
     P.pse = pse_mod.plan_pse(pse, pse_type, q_start_idx, kv_start_idx, dims, qdt, causal,
-                             int(sparse_mode), has_mask, f)
+                             int(sparse_mode), has_mask, f, pre_tokens, next_tokens)
 
     # ---- dropout (SPEC §5) ----
     P.drop_kind = desc.DROP_NONE
