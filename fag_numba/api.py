@@ -417,6 +417,7 @@ def flash_attention_score_grad(query, key, value, dy, head_num, input_layout, *,
         gradient for pse_type 2/3, None without pse or for compressed ALiBi.
     """
     fn = "flash_attention_score_grad"
+    validation.check_array("dy", dy, fn + ": ")
     P = _prepare(fn, query, key, value, dy, head_num, input_layout, pse, drop_mask, atten_mask,
                  scale_value, keep_prob, pre_tokens, next_tokens, inner_precise, prefix,
                  actual_seq_qlen, actual_seq_kvlen, sparse_mode, pse_type, q_start_idx,

@@ -593,11 +593,6 @@ def test_nan_and_inf_in_some_keys_propagate():
             assert_close(a[ok], e[ok], tol, f"{name} ({bad})")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "forward swallows NaN: a score row that is entirely NaN (NaN in a query row, or "
-    "scale_value=nan) is treated as an invalid row -> attention_out 0, softmax_max -FLT_MAX, "
-    "softmax_sum +FLT_MAX, while SPEC §9 says NaN propagates (the reference and the grad give "
-    "NaN)"))
 @pytest.mark.parametrize("where", ["query_row", "scale_value"])
 def test_nan_score_row_propagates_in_forward(where):
     rng = np.random.default_rng(23)

@@ -314,11 +314,6 @@ def _finite_rows_match(fo, args, n1, ok):
 
 
 @pytest.mark.parametrize("fp8", [E4, E5], ids=["e4m3", "e5m2"])
-@pytest.mark.xfail(strict=True, reason=(
-    "kernel bug (fag_numba/kernels/driver.py fwd_driver + tile.row_max): a query row whose "
-    "scores are all NaN is taken for an invalid row (the running max ignores NaN and stays "
-    "-inf), so attention_out is 0 and softmax_max/sum are -FLT_MAX/+FLT_MAX instead of NaN "
-    "(SPEC §9: NaN propagates like the math says)"))
 def test_nan_in_query_row_propagates(fp8):
     q, k, v, dy, n1 = _nan_case(fp8, "q")
     fo = F.flash_attention_score(q, k, v, n1, "BNSD", scale_value=SCALE)

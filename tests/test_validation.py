@@ -67,11 +67,6 @@ def on(base_kw, **over):
     return make
 
 
-# Package bug: flash_attention_score_grad(dy=None) is taken for "no dy" (the forward's path in
-# api._prepare), so validation passes, the forward runs, and the numba rowstats driver then fails
-# to type ``None[off:off + dv]``: a numba TypingError instead of FagTypeError (and a compile).
-DY_NONE_BUG = ("grad(dy=None) is not rejected: api._prepare skips dy when it is None and the "
-               "numba rowstats driver raises TypingError instead of FagTypeError")
 
 
 def _arr(shape, dtype=np.float32):
@@ -169,8 +164,7 @@ def rules():
     for name in ("query", "key", "value", "dy"):
         where = ("grad",) if name == "dy" else ("fwd", "grad")
         add(f"{name}-list", on({}, **{name: lambda x: x.tolist()}), T, name, where)
-        add(f"{name}-none", on({}, **{name: None}), T, name, where,
-            {"grad": DY_NONE_BUG} if name == "dy" else {})
+        add(f"{name}-none", on({}, **{name: None}), T, name, where)
         add(f"{name}-scalar", on({}, **{name: 1.0}), T, name, where)
     add("atten_mask-list", on({}, atten_mask=[[0]]), T, "atten_mask")
     add("pse-list", on({}, pse=[[0.0]]), T, "pse")
