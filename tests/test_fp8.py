@@ -149,7 +149,8 @@ def test_fp8_vs_reference(layout, fp8, n1, n2, s1, s2, sc, odt, expect, mode):
     elif sc == "float":
         scales = dict(d_scale_q=0.5, d_scale_k=np.float32(1.25), d_scale_v=0.75, d_scale_dy=2)
     else:
-        scales = dict(d_scale_q=block_scales(rng, B, n1, s1), d_scale_k=block_scales(rng, B, n2, s2),
+        scales = dict(d_scale_q=block_scales(rng, B, n1, s1),
+                      d_scale_k=block_scales(rng, B, n2, s2),
                       d_scale_v=block_scales(rng, B, n2, s2),
                       d_scale_dy=block_scales(rng, B, n1, s1))
     if odt is not None:
