@@ -131,14 +131,8 @@ def fwd_driver(q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, g
                 for r in range(m_len):
                     # m_new <- max(m, rowmax(s));  p <- exp(s - m_new);  l <- l*exp(m-m_new) + rowsum(p)
                     sr = s[r * n_len:(r + 1) * n_len]
+                    # NaN scores make m NaN (SPEC §9: NaN propagates), never an invalid row
                     mx = row_max(sr, n_len, mrun[r], lanes)
-                    if mx == NEG_INF:
-                        # row_max skips NaN; a row whose scores are all NaN must stay NaN (SPEC
-                        # §9: NaN inputs propagate), not turn into an invalid row
-                        for c in range(n_len):
-                            if sr[c] != sr[c]:
-                                mx = sr[c]
-                                break
                     if mx == NEG_INF:
                         sub[r] = np.float32(0.0)   # nothing computed yet: exp(-inf - 0) = 0
                         corr = np.float32(1.0)

@@ -100,7 +100,7 @@ def exp_sub(buf, off, sub, n, ibuf):
 
 @_jit.kernel(inline="always")
 def row_max(x, n, init, lanes):
-    """``max(init, x[0:n])`` ignoring NaN, vectorised through 16 independent lanes.
+    """``max(init, x[0:n])``, NaN-propagating (SPEC §9), vectorised through 16 lanes.
 
     A plain running max is a loop-carried select that LLVM cannot reorder without ``nnan``
     (which we never enable), so it runs scalar; 16 lanes make it SIMD.  lanes: float32 [16].
@@ -112,13 +112,13 @@ def row_max(x, n, init, lanes):
         xr = x[c0:c0 + 16]
         for t in range(16):
             v = xr[t]
-            lanes[t] = v if v > lanes[t] else lanes[t]
+            lanes[t] = v if (v > lanes[t] or v != v) else lanes[t]
     mx = init
     for t in range(16):
-        mx = lanes[t] if lanes[t] > mx else mx
+        mx = lanes[t] if (lanes[t] > mx or lanes[t] != lanes[t]) else mx
     for c in range(nv, n):
         v = x[c]
-        mx = v if v > mx else mx
+        mx = v if (v > mx or v != v) else mx
     return mx
 
 
