@@ -107,32 +107,6 @@ def predicates(B, N1, S1, S2, *, atten_mask=None, sparse_mode=0, pre_tokens=2147
     return c
 
 
-def band_and_dense(B, N1, S1, S2, **kw):
-    """(band/prefix-only predicate, dense-only predicate), each bool [B, N1, S1, S2]."""
-    mask = kw.get("atten_mask")
-    band = predicates(B, N1, S1, S2, **dict(kw, atten_mask=np.zeros((S1, S2), bool)))
-    dense = np.ones((B, N1, S1, S2), dtype=bool)
-    if kw.get("sparse_mode", 0) in (0, 1, 5) and mask is not None:
-        for b in range(B):
-            for h in range(N1):
-                dense[b, h] = mask_slice(mask, b, h) == 0
-    return band, dense
-
-
-def tile_count_bounds(B, N1, S1, S2, bm, bn, **kw):
-    """(exact, loose) non-EMPTY tile counts: exact = tiles holding a computed element; loose =
-    tiles where the band/prefix part and the dense part are each non-empty on their own (the
-    classification ``kernels.tile.tile_class`` makes, see test_dense_and_band_tile_skipping)."""
-    exact = tile_census(predicates(B, N1, S1, S2, **kw), bm, bn)[0]
-    band, dense = band_and_dense(B, N1, S1, S2, **kw)
-    loose = 0
-    for c1, c2 in zip(band.reshape(-1, S1, S2), dense.reshape(-1, S1, S2)):
-        for i0 in range(0, S1, bm):
-            for j0 in range(0, S2, bn):
-                loose += bool(c1[i0:i0 + bm, j0:j0 + bn].any() and c2[i0:i0 + bm, j0:j0 + bn].any())
-    return exact, loose
-
-
 def tile_census(c, bm, bn):
     """(non-EMPTY, FULL, PARTIAL) tile counts of a [.., S1, S2] predicate for bm x bn tiles."""
     s1, s2 = c.shape[-2:]
@@ -206,35 +180,6 @@ def prefix_for(rng, B, S1, S2):
     return [int(x) for x in rng.integers(lo, S2 + 1, size=B)]
 
 
-# Kernel bug (fag_numba/kernels/driver.py::kv_block_range): with a prefix (modes 5/6) the forward
-# scans key blocks [0, ceil((i1 + hi) / bn)) only; prefix columns j >= i1 + hi of a query block
-# are never visited, so rows that should see them get wrong out / softmax_max / softmax_sum.
-PREFIX_BUG = ("kernels/driver.py::kv_block_range ignores prefix columns past the band "
-              "(jhi = min(S2, i1 + hi) should be max(that, min(prefix, S2)) when prefix > 0): "
-              "the forward of sparse modes 5/6 misses computed prefix elements")
-
-
-def prefix_fwd_bug(c, prefix, S1, S2, fbm, fbn):
-    """True when the forward with ``kv_block_range`` as written misses a computed element of
-    predicate ``c`` [B, N1, S1, S2] (mode 5/6, hi = S2 - S1 per sequence)."""
-    hi = S2 - S1
-    for b in range(c.shape[0]):
-        if not prefix or prefix[b] <= 0:
-            continue
-        for i0 in range(0, S1, fbm):
-            i1 = min(S1, i0 + fbm)
-            jhi = min(S2, i1 + hi) if hi < S2 - 1 else S2
-            jend = min(S2, -(-max(jhi, 0) // fbn) * fbn)
-            if c[b, :, i0:i1, jend:].any():
-                return True
-    return False
-
-
-def xfail_if_prefix_bug(kw, B, N1, S1, S2):
-    """No marks: the kv_block_range prefix bug this used to mark is fixed."""
-    return []
-
-
 # ------------------------------------------------------------------------------------------------
 # 1. full masks: modes 0, 1, 5 x the four shapes
 # ------------------------------------------------------------------------------------------------
@@ -263,7 +208,6 @@ def _full_cases():
             if mode == 5:
                 kw["prefix"] = prefix_for(rng, B_, s1, s2)
             cases.append(pytest.param(kw, s1, s2, layout, gqa, dtype, x,
-                                      marks=xfail_if_prefix_bug(kw, B_, N1_, s1, s2),
                                       id=make_id(sm=mode, mask=shape_kind, mdt=np.dtype(mdt).name,
                                                  layout=layout, gqa=gqa, dtype=dtype,
                                                  s1=s1, s2=s2)))
@@ -277,12 +221,9 @@ def test_full_mask_modes(kw, s1, s2, layout, gqa, dtype, seed):
     keep = mask.copy()
     check_case(layout, B_, N1_, N1_ // gqa, s1, s2, 8, 8 if seed % 3 else 6, dtype, seed, **kw)
     np.testing.assert_array_equal(mask, keep)
-    # the tiles computed: every non-EMPTY one, and no more than the band/dense classification
-    # allows (exact equality when there is no band: mode 1; see test_dense_and_band_tile_skipping)
-    exact, loose = tile_count_bounds(B_, N1_, s1, s2, BM, BN, **kw)
-    assert exact <= api.last_tile_count["backward"] <= loose
-    if kw["sparse_mode"] == 1:
-        assert api.last_tile_count["backward"] == exact
+    # the tiles computed are exactly the non-EMPTY ones (dense x band intersections included)
+    c = predicates(B_, N1_, s1, s2, **kw)
+    assert api.last_tile_count["forward"] == tile_census(c, FBM, FBN)[0]
 
 
 def test_full_mask_per_head_differs():
@@ -318,7 +259,6 @@ def _compressed_cases():
             if mode == 6:
                 kw["prefix"] = prefix_for(rng, B_, s1, s2)
             cases.append(pytest.param(kw, s1, s2, layout, gqa, dtype, x,
-                                      marks=xfail_if_prefix_bug(kw, B_, N1_, s1, s2),
                                       id=make_id(sm=mode, layout=layout, gqa=gqa,
                                                  mdt=np.dtype(mdt).name, rank4=rank4,
                                                  dtype=dtype, s1=s1, s2=s2)))
@@ -337,9 +277,9 @@ def test_compressed_modes(kw, s1, s2, layout, gqa, dtype, seed):
 
 @pytest.mark.parametrize("mode", [5, 6])
 @pytest.mark.parametrize("layout,s1,s2", [("BNSD", 21, 13), ("BSH", 13, 21), ("SBH", 16, 16)])
-def test_prefix_modes_backward(mode, layout, s1, s2):
-    """Modes 5/6 backward (given the reference statistics) and its tile count are right, whatever
-    the forward does; prefixes chosen wide so that prefix columns lie far outside the band."""
+def test_prefix_modes_wide_prefix(mode, layout, s1, s2):
+    """Modes 5/6 with prefixes wide enough that prefix columns lie far right of the band of the
+    first query blocks (regression: the forward's key-block range used to ignore them)."""
     B, N1 = 2, 2
     prefix = [s2, max(0 if s1 > s2 else s2 - s1, s2 - 2)]
     rng = np.random.default_rng(500 + s1)
@@ -354,16 +294,18 @@ def test_prefix_modes_backward(mode, layout, s1, s2):
     rg = ref_backward(q, k, v, dy, N1, layout, **st, **kw)
     for name, a, e in zip(("dq", "dk", "dv"), g[:3], rg[:3]):
         assert_close(a, e, tolerance(F32, "bwd"), name)
-    exact, loose = tile_count_bounds(B, N1, s1, s2, BM, BN, **kw)
-    assert exact <= api.last_tile_count["backward"] <= loose
-    if mode == 6:
-        assert api.last_tile_count["backward"] == exact
+    c = predicates(B, N1, s1, s2, **kw)
+    assert api.last_tile_count["backward"] == tile_census(c, BM, BN)[0]
+    fo = fag_numba.flash_attention_score(q, k, v, N1, layout, **kw)
+    assert api.last_tile_count["forward"] == tile_census(c, FBM, FBN)[0]
+    for name, a, e in zip(("attention_out", "softmax_max", "softmax_sum"), fo, ro):
+        assert_close(a, e, tolerance(F32, "fwd"), name)
 
 
 def test_prefix_forward_default_blocks(blocks):
-    """Minimal reproduction of the kv_block_range prefix bug with the default tile sizes:
-    BNSD, B = N = 1, S1 = S2 = 600, D = 8, sparse_mode 6, prefix [500]: query rows 0..63 (first
-    forward block) must see key columns 0..499 but only blocks below 64 + 0 are scanned."""
+    """Regression (kernels/driver.py::kv_block_range ignored prefix columns past the band), with
+    the default tile sizes: BNSD, B = N = 1, S1 = S2 = 600, D = 8, sparse_mode 6, prefix [500]:
+    query rows 0..63 (first forward block) must see key columns 0..499."""
     blocks(**{"bm": 64, "bn": 128, "fbm": 64, "fbn": 256})
     rng = np.random.default_rng(0)
     S = 600
@@ -533,8 +475,8 @@ def _skip_cases():
         pytest.param(dict(atten_mask=compressed(2), sparse_mode=2), id="sm2"),
         pytest.param(dict(atten_mask=compressed(4), sparse_mode=4, pre_tokens=6,
                           next_tokens=-2), id="sm4"),
-        pytest.param(kw5, id="sm5", marks=xfail_if_prefix_bug(kw5, 2, 3, S1, S2)),
-        pytest.param(kw6, id="sm6", marks=xfail_if_prefix_bug(kw6, 2, 3, S1, S2)),
+        pytest.param(kw5, id="sm5"),
+        pytest.param(kw6, id="sm6"),
         pytest.param(dict(atten_mask=compressed(3), sparse_mode=3), id="sm3"),
     ]
 
@@ -549,15 +491,11 @@ def test_tile_count_equals_brute_force(kw):
     assert bwd < B * N1 * -(-S1 // BM) * -(-S2 // BN)
 
 
-DENSE_BAND_LOOSE = ("kernels/tile.py::tile_class: a tile whose band part and dense part are each "
-                    "PARTIAL is classified PARTIAL even when their intersection is empty, so it "
-                    "is computed (as all -inf) instead of skipped; results stay right")
-
-
 def test_dense_and_band_tile_skipping():
     """Mode 0, pre = next = 0 (the diagonal) and a mask that masks exactly the diagonal: nothing
     is computed, so no tile may be visited (BNSD, B = N = 1, S1 = S2 = 8, tiles 4x8 / 5x7).
-    Visited today: forward 3, backward 2."""
+    Regression: tile_class used to call a tile whose band and dense parts are each PARTIAL
+    PARTIAL even when their intersection is empty (forward 3, backward 2 tiles visited)."""
     S = 8
     rng = np.random.default_rng(19)
     q, k, v, dy = make_qkv("BNSD", 1, 1, 1, S, S, 4, 4, F32, rng)
@@ -704,3 +642,26 @@ def test_layouts_gqa_dtypes_causal_and_band(layout, gqa, dtype):
     check_case(layout, 3, N1, N1 // gqa, 25, 19, 12, 8, dtype, 18 + gqa,
                atten_mask=full_mask(rng, (3, 1, 25, 19), np.uint8), sparse_mode=0,
                pre_tokens=4, next_tokens=9)
+
+
+@pytest.mark.parametrize("pre,nxt", [(2**63 - 1, 2**63 - 1), (2**62, 3), (-3, 2**63 - 1),
+                                     (2**31 - 1, 2**31 - 1)])
+def test_extreme_tokens(pre, nxt):
+    """Tokens anywhere in the int64 range: bounds are clamped, nothing overflows.  Compared with
+    the same band written with small tokens (the float64 reference itself overflows in int64 for
+    tokens near 2**63, so it is not used with the raw values here)."""
+    layout, B, N1, S1, S2 = "BSND", 1, 2, 9, 12
+    rng = np.random.default_rng(23)
+    q, k, v, dy = make_qkv(layout, B, N1, N1, S1, S2, 8, 8, F32, rng)
+    small = lambda t: max(-S1 - S2, min(S1 + S2, t))          # noqa: E731  same band, small ints
+    for mode, mask in ((0, np.zeros((S1, S2), bool)), (4, compressed(4))):
+        kw = dict(atten_mask=mask, sparse_mode=mode)
+        big = (fag_numba.flash_attention_score(q, k, v, N1, layout, pre_tokens=pre,
+                                               next_tokens=nxt, **kw),
+               fag_numba.flash_attention_score_grad(q, k, v, dy, N1, layout, pre_tokens=pre,
+                                                    next_tokens=nxt, **kw))
+        ref_kw = dict(kw, pre_tokens=small(pre), next_tokens=small(nxt))
+        ro = ref_forward(q, k, v, N1, layout, **ref_kw)
+        rg = ref_backward(q, k, v, dy, N1, layout, **ref_kw)
+        for a, e in zip(list(big[0]) + list(big[1][:3]), list(ro) + list(rg[:3])):
+            assert_close(a, e, tolerance(F32, "bwd"))
