@@ -53,7 +53,11 @@ def ref_computed(sparse_mode, s1, s2, pre_tokens=NO_LIMIT, next_tokens=NO_LIMIT,
     i = np.arange(s1, dtype=np.int64)[:, None]
     j = np.arange(s2, dtype=np.int64)[None, :]
     delta = s2 - s1
-    pre, nxt = int(pre_tokens), int(next_tokens)
+    # exact Python-int tokens, clamped to a range that changes no comparison (|j - i| < s1 + s2)
+    # so that tokens near 2**63 cannot overflow the int64 arithmetic below
+    lim = s1 + s2 + 1
+    pre = max(-lim, min(lim, int(pre_tokens)))
+    nxt = max(-lim, min(lim, int(next_tokens)))
     if mask2d is None:
         unmasked = np.ones((s1, s2), dtype=bool)
     else:
