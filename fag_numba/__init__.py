@@ -8,7 +8,7 @@ imported (``fag_numba.torch`` is the optional torch layer).
 from importlib.metadata import PackageNotFoundError, version as _version
 
 from .api import (FlashAttentionGrads, FlashAttentionOutput, flash_attention_score,
-                  flash_attention_score_grad)
+                  flash_attention_score_grad, warmup)
 from .dropout import dropout_mask
 from .errors import FagError, FagTypeError, FagValueError
 from .merge import merge_attention_outputs
@@ -21,7 +21,7 @@ except PackageNotFoundError:  # running from a source tree
 
 __all__ = [
     "flash_attention_score", "flash_attention_score_grad", "dropout_mask",
-    "merge_attention_outputs",
+    "merge_attention_outputs", "warmup",
     "FlashAttentionOutput", "FlashAttentionGrads", "FagError", "FagTypeError", "FagValueError",
     "set_num_threads", "threads", "runtime_info", "__version__",
 ]

@@ -488,3 +488,19 @@ def _run_backward(P, q, k, v, y, o, m, l):
             sl = sl.sum(axis=0)                             # batch, in order
         out_pse = sl.astype(np.float32).reshape(pp.shape)
     return dq, dk, dv, out_pse
+
+
+def warmup():
+    """Compile every kernel now (forward, backward, masks, dropout) on a tiny problem.
+
+    The kernels compile lazily on first use (~20-40 s on 2 cores, once per process; with
+    ``FAG_NUMBA_CACHE=1`` once per machine).  Call this at start-up to pay that cost up front.
+    One compiled specialisation serves every dtype, layout, mask, pse and dropout option.
+    """
+    rng = np.random.default_rng(0)
+    q, k, v, dy = (rng.standard_normal((1, 1, 4, 8)).astype(np.float32) for _ in range(4))
+    mask = np.triu(np.ones((2048, 2048), bool), 1)
+    kw = dict(atten_mask=mask, sparse_mode=3, keep_prob=0.5, seed=0)
+    fwd = flash_attention_score(q, k, v, 1, "BNSD", **kw)
+    flash_attention_score_grad(q, k, v, dy, 1, "BNSD", softmax_max=fwd.softmax_max,
+                               softmax_sum=fwd.softmax_sum, attention_in=fwd.attention_out, **kw)
