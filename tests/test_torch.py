@@ -213,23 +213,25 @@ def test_unsupported_features_raise_not_implemented(fn_name, arg):
 # forward / grad through the layer == the numpy API
 # ------------------------------------------------------------------------------------------
 def _layout_data(layout, dtype, seed=0):
-    """q, k, v, dy tensors (GQA 4/2 heads, D=8, Dv=8) and numpy-API extra kwargs."""
-    B, N1, N2, S1, S2, D = 2, 4, 2, 9, 13, 8
+    """q, k, v, dy tensors (GQA 4/2 heads, D=8, Dv=4) and numpy-API extra kwargs."""
+    B, N1, N2, S1, S2, D, Dv = 2, 4, 2, 9, 13, 8, 4
     kw = {}
     if layout == "BNSD":
-        shapes = [(B, N1, S1, D), (B, N2, S2, D), (B, N2, S2, D), (B, N1, S1, D)]
+        shapes = [(B, N1, S1, D), (B, N2, S2, D), (B, N2, S2, Dv), (B, N1, S1, Dv)]
     elif layout == "BSH":
-        shapes = [(B, S1, N1 * D), (B, S2, N2 * D), (B, S2, N2 * D), (B, S1, N1 * D)]
+        shapes = [(B, S1, N1 * D), (B, S2, N2 * D), (B, S2, N2 * Dv), (B, S1, N1 * Dv)]
+    elif layout == "SBH":
+        shapes = [(S1, B, N1 * D), (S2, B, N2 * D), (S2, B, N2 * Dv), (S1, B, N1 * Dv)]
     elif layout == "BSND":
-        shapes = [(B, S1, N1, D), (B, S2, N2, D), (B, S2, N2, D), (B, S1, N1, D)]
+        shapes = [(B, S1, N1, D), (B, S2, N2, D), (B, S2, N2, Dv), (B, S1, N1, Dv)]
     else:  # TND
-        shapes = [(12, N1, D), (15, N2, D), (15, N2, D), (12, N1, D)]
+        shapes = [(12, N1, D), (15, N2, D), (15, N2, Dv), (12, N1, Dv)]
         kw = dict(actual_seq_qlen=[5, 12], actual_seq_kvlen=[8, 15])
     q, k, v, dy = (_randn(*s, dtype=dtype, seed=seed + i) for i, s in enumerate(shapes))
     return q, k, v, dy, kw
 
 
-@pytest.mark.parametrize("layout", ["BNSD", "BSH", "TND"])
+@pytest.mark.parametrize("layout", ["BNSD", "BSH", "SBH", "BSND", "TND"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
 def test_forward_and_grad_equal_numpy_api(layout, dtype):
@@ -668,6 +670,18 @@ def test_custom_op_path_equals_function_path(monkeypatch):
         res.append([out.detach()] + [x.grad.clone() for x in (q, k, v, pse)])
     for a, b in zip(*res):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout", ["BNSD", "BSH", "SBH", "BSND", "TND"])
+def test_custom_op_fake_shapes_match_real(layout):
+    q, k, v, dy, kw = _layout_data(layout, torch.bfloat16, seed=120)
+    real = fnt.npu_fusion_attention(q, k, v, 4, layout, **kw)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(x) for x in (q, k, v))
+        opts = fnt._Opts(head_num=4, input_layout=layout, **kw)
+        fake = torch.ops.fag_numba.flash_attention_fwd(fq, fk, fv, None, None, None,
+                                                       *fnt._op_args(opts))
+    assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in real[:3]]
 
 
 @pytest.mark.slow
