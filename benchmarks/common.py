@@ -31,6 +31,17 @@ from typing import Any, Callable
 
 import numpy as np
 
+# torch is imported here, before anything can start numba's OpenMP pool.  Measured on this box
+# (torch 2.13.0, numba 0.68.1, omp layer): if numba's pool starts first, numba has loaded the
+# system libgomp.so.1, torch's own bundled libgomp.so.1 (same soname) is then never loaded, and
+# torch's CPU flash backward runs on the system runtime ~10x slower (b2n16s512d64: 43 ms -> 450-650
+# ms).  fag_numba's own speed does not depend on the order.  env_info()["torch_own_libgomp"]
+# records which runtime torch got.
+try:
+    import torch as _torch  # noqa: F401
+except ImportError:         # torch is optional: its cases are skipped
+    _torch = None
+
 from benchmarks import flops as _flops
 from benchmarks.shapes import COMPRESSED_MASK_SIZE, Row
 
@@ -107,6 +118,20 @@ def threading_layer() -> str:
         return "not initialised"
 
 
+def torch_own_libgomp() -> bool | None:
+    """Whether torch's bundled libgomp is mapped (False: torch shares the system libgomp with
+    numba and its timings are pessimistic; see the note at the imports).  None without torch."""
+    if _torch is None:
+        return None
+    torch_lib = str(Path(_torch.__file__).parent / "lib")
+    try:
+        with open("/proc/self/maps") as f:
+            gomp = {line.split()[-1] for line in f if "libgomp" in line}
+    except OSError:
+        return None
+    return any(path.startswith(torch_lib) for path in gomp) or not gomp
+
+
 def env_info() -> dict:
     """Versions, threads and flags recorded with every result (STYLE b9)."""
     import numba
@@ -123,6 +148,7 @@ def env_info() -> dict:
         torch = import_torch()
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
+        info["torch_own_libgomp"] = torch_own_libgomp()
     except Unavailable:
         info["torch"] = None
     try:

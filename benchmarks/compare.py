@@ -155,6 +155,9 @@ def main(argv=None) -> int:
                           f"threads={threads} (torch {info.get('torch_threads')}) | "
                           f"{info['cpu']} | load avg {os.getloadavg()[0]:.2f} | "
                           f"median of {args.rounds} A/B rounds after warm-up")
+                    if info.get("torch_own_libgomp") is False:
+                        print("# WARNING: torch runs on the system libgomp (numba's OpenMP pool "
+                              "started before torch was imported): torch times are pessimistic")
                     print(_line(COLUMNS))
                     header_done = True
                 print(_line((res["shape"], dtype, pass_, _fmt(res["fag_ms"], ".1f"),

@@ -111,6 +111,7 @@ def run_bench(request):
             numba_threads=info["numba_threads"], torch=info.get("torch"),
             torch_threads=info.get("torch_threads"), cpu=info["cpu"],
             fastmath=info.get("fastmath"), fag_numba=info.get("fag_numba"),
+            torch_own_libgomp=info.get("torch_own_libgomp"),
             other_load=round(load.fraction, 3))
         stats = getattr(benchmark, "stats", None)
         if stats is not None and getattr(stats, "stats", None) is not None:
