@@ -223,11 +223,9 @@ def _dequant(x, scale, dims, which):
     """float32 flat copy/view of x; fp8 values times their d_scale (scalar or per 512 block)."""
     if scale is None:
         return dtypes.to_f32_flat(x)
-    x32 = np.asarray(x, dtype=np.float32)
     if not isinstance(scale, np.ndarray):
-        if scale != 1:
-            x32 = x32 * scale
-        return np.ascontiguousarray(x32).reshape(-1)
+        return dtypes.to_f32_flat(x, scale)
+    x32 = dtypes.to_f32_flat(x).reshape(x.shape)
     n = dims.N1 if which in ("q", "dy") else dims.N2
     s = dims.S1 if which in ("q", "dy") else dims.S2
     per_pos = np.repeat(scale[:, :, :, 0], 512, axis=2)[:, :, :s]          # [B, N, S]

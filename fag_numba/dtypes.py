@@ -3,8 +3,12 @@
 Numba has no CPU fp16/bf16 arithmetic (numba#4402), so fp16/bf16 (and fp8, dequantised) are
 upcast here; float32 C-contiguous inputs pass through with no copy.
 """
+import functools
+
 import ml_dtypes
 import numpy as np
+
+from . import _jit
 
 FLOAT32 = np.dtype(np.float32)
 FLOAT16 = np.dtype(np.float16)
@@ -31,10 +35,40 @@ def writable(a):
     return a if a.flags.writeable else a.copy()
 
 
-def to_f32_flat(x):
-    """float32 C-contiguous 1-D view of ``x`` (no copy when x already is a writable float32
-    C-contiguous array; the kernels only read it)."""
-    return writable(np.ascontiguousarray(x, dtype=np.float32).reshape(-1))
+@functools.lru_cache(maxsize=None)
+def _lut(dtype):
+    """float32 value of every bit pattern of a 1- or 2-byte float dtype (read-only)."""
+    codes = np.arange(256 if dtype.itemsize == 1 else 65536,
+                      dtype=np.uint8 if dtype.itemsize == 1 else np.uint16)
+    return codes.view(dtype).astype(np.float32)
+
+
+@_jit.kernel
+def _decode(src, lut, scale, out):
+    """``out[i] = lut[src[i]] * scale`` (serial: ~0.3 ns/element, memory bound; a parallel
+    version measured slower because of the thread wake-up)."""
+    for i in range(src.size):
+        out[i] = lut[np.intp(src[i])] * scale
+
+
+def to_f32_flat(x, scale=1.0):
+    """float32 C-contiguous 1-D array of ``x * scale`` (no copy when x already is a writable
+    float32 C-contiguous array and scale is 1; the kernels only read it).
+
+    fp8 inputs are decoded through a 256-entry table (exact: the table is ml_dtypes' own
+    conversion of every bit pattern), 3-15x faster than ml_dtypes' ``astype``; fp16/bf16 use
+    numpy's ``astype``, which is already fast.
+    """
+    dt = np.dtype(x.dtype)
+    if dt in FP8_DTYPES:
+        codes = np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+        out = np.empty(x.size, np.float32)
+        _decode(codes, _lut(dt), np.float32(scale), out)
+        return out
+    arr = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    if scale != 1:
+        return (arr * np.float32(scale)).astype(np.float32, copy=False)
+    return writable(arr)
 
 
 def from_f32(flat, shape, dtype):

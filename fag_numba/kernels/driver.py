@@ -312,3 +312,4 @@ def _dpse_tile(ds, m_len, n_len, b, h, i0, j0, c, pk, dpk, scale, seqtab, dpse, 
                     dl = np.sqrt(dl)
                 acc -= ds[r * n_len + cc] * dl
         dslope[b, h, c] += acc
+
