@@ -496,13 +496,13 @@ class LoadMeter:
     def __enter__(self):
         self._t = time.perf_counter()
         self._busy = _machine_busy_seconds()
-        self._own = sum(os.times()[:2])
+        self._own = sum(os.times()[:4])   # children (waited for) count as own
         self.fraction = None
         return self
 
     def __exit__(self, *exc):
         wall = time.perf_counter() - self._t
-        other = (_machine_busy_seconds() - self._busy) - (sum(os.times()[:2]) - self._own)
+        other = (_machine_busy_seconds() - self._busy) - (sum(os.times()[:4]) - self._own)
         cpus = os.cpu_count() or 1
         self.fraction = max(0.0, other / (wall * cpus)) if wall > 0 else 0.0
         return False
