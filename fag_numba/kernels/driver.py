@@ -37,6 +37,28 @@ def kv_block_range(lo, hi, prefix, s2, i0, i1, bn):
     return jlo // bn, (jhi + bn - 1) // bn
 
 
+@_jit.kernel(inline="always")
+def trim_tile(lo, hi, prefix, i0, m_len, j0, n_len):
+    """Shrink a tile to the rows and columns the band ``lo <= j - i <= hi`` can reach.
+
+    Returns (i0, m_len, j0, n_len) of the trimmed tile (m_len = n_len = 0 when nothing is
+    left).  Edge tiles of a causal or band mask lose their fully masked margins, so the BLAS
+    products cover less dead area (a band of width W costs ~W + block instead of W + 2 blocks
+    per row).  With prefix columns the tile is left whole.
+    """
+    if prefix > 0:
+        return i0, m_len, j0, n_len
+    a = max(i0, j0 - hi)
+    e = min(i0 + m_len, j0 + n_len - lo)
+    if e <= a:
+        return i0, 0, j0, 0
+    c0 = max(j0, a + lo)
+    c1 = min(j0 + n_len, e + hi)
+    if c1 <= c0:
+        return i0, 0, j0, 0
+    return a, e - a, c0, c1 - c0
+
+
 @_jit.kernel
 def q_block_range(lo, hi, prefix, s1, j0, j1, bm):
     """Query blocks ``[ib_lo, ib_hi)`` that can hold computed elements of key columns [j0, j1)."""
@@ -119,8 +141,12 @@ def fwd_driver(q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, g
             jb_lo, jb_hi = kv_block_range(seqtab[b, desc.LO], seqtab[b, desc.HI],
                                           seqtab[b, desc.PREFIX], s2, i0, i0 + m_len, bn)
             for jb in range(jb_lo, jb_hi):
-                j0 = jb * bn
-                n_len = min(bn, s2 - j0)
+                # columns of the key block the band can reach from rows [i0, i0 + m_len)
+                _i, _m, j0, n_len = trim_tile(seqtab[b, desc.LO], seqtab[b, desc.HI],
+                                              seqtab[b, desc.PREFIX], i0, m_len, jb * bn,
+                                              min(bn, s2 - jb * bn))
+                if n_len == 0:
+                    continue
                 cls = tile_class(seqtab, gp, mask, b, h, i0, m_len, j0, n_len)
                 if cls == desc.EMPTY:
                     continue
@@ -222,21 +248,24 @@ def bwd_driver(q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slope
                 hi = seqtab[b, desc.HI]
                 pre = seqtab[b, desc.PREFIX]
                 for jb in range(c, nkb, nsplit):
-                    j0 = jb * bn
-                    n_len = min(bn, s2 - j0)
-                    k_off = seqtab[b, desc.K_OFF] + n2 * gp[desc.K_HS] + j0 * gp[desc.K_RS]
-                    v_off = seqtab[b, desc.V_OFF] + n2 * gp[desc.V_HS] + j0 * gp[desc.V_RS]
-                    ib_lo, ib_hi = q_block_range(lo, hi, pre, s1, j0, j0 + n_len, bm)
+                    jb0 = jb * bn
+                    jb_len = min(bn, s2 - jb0)
+                    ib_lo, ib_hi = q_block_range(lo, hi, pre, s1, jb0, jb0 + jb_len, bm)
                     for gg in range(g):
                         h = n2 * g + gg
                         st = seqtab[b, desc.ST_OFF] + h * seqtab[b, desc.ST_HS]
                         for ib in range(ib_lo, ib_hi):
-                            i0 = ib * bm
-                            m_len = min(bm, s1 - i0)
+                            # the tile, trimmed to the rows/columns the band can reach
+                            i0, m_len, j0, n_len = trim_tile(lo, hi, pre, ib * bm,
+                                                             min(bm, s1 - ib * bm), jb0, jb_len)
+                            if m_len == 0:
+                                continue
                             cls = tile_class(seqtab, gp, mask, b, h, i0, m_len, j0, n_len)
                             if cls == desc.EMPTY:
                                 continue
                             visits[t] += 1
+                            k_off = seqtab[b, desc.K_OFF] + n2 * gp[desc.K_HS] + j0 * gp[desc.K_RS]
+                            v_off = seqtab[b, desc.V_OFF] + n2 * gp[desc.V_HS] + j0 * gp[desc.V_RS]
                             q_off = seqtab[b, desc.Q_OFF] + h * gp[desc.Q_HS] + i0 * gp[desc.Q_RS]
                             dy_off = seqtab[b, desc.DY_OFF] + h * gp[desc.DY_HS] + i0 * gp[desc.DY_RS]
                             # s <- z;  p <- exp(s - lse)
