@@ -108,6 +108,13 @@ def bench(args):
     """Time forward and backward on a configurable problem; optional torch peer."""
     import resource
 
+    if args.torch:
+        # torch must load its own OpenMP runtime before numba starts the system libgomp pool,
+        # else torch's kernels run ~10x slower (measured in benchmarks/common.py)
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            pass
     import numba
 
     import fag_numba

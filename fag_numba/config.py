@@ -7,15 +7,18 @@ never triggers a recompile.  ``_reset()`` restores the defaults.
 import os
 
 DEFAULTS = {
-    # Query rows per tile.  Measured on the 2-core AVX-512 box (benchmarks/test_bench_bwd.py):
-    # 64 x 128 tiles keep the five per-tile sgemm calls in L2 and give the best backward time.
-    "BLOCK_M": 64,
-    # Key rows per tile.
+    # Query rows per backward tile.  A/B medians on the 2-core AVX-512 EPYC (fp32, BNSD):
+    # 96 x 128 gave 268 / 258 / 254 ms at (1,8,2048,128) / (1,4,4096,64) / (1,1,8192,64) vs
+    # 284 / 264 / 263 for 64 x 128; 128 x 128 helps D=128 but hurts D=64 (noise ~5%).
+    "BLOCK_M": 96,
+    # Key rows per backward tile.
     "BLOCK_N": 128,
     # The backward splits S2 into this many independent dQ partials when B*N2 is small, so one
     # long head keeps every core busy.  The count depends on the shape only (never on the
-    # thread count) so results stay bitwise identical across thread counts (SPEC §9b).
-    "SPLIT_TARGET": 4,
+    # thread count) so results stay bitwise identical across thread counts (SPEC §9b).  Each
+    # extra split costs one dq-sized float32 buffer: 2 keeps the backward at ~1 KB/token
+    # (S=32768, N=1, D=64) and measured as fast as 4 on 2 cores.
+    "SPLIT_TARGET": 2,
     # Forward work items are (b, h, q-block): 128 x 256 tiles measured best (1 thread,
     # (1,2,2048,128) fp32: 80 GFLOP/s vs 74 for 64 x 256, 72 for 64 x 128).
     "FWD_BLOCK_M": 128,
