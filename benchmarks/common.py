@@ -97,15 +97,9 @@ def setup_threads(n: int | None = None) -> int:
 
 @functools.lru_cache(maxsize=1)
 def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (or platform.processor())."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    """The CPU model name (fag_numba.runtime_info's reading of /proc/cpuinfo)."""
+    from fag_numba.threads import _cpu_name
+    return _cpu_name()
 
 
 def threading_layer() -> str:

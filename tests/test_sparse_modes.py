@@ -30,7 +30,7 @@ from fag_numba import api
 from fag_numba.errors import FagTypeError, FagValueError
 from reference import FLT_MAX, ref_backward, ref_computed, ref_forward
 from tolerances import tolerance
-from utils import assert_close, make_id, make_qkv
+from utils import assert_close, make_id, make_qkv, to_bnsd
 
 F32 = np.dtype(np.float32)
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -125,17 +125,8 @@ def tile_census(c, bm, bn):
 
 
 def to_bnsd_rows(x, layout, n):
-    """Per-row view helper: a query-like tensor -> [B, N, S, last] float64."""
-    x = np.asarray(x).astype(np.float64)
-    if layout == "BNSD":
-        return x
-    if layout == "BSND":
-        return x.transpose(0, 2, 1, 3)
-    if layout == "BSH":
-        b, s, h = x.shape
-        return x.reshape(b, s, n, h // n).transpose(0, 2, 1, 3)
-    s, b, h = x.shape          # SBH
-    return x.reshape(s, b, n, h // n).transpose(1, 2, 0, 3)
+    """A query-like tensor -> [B, N, S, last] float64 (utils.to_bnsd, upcast)."""
+    return to_bnsd(np.asarray(x).astype(np.float64), layout, n)
 
 
 def no_nan_inf(*arrays):
