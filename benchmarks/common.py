@@ -23,7 +23,6 @@ import functools
 import importlib
 import math
 import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -58,6 +58,19 @@ def axis_meaning(layout):
     return {"BSH": (0, 1), "SBH": (1, 0), "BSND": (0, 1), "BNSD": (0, 2), "TND": (None, 0)}[layout]
 
 
+def _check_heads(layout, head_num, n1, d, key_d, n2, value_n, qs, ks, vs):
+    """head_num == N1, key's D == query's D, value's head count == key's (4-D layouts, TND)."""
+    if n1 != head_num:
+        raise FagValueError(f"head_num: must equal the query head axis N1={n1} for layout "
+                            f"{layout}, got {head_num} (query shape {qs})")
+    if key_d != d:
+        raise FagValueError(f"key: head dim {key_d} must equal query's D={d} "
+                            f"(key shape {ks}, query shape {qs})")
+    if value_n != n2:
+        raise FagValueError(f"value: head count {value_n} must equal key's N2={n2} "
+                            f"(value shape {vs}, key shape {ks})")
+
+
 def parse_dims(query, key, value, head_num, layout, seq_q=None, seq_k=None, cu_q=None,
                cu_k=None):
     """Read B, N1, N2, S1, S2, D, Dv from the shapes of query/key/value (already rank-checked).
@@ -98,30 +111,14 @@ def parse_dims(query, key, value, head_num, layout, seq_q=None, seq_k=None, cu_q
         sax = 1 if layout == "BSND" else 2
         B, S1, N1, D = qs[0], qs[sax], qs[nax], qs[3]
         S2, N2, Dv = ks[sax], ks[nax], vs[3]
-        if N1 != head_num:
-            raise FagValueError(f"head_num: must equal the query head axis N1={N1} for layout "
-                                f"{layout}, got {head_num} (query shape {qs})")
         if ks[0] != B:
             raise FagValueError(f"key: batch size {ks[0]} differs from query's {B} "
                                 f"(key shape {ks}, query shape {qs})")
-        if ks[3] != D:
-            raise FagValueError(f"key: head dim {ks[3]} must equal query's D={D} "
-                                f"(key shape {ks}, query shape {qs})")
-        if vs[nax] != N2:
-            raise FagValueError(f"value: head count {vs[nax]} must equal key's N2={N2} "
-                                f"(value shape {vs}, key shape {ks})")
+        _check_heads(layout, head_num, N1, D, ks[3], N2, vs[nax], qs, ks, vs)
     else:  # TND
         T1, N1, D = qs
         T2, N2, Dv = ks[0], ks[1], vs[2]
-        if N1 != head_num:
-            raise FagValueError(f"head_num: must equal the query head axis N1={N1} for layout "
-                                f"TND, got {head_num} (query shape {qs})")
-        if ks[2] != D:
-            raise FagValueError(f"key: head dim {ks[2]} must equal query's D={D} "
-                                f"(key shape {ks}, query shape {qs})")
-        if vs[1] != N2:
-            raise FagValueError(f"value: head count {vs[1]} must equal key's N2={N2} "
-                                f"(value shape {vs}, key shape {ks})")
+        _check_heads(layout, head_num, N1, D, ks[2], N2, vs[1], qs, ks, vs)
         B = int(seq_q.size)
         S1 = int(seq_q.max()) if B else 0
         S2 = int(seq_k.max()) if B else 0
