@@ -2,7 +2,7 @@
 
 ``kernel`` is for serial kernels and helpers, ``driver`` for the ``parallel=True`` drivers in
 ``kernels/driver.py``.  Both use ``error_model="numpy"`` (float division by zero gives inf/nan
-instead of raising) and the curated ``config.FASTMATH_FLAGS`` set: never ``fastmath=True``,
+instead of raising) and the curated ``config.FASTMATH_FLAGS`` set, never blanket fastmath,
 because ``nnan``/``ninf`` would let LLVM break the ``-inf`` masking and NaN propagation.
 Caching is opt-in through ``FAG_NUMBA_CACHE=1`` (``NUMBA_CACHE_DIR`` chooses the directory).
 """

@@ -31,7 +31,7 @@ SPLIT_TARGET = DEFAULTS["SPLIT_TARGET"]
 FWD_BLOCK_M = DEFAULTS["FWD_BLOCK_M"]
 FWD_BLOCK_N = DEFAULTS["FWD_BLOCK_N"]
 
-# Numba policy (STYLE b4): never fastmath=True.  'reassoc' lets row reductions vectorise,
+# Numba policy (STYLE b4): never the blanket fastmath flag.  'reassoc' lets row reductions vectorise,
 # 'contract' allows FMA; nnan/ninf are excluded because masking relies on -inf.
 FASTMATH_FLAGS = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
 # On-disk caching of compiled kernels is opt-in (STYLE c: parallel + cache has a history).

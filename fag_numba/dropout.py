@@ -77,9 +77,8 @@ from .errors import FagTypeError, FagValueError
 
 __all__ = ["dropout_mask", "keep_threshold", "split_seed", "split_offset"]
 
-# Numba policy (STYLE b4; this module's brief): serial, nogil, numpy error model, no fastmath
-# (integer code gains nothing from it).  The one place this module calls numba.njit.
-_JIT_OPTIONS = dict(nogil=True, error_model="numpy")
+# Numba policy (STYLE b4): serial kernels through the package's ``_jit.kernel`` (nogil, numpy
+# error model, the curated fastmath set, which changes nothing in this integer code).
 
 
 def _njit(**extra):
