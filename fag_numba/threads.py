@@ -77,6 +77,7 @@ def runtime_info():
         "max_threads": numba.config.NUMBA_NUM_THREADS,
         "threading_layer": _threading_layer(),
         "cpu": _cpu_name(),
+        "cpu_features": _cpu_features(),
         "cache": os.environ.get("FAG_NUMBA_CACHE", "0") == "1",
         "cache_dir": numba.config.CACHE_DIR or "(next to the package)",
     }
@@ -99,6 +100,20 @@ def _threading_layer():
         return numba.threading_layer()
     except ValueError:
         return "(not initialised yet: no parallel kernel has run)"
+
+
+def _cpu_features():
+    """The SIMD features that matter to the kernels (AVX2/AVX-512/AMX/FMA/F16C flags)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    keep = ("avx", "amx", "fma", "f16c")
+                    return sorted(x for x in flags if x.startswith(keep))
+    except OSError:
+        pass
+    return []
 
 
 def _cpu_name():
