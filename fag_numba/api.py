@@ -449,10 +449,10 @@ def flash_attention_score_grad(query, key, value, dy, head_num, input_layout, *,
 def _run_backward(P, q, k, v, y, o, m, l):
     """Row statistics pass, then the backward driver; dq/dk scaled once at the end (as the NPU)."""
     from .kernels.driver import bwd_driver, rowstats_driver
-    from .planning import plan_backward
+    from .planning import backward_blocks, plan_backward
 
     d = P.dims
-    bm, bn = config.BLOCK_M, config.BLOCK_N
+    bm, bn = backward_blocks(d.D)
     st, gp, fp, nrows = _tables(P, bm, bn)
     lse = np.zeros(nrows, np.float32)
     dsum = np.zeros(nrows, np.float32)

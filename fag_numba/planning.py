@@ -120,6 +120,13 @@ def plan_forward(seqtab, n1, bm, bn):
     return np.ascontiguousarray(items[order]), tptr
 
 
+def backward_blocks(d):
+    """Backward tile (BLOCK_M, BLOCK_N) for head dim D (config: wider tiles from WIDE_D on)."""
+    if d >= config.WIDE_D:
+        return config.BLOCK_M_WIDE, config.BLOCK_N_WIDE
+    return config.BLOCK_M, config.BLOCK_N
+
+
 def split_count(n_groups, n2, max_kv_blocks):
     """Number of S2 splits of the backward: shape-only, so results do not depend on threads.
 

@@ -84,6 +84,8 @@ def blocks(monkeypatch):
     def patch(bm=4, bn=8, fbm=5, fbn=7, split=None):
         monkeypatch.setattr(config, "BLOCK_M", bm)
         monkeypatch.setattr(config, "BLOCK_N", bn)
+        monkeypatch.setattr(config, "BLOCK_M_WIDE", bm)      # the D >= WIDE_D tiles too
+        monkeypatch.setattr(config, "BLOCK_N_WIDE", bn)
         monkeypatch.setattr(config, "FWD_BLOCK_M", fbm)
         monkeypatch.setattr(config, "FWD_BLOCK_N", fbn)
         if split is not None:
