@@ -25,9 +25,10 @@ DEFAULTS = {
     # extra split costs one dq-sized float32 buffer: 2 keeps the backward at ~1 KB/token
     # (S=32768, N=1, D=64) and measured as fast as 4 on 2 cores.
     "SPLIT_TARGET": 2,
-    # Forward work items are (b, h, q-block): 128 x 256 tiles measured best (1 thread,
-    # (1,2,2048,128) fp32: 80 GFLOP/s vs 74 for 64 x 256, 72 for 64 x 128).
-    "FWD_BLOCK_M": 128,
+    # Forward work items are (b, h, q-block).  A/B medians vs 128 x 256 (2 threads, fp32):
+    # (1,8,2048,128) 107 vs 123 ms, (1,4,4096,64) 121 vs 133 ms (torch: 96 / 106); 512 rows
+    # gained 2-3% more but leaves a single item per head at S1 <= 512.
+    "FWD_BLOCK_M": 384,
     "FWD_BLOCK_N": 256,
 }
 
