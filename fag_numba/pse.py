@@ -155,7 +155,7 @@ def plan_pse(pse, pse_type, q_start_idx, kv_start_idx, dims, qdtype, causal, spa
     bstride = np_ * sp * s2p if (bp == nb and nb > 1) else 0
     off = np.arange(nb, dtype=np.int64) * bstride
     hs = np.full(nb, sp * s2p, np.int64)
-    if sp == 1024 and not (sp == s1) or (sp == 1024 and s1 == 1024 and False):
+    if sp == 1024 and s1 != 1024:           # at S1 == 1024 the shape is the full form
         if not (s1 == s2 and s1 > 1024):
             raise FagValueError(f"{fn}pse: compressed ALiBi [.,N1,1024,S2] needs S1 == S2 > 1024,"
                                 f" got S1={s1}, S2={s2}")
@@ -172,9 +172,8 @@ def plan_pse(pse, pse_type, q_start_idx, kv_start_idx, dims, qdtype, causal, spa
         return PsePlan(kind=kind, flat=flat, off=off, hs=hs, rs=np.full(nb, s2, np.int64),
                        slopes=np.zeros(1, np.float32), slope_off=z, qstart=z, kvstart=z,
                        dpse_kind=0, merge_b=False, shape=pse.shape, dtype=pse.dtype)
-    rs = np.full(nb, s2 if sp == s1 and sp != 1 else 0, np.int64)
-    if sp == 1 and s1 == 1:
-        rs = np.zeros(nb, np.int64)
+    # row stride 0 broadcasts [.,N1,1,S2] over the query rows
+    rs = np.full(nb, s2 if (sp == s1 and sp != 1) else 0, np.int64)
     return PsePlan(kind=kind, flat=flat, off=off, hs=hs, rs=rs, slopes=np.zeros(1, np.float32),
                    slope_off=z, qstart=z, kvstart=z, dpse_kind=1,
                    merge_b=(bp == 1 and nb > 1), shape=pse.shape, dtype=pse.dtype)
