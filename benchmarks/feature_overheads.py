@@ -33,7 +33,6 @@ def ab(fns, rounds=ROUNDS):
     return [float(np.median(t)) for t in ts]
 
 def torch_bwd(B, N, S, D, causal):
-    import torch
     torch.set_num_threads(numba.get_num_threads())
     q, k, v, dy = [torch.randn(B, N, S, D) for _ in range(4)]
     sc = 1 / np.sqrt(D)

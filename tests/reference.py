@@ -482,7 +482,7 @@ def ref_backward(query, key, value, dy, head_num, input_layout, *, softmax_max=N
     dpse = None
     if prob.pse is not None and prob.pse_form != "alibi_compressed":
         dpse = np.zeros_like(prob.pse)
-    n1, n2, g, sc = prob.n1, prob.n2, prob.g, prob.scale
+    n2, g, sc = prob.n2, prob.g, prob.scale
 
     for s in prob.seqs:
         q = prob.q[s.qsel]                                  # [N1, S1, D]

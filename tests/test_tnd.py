@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import warnings
 
 import ml_dtypes
 import numba
@@ -27,7 +26,7 @@ from fag_numba import api
 from fag_numba.errors import FagTypeError, FagValueError
 from reference import FLT_MAX, ref_backward, ref_computed, ref_forward, tnd_sequences
 from tolerances import tolerance
-from utils import assert_close, make_id, make_qkv
+from utils import assert_close, make_qkv
 
 F32 = np.dtype(np.float32)
 BF16 = np.dtype(ml_dtypes.bfloat16)
