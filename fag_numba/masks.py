@@ -45,7 +45,7 @@ Small examples (1 = computed), from SPEC §7::
 
 Tile classification (STYLE b3.4) is analytic for the band/prefix part
 (:func:`_band_tile_class`, O(1)) and a byte scan for the dense part (:func:`_dense_tile_class`);
-:func:`_count_tiles` gives the number of non-EMPTY tiles of a sequence for load balancing.
+(load balancing counts non-EMPTY tiles per work item in ``planning.py``).
 :func:`materialize` builds the dense predicate of one (b, h) for tests and debugging only.
 """
 from __future__ import annotations
@@ -546,63 +546,3 @@ def _dense_tile_class(dense, off, rs, i0, i1, j0, j1):
                 return 2
     return 1 if first else 0
 
-
-@_jit.kernel
-def _row_col_range(lo, hi, prefix, i, s2):
-    """Smallest [jlo, jhi) holding every band-or-prefix column of row i (``(0, 0)`` if none).
-
-    With a prefix the range starts at 0 and may include a gap between the prefix columns and
-    the band (it is a bounding range, not an exact set).
-    """
-    if s2 <= 0:
-        return 0, 0
-    blo = i + lo
-    if blo < 0:
-        blo = 0
-    bhi = i + hi + 1
-    if bhi > s2:
-        bhi = s2
-    pe = prefix if prefix < s2 else s2
-    if pe > 0:
-        if bhi > blo and bhi > pe:
-            return 0, bhi
-        return 0, pe
-    if bhi > blo:
-        return blo, bhi
-    return 0, 0
-
-
-@_jit.kernel
-def _count_tiles(lo, hi, prefix, s1, s2, bm, bn):
-    """Number of non-EMPTY band/prefix tiles of one sequence (tiles of bm rows x bn cols).
-
-    O(number of row blocks): in a row block the band tiles form one contiguous run of column
-    blocks, the prefix tiles the run [0, ceil(prefix / bn)); the count is the size of the union.
-    """
-    if s1 <= 0 or s2 <= 0:
-        return 0
-    pe = prefix if prefix < s2 else s2
-    if pe < 0:
-        pe = 0
-    cp = (pe + bn - 1) // bn
-    total = 0
-    for i0 in range(0, s1, bm):
-        i1 = i0 + bm
-        if i1 > s1:
-            i1 = s1
-        jmin = i0 + lo
-        if jmin < 0:
-            jmin = 0
-        jmax = i1 - 1 + hi
-        if jmax > s2 - 1:
-            jmax = s2 - 1
-        cnt = cp
-        if jmin <= jmax and lo <= hi:
-            cl = jmin // bn
-            ch = jmax // bn + 1
-            if cl < cp:
-                cl = cp
-            if ch > cl:
-                cnt += ch - cl
-        total += cnt
-    return total

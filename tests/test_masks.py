@@ -4,7 +4,7 @@ tile helpers.
 1. Golden 0/1 matrices written out from SPEC §7 (and the mode 7/8 worked examples of
    ASCEND_FAG_NOTES §7.2), read back through ``materialize``.
 2. Dense-mask indexing for every accepted shape, zero copy, inputs unmodified, ``full``.
-3. ``_band_tile_class``, ``_dense_tile_class``, ``_row_col_range``, ``_count_tiles`` against
+3. ``_band_tile_class``, ``_dense_tile_class`` against
    brute force on random small configurations (seeded loops).
 4. Every validation rule (error class and the argument named in the message) and the
    UserWarning for modes 2..8 without a mask.
@@ -20,8 +20,8 @@ import pytest
 
 from fag_numba import config
 from fag_numba.errors import FagTypeError, FagValueError
-from fag_numba.masks import (EMPTY, FULL, PARTIAL, MaskPlan, _band_tile_class, _count_tiles,
-                             _dense_tile_class, _row_col_range, materialize, plan_masks)
+from fag_numba.masks import (EMPTY, FULL, PARTIAL, MaskPlan, _band_tile_class,
+                             _dense_tile_class, materialize, plan_masks)
 
 try:                                   # tests/ as a package or as a plain directory on sys.path
     from . import reference as R
@@ -428,43 +428,6 @@ def test_dense_tile_class_brute_force():
         got = _dense_tile_class(flat, h * s1 * s2, s2, i0, i1, j0, j1)
         assert got == _cls(m[h, i0:i1, j0:j1] == 0)
 
-
-def test_row_col_range_brute_force():
-    rng = np.random.default_rng(13)
-    for _ in range(500):
-        s1, s2 = int(rng.integers(1, 12)), int(rng.integers(1, 12))
-        lo, hi, prefix = _random_band(rng, s1, s2)
-        full = _brute_band(lo, hi, prefix, s1, s2)
-        for i in range(s1):
-            jlo, jhi = _row_col_range(lo, hi, prefix, i, s2)
-            cols = np.flatnonzero(full[i])
-            if cols.size == 0:
-                assert jlo >= jhi
-            else:
-                assert (jlo, jhi) == (cols[0], cols[-1] + 1)
-    assert _row_col_range(-INF, INF, 0, 3, 0) == (0, 0)
-
-
-def test_count_tiles_brute_force():
-    rng = np.random.default_rng(14)
-    for _ in range(1500):
-        s1, s2 = int(rng.integers(0, 25)), int(rng.integers(0, 25))
-        bm, bn = int(rng.integers(1, 7)), int(rng.integers(1, 7))
-        lo, hi, prefix = _random_band(rng, max(s1, 1), max(s2, 1))
-        full = _brute_band(lo, hi, prefix, s1, s2)
-        want = sum(full[i0:i0 + bm, j0:j0 + bn].any()
-                   for i0 in range(0, s1, bm) for j0 in range(0, s2, bn))
-        assert _count_tiles(lo, hi, prefix, s1, s2, bm, bn) == want
-
-
-def test_count_tiles_causal_is_about_half():
-    n = _count_tiles(-INF, 0, 0, 4096, 4096, 64, 64)
-    assert n == 64 * 65 // 2
-
-
-# ------------------------------------------------------------------------------------------------
-# 4. validation
-# ------------------------------------------------------------------------------------------------
 
 def raises(exc, match, fn, *a, **kw):
     with pytest.raises(exc, match=match):
