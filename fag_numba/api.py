@@ -139,7 +139,6 @@ def _prepare(fn, query, key, value, dy, head_num, input_layout, pse, drop_mask, 
     P.drop_flat = np.zeros(1, np.uint8)
     P.seed_lo = P.seed_hi = P.off_lo = P.off_hi = P.threshold = 0
     numels = dims.N1 * int(np.sum(dims.seq_q * dims.seq_k))
-    P.numels = numels
     if kp < 1:
         if (drop_mask is None) == (seed is None):
             raise FagValueError(f"{f}keep_prob={float(kp)} < 1 needs exactly one source of keep "
@@ -293,7 +292,6 @@ def _tables(P, block_m, block_n):
     gp[desc.NSPLIT] = 1
     fp = np.zeros(desc.NFP, np.float32)
     fp[desc.SCALE] = P.scale
-    fp[desc.KEEP_PROB] = P.keep_prob
     fp[desc.INV_KEEP] = np.float32(1.0) / P.keep_prob
     return st, gp, fp, nrows
 

@@ -74,6 +74,7 @@ import numpy as np
 
 from . import _jit
 from .errors import FagTypeError, FagValueError
+from .validation import is_int
 
 __all__ = ["dropout_mask", "keep_threshold", "split_seed", "split_offset"]
 
@@ -342,13 +343,6 @@ def _dropout_mask_packed(seed_lo, seed_hi, c_start, numels, threshold, out):
 # ------------------------------------------------------------------------------------------
 # Argument checks and conversions (pure Python)
 # ------------------------------------------------------------------------------------------
-def _is_int(x) -> bool:
-    """True for Python and numpy integers, False for bool and everything else."""
-    # bool is an int subclass in Python, but True/False as a seed or a size is almost always a
-    # slip; numpy integer scalars are ints here.
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
 def _type_name(x) -> str:
     """Type name for error messages (``float``, ``NoneType``, ``str``...)."""
     return type(x).__name__
@@ -356,7 +350,7 @@ def _type_name(x) -> str:
 
 def _check_u64(value, name: str, caller: str) -> int:
     """Validate an int in ``[0, 2**64)`` and return it as a Python int."""
-    if not _is_int(value):
+    if not is_int(value):
         raise FagTypeError(
             f"{caller}: {name} must be an int in [0, 2**64), got {_type_name(value)} ({value!r})")
     v = int(value)
@@ -518,7 +512,7 @@ def dropout_mask(numels, keep_prob, seed, offset=0) -> np.ndarray:
     >>> keep = np.unpackbits(m, bitorder="little")[:10].astype(bool)
     """
     caller = "dropout_mask"
-    if not _is_int(numels):
+    if not is_int(numels):
         raise FagTypeError(
             f"{caller}: numels must be an int, got {_type_name(numels)} ({numels!r})")
     n = int(numels)

@@ -21,7 +21,8 @@ import dataclasses
 
 import numpy as np
 
-from .errors import FagValueError
+from .errors import FagTypeError, FagValueError
+from .validation import is_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,9 +200,6 @@ def parse_varlen(actual_seq_qlen, actual_seq_kvlen, T1, T2, fn=""):
     Offsets have no leading 0; equal neighbours are empty sequences; the first index b > 0
     where both lists hold 0 ends the batch list (every later entry of both must be 0).
     """
-    from .validation import is_int
-    from .errors import FagTypeError
-
     vals = []
     for name, x in (("actual_seq_qlen", actual_seq_qlen), ("actual_seq_kvlen", actual_seq_kvlen)):
         if x is None:

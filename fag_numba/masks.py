@@ -59,13 +59,12 @@ import numpy as np
 
 from . import _jit, config
 from .errors import FagTypeError, FagValueError
+from .kernels.desc import EMPTY, FULL, PARTIAL
+from .validation import check_int, is_int
 
 __all__ = ["MaskPlan", "plan_masks", "materialize", "EMPTY", "FULL", "PARTIAL"]
 
-# Tile classes (the same values as ``kernels.desc.EMPTY/FULL/PARTIAL``).
-EMPTY = 0
-FULL = 1
-PARTIAL = 2
+# Tile classes: the kernels' own constants (one place for this fact).
 
 _INF = config.BAND_INF
 _I64_MIN = -(1 << 63)
@@ -126,18 +125,9 @@ class MaskPlan:
 # Validation helpers
 # ------------------------------------------------------------------------------------------------
 
-def _is_int(x):
-    """A Python or numpy integer, bools excluded."""
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
 def _check_int(name, value, lo=_I64_MIN, hi=_I64_MAX):
-    if not _is_int(value):
-        raise FagTypeError(f"{name}: must be an int, got {type(value).__name__} {value!r}")
-    v = int(value)
-    if not lo <= v <= hi:
-        raise FagValueError(f"{name}: must be in [{lo}, {hi}], got {v}")
-    return v
+    """An int (not bool) in [lo, hi] (validation.check_int, the package's one int check)."""
+    return check_int(name, value, lo, hi)
 
 
 def _external_stacklevel():
@@ -162,7 +152,7 @@ def _prefix_values(prefix):
         return [int(v) for v in prefix.tolist()]
     if isinstance(prefix, (list, tuple)):
         for k, v in enumerate(prefix):
-            if not _is_int(v):
+            if not is_int(v):
                 raise FagTypeError(f"prefix: must be a sequence of ints, got "
                                    f"{type(v).__name__} {v!r} at index {k}")
         return [int(v) for v in prefix]
@@ -367,7 +357,7 @@ def plan_masks(atten_mask, sparse_mode, pre_tokens, next_tokens, prefix, seq_q, 
         layout combination, prefix length or range).
     """
     # ---- checks made whether or not a mask exists (SPEC §6: types, sparse_mode range) ----
-    if not _is_int(sparse_mode):
+    if not is_int(sparse_mode):
         raise FagTypeError(f"sparse_mode: must be an int, got {type(sparse_mode).__name__} "
                            f"{sparse_mode!r}")
     sparse_mode = int(sparse_mode)

@@ -62,9 +62,8 @@ NGP = 28
 
 # ---- fp entries (global float32) ----
 SCALE = 0
-KEEP_PROB = 1
-INV_KEEP = 2
-NFP = 3
+INV_KEEP = 1       # 1 / keep_prob (keep_prob rounded to float32 first)
+NFP = 2
 
 # ---- kinds ----
 PSE_NONE = 0
