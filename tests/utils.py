@@ -240,3 +240,20 @@ def naive_attention(q, k, v, dy, scale, g, dtype):
     dk = dk.reshape(b, n2, g, s2, -1).sum(axis=2)
     dv = dv.reshape(b, n2, g, s2, -1).sum(axis=2)
     return tuple(x.astype(dtype) for x in (out, dq, dk, dv))
+
+
+def assert_grads_close(grads, ref, out_dtype, dpse_dtype=None):
+    """dq/dk/dv (and dpse: None exactly when the reference's is None) of a FlashAttentionGrads
+    against the reference's (dq, dk, dv, dpse), with the tolerances of ``out_dtype``."""
+    from tolerances import tolerance
+    rdq, rdk, rdv, rdpse = ref
+    tb = tolerance(out_dtype, "bwd")
+    assert_close(grads.dq, rdq, tb, "dq")
+    assert_close(grads.dk, rdk, tb, "dk")
+    assert_close(grads.dv, rdv, tb, "dv")
+    if rdpse is None:
+        assert grads.dpse is None
+    else:
+        assert grads.dpse.shape == np.shape(rdpse)
+        dt = grads.dpse.dtype if dpse_dtype is None else dpse_dtype
+        assert_close(grads.dpse, rdpse, tolerance(dt, "dpse"), "dpse")
