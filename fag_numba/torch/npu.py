@@ -1,4 +1,4 @@
-"""torch layer of fag_numba (SPEC §11): torch_npu-compatible functions and CPU autograd.
+"""torch_npu-compatible functions and CPU autograd (SPEC §11); re-exported by ``fag_numba.torch``.
 
 ``import fag_numba`` never imports this module (nor torch); ``import fag_numba.torch`` does.
 Porting NPU code is a one-line change::
