@@ -94,16 +94,6 @@ def selftest(args):
     return 0 if ok else 1
 
 
-def _progress(i, n, label, stream=sys.stderr):
-    """A one-line text progress bar (stderr, so the report on stdout stays clean)."""
-    width = 30
-    done = int(width * i / max(n, 1))
-    stream.write(f"\r{label} [{'#' * done}{'.' * (width - done)}] {i}/{n}")
-    if i >= n:
-        stream.write("\n")
-    stream.flush()
-
-
 def bench(args):
     """Time forward and backward on a configurable problem; optional torch peer."""
     import resource
@@ -148,14 +138,16 @@ def bench(args):
     if args.layout == "TND":
         cu = [s * (i + 1) for i in range(b)]
         kw.update(actual_seq_qlen=cu, actual_seq_kvlen=cu)
-    total = args.rounds + 1
-    _progress(0, total, "bench")
+    from tqdm import tqdm
+
+    # stderr (tqdm's default), so the report on stdout stays clean
+    bar = tqdm(total=args.rounds + 1, desc="bench", unit="round", file=sys.stderr)
     fwd = fag_numba.flash_attention_score(q, k, v, n1, args.layout, **kw)
     grad = lambda: fag_numba.flash_attention_score_grad(
         q, k, v, dy, n1, args.layout, softmax_max=fwd.softmax_max, softmax_sum=fwd.softmax_sum,
         attention_in=fwd.attention_out, **kw)
     grad()
-    _progress(1, total, "bench")
+    bar.update(1)                                    # the first call (with the JIT compile)
     tf, tb = [], []
     for r in range(args.rounds):
         t = time.perf_counter()
@@ -164,7 +156,8 @@ def bench(args):
         t = time.perf_counter()
         grad()
         tb.append(time.perf_counter() - t)
-        _progress(r + 2, total, "bench")
+        bar.update(1)
+    bar.close()
     flops = 4.0 * b * n1 * s * s * d * density
     mf, mb = float(np.median(tf)), float(np.median(tb))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -67,7 +67,7 @@ def test_bench(run, args):
     r = run("bench", *args)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "backward median" in r.stdout and "peak RSS" in r.stdout
-    assert "bench [" in r.stderr                      # the progress bar
+    assert "bench: 100%" in r.stderr                  # the tqdm progress bar, completed
 
 
 def test_bad_arguments_exit_nonzero(run):
