@@ -1,7 +1,8 @@
 """fag_numba: the Ascend FlashAttentionScoreGrad operator (and its forward) on the CPU.
 
 Public API (SPEC.md §1): :func:`flash_attention_score`, :func:`flash_attention_score_grad`,
-:func:`dropout_mask`, the result tuples, the error classes, thread control and ``__version__``.
+:func:`dropout_mask`, the long-run helpers of §10/§12 (:func:`merge_attention_outputs`,
+:func:`softmax_lse`), the result tuples, the error classes, thread control and ``__version__``.
 Importing has no side effects: nothing compiles, no numba setting changes, torch is not
 imported (``fag_numba.torch`` is the optional torch layer).
 """
@@ -9,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version as _version
 
 from .api import (FlashAttentionGrads, FlashAttentionOutput, flash_attention_score,
                   flash_attention_score_grad, warmup)
+from .chunks import softmax_lse
 from .dropout import dropout_mask
 from .errors import FagError, FagTypeError, FagValueError
 from .merge import merge_attention_outputs
@@ -21,7 +23,7 @@ except PackageNotFoundError:  # running from a source tree
 
 __all__ = [
     "flash_attention_score", "flash_attention_score_grad", "dropout_mask",
-    "merge_attention_outputs", "warmup",
+    "merge_attention_outputs", "softmax_lse", "warmup",
     "FlashAttentionOutput", "FlashAttentionGrads", "FagError", "FagTypeError", "FagValueError",
     "set_num_threads", "threads", "runtime_info", "__version__",
 ]

@@ -185,8 +185,13 @@ def _out_dtype(out_dtype, qdt, f):
         if dt not in names.values():
             raise FagValueError(f"{f}out_dtype must be float16, bfloat16 or float32, got {dt}")
     if qdt not in dtypes.FP8_DTYPES and dt != qdt:
-        raise FagValueError(f"{f}out_dtype must be None or the input dtype {qdt.name} for "
-                            f"non-fp8 inputs, got {dt.name}")
+        if qdt == dtypes.FLOAT32 or dt != dtypes.FLOAT32:
+            allowed = ("None or float32" if qdt == dtypes.FLOAT32
+                       else f"None, the input dtype {qdt.name} or float32")
+            raise FagValueError(f"{f}out_dtype must be {allowed} for {qdt.name} inputs, got "
+                                f"{dt.name}")
+        # float16/bfloat16 inputs with out_dtype=float32: unrounded float32 outputs, what
+        # chunked and ring callers accumulate (SPEC §1, §12)
     return dt
 
 
@@ -356,7 +361,8 @@ def flash_attention_score(query, key, value, head_num, input_layout, *, pse=None
     softmax_layout, d_scale_q/k/v, out_dtype
         See SPEC.md §1-§8 and the README.  ``padding_mask`` is accepted and ignored;
         ``inner_precise`` accepts 0, 1, 2 and changes nothing (invalid rows are always
-        handled as the NPU's ``inner_precise=2``).
+        handled as the NPU's ``inner_precise=2``).  ``out_dtype=float32`` with float16/bfloat16
+        inputs keeps attention_out in float32, unrounded (SPEC §12).
     scale_value : float
         Multiplies Q K^T (rounded to float32; default 1.0, not 1/sqrt(D)).
 
@@ -381,7 +387,7 @@ def flash_attention_score(query, key, value, head_num, input_layout, *, pse=None
 def flash_attention_score_grad(query, key, value, dy, head_num, input_layout, *, pse=None,
                                drop_mask=None, padding_mask=None, atten_mask=None,
                                softmax_max=None, softmax_sum=None, softmax_in=None,
-                               attention_in=None, scale_value=1.0, keep_prob=1.0,
+                               attention_in=None, softmax_lse=None, scale_value=1.0, keep_prob=1.0,
                                pre_tokens=INT32_MAX, next_tokens=INT32_MAX, inner_precise=0,
                                prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None,
                                sparse_mode=0, pse_type=1, q_start_idx=None, kv_start_idx=None,
@@ -403,7 +409,15 @@ def flash_attention_score_grad(query, key, value, dy, head_num, input_layout, *,
     attention_in : ndarray, optional
         The forward output O (float32, float16 or bfloat16), used as given in
         ``rowsum(dy * O)``.
+    softmax_lse : ndarray, optional
+        float32 ``[B,N1,S1]`` (TND ``[T1,N1]`` in the ``softmax_layout`` row order): the
+        log-sum-exp ``m + log(l)`` of :func:`fag_numba.softmax_lse`, in place of the pair
+        softmax_max / softmax_sum (still together with ``attention_in``; giving it and either of
+        the pair is an error).  ``-inf`` marks an invalid row: its gradients are zero.
     softmax_in : ignored (reserved on the NPU too).
+    out_dtype : optional
+        For float16/bfloat16 inputs: None (the input dtype) or float32 (dq/dk/dv kept in
+        float32, unrounded: what accumulating chunked/ring callers need); fp8: see SPEC §1.
 
     Returns
     -------
@@ -421,6 +435,25 @@ def flash_attention_score_grad(query, key, value, dy, head_num, input_layout, *,
                  {"d_scale_q": d_scale_q, "d_scale_k": d_scale_k, "d_scale_v": d_scale_v,
                   "d_scale_dy": d_scale_dy}, out_dtype)
     f = fn + ": "
+    if softmax_lse is not None:
+        if softmax_max is not None or softmax_sum is not None:
+            raise FagValueError(f"{f}softmax_lse replaces softmax_max/softmax_sum: give either "
+                                f"softmax_lse or the pair, got softmax_lse and "
+                                f"{'softmax_max' if softmax_max is not None else 'softmax_sum'}")
+        if attention_in is None:
+            raise FagValueError(f"{f}softmax_lse must be given together with attention_in, got "
+                                f"attention_in=None")
+        lse = validation.check_lse("softmax_lse", softmax_lse, P.dims, f)
+        validation.check_like("attention_in", attention_in, P.dy_shape, f,
+                              allowed=dtypes.ATTN_IN_DTYPES)
+        # the kernels take (m, l) and form m + log(l); (lse, 1) gives lse exactly.  An invalid
+        # row (-inf) becomes m = +inf: exp(z - inf) = 0 for every element, so its gradients
+        # are zero whatever the mask (-inf itself would give exp(z + inf) = inf).
+        m = np.where(lse == -np.inf, np.float32(np.inf), lse).astype(np.float32)
+        l = np.ones_like(m)
+        q, k, v, y = _inputs(P, query, key, value, dy)
+        o = dtypes.to_f32_flat(attention_in)
+        return _grads_out(P, query, key, value, _run_backward(P, q, k, v, y, o, m, l))
     given = [x is not None for x in (softmax_max, softmax_sum, attention_in)]
     if any(given) and not all(given):
         raise FagValueError(f"{f}softmax_max, softmax_sum and attention_in must be given together "
@@ -437,7 +470,12 @@ def flash_attention_score_grad(query, key, value, dy, head_num, input_layout, *,
         o = dtypes.to_f32_flat(attention_in)
     else:
         o, m, l = _run_forward(P, q, k, v)
-    dq, dk, dv, dpse = _run_backward(P, q, k, v, y, o, m, l)
+    return _grads_out(P, query, key, value, _run_backward(P, q, k, v, y, o, m, l))
+
+
+def _grads_out(P, query, key, value, res):
+    """float32 flat (dq, dk, dv, dpse) -> FlashAttentionGrads in the output dtype."""
+    dq, dk, dv, dpse = res
     odt = P.out_dtype
     return FlashAttentionGrads(dtypes.from_f32(dq, query.shape, odt),
                                dtypes.from_f32(dk, key.shape, odt),

@@ -111,3 +111,15 @@ def check_stats(name, x, dims, fn=""):
     if x.ndim == len(base) + 1:
         x = x[..., 0]
     return np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+
+
+def check_lse(name, x, dims, fn=""):
+    """softmax_lse as a grad input: float32 ``[B,N1,S1]`` (TND ``[T1,N1]``, rows in the
+    softmax_layout order).  Returns the values as a float32 1-D array in row order."""
+    check_array(name, x, fn)
+    if x.dtype != np.float32:
+        raise FagTypeError(f"{fn}{name} must be float32, got {x.dtype}")
+    base = (dims.T1, dims.N1) if dims.tnd else (dims.B, dims.N1, dims.S1)
+    if tuple(x.shape) != base:
+        raise FagValueError(f"{fn}{name} must have shape {base}, got {tuple(x.shape)}")
+    return np.ascontiguousarray(x, dtype=np.float32).reshape(-1)

@@ -253,7 +253,7 @@ def rules():
 
     # ---- out_dtype / d_scale_* for non-fp8 inputs ----
     for dt, bad in ((np.float32, np.float16), (np.float32, "bfloat16"), (np.float32, 0),
-                    (np.float32, 1), (np.float16, np.float32), (np.float16, 1),
+                    (np.float32, 1), (np.float16, BF16), (np.float16, 1),
                     (BF16, "float16"), (BF16, 0), (np.float32, np.float64),
                     (np.float32, "float64"), (np.float32, E4M3), (np.float32, 5),
                     (np.float32, -1)):
