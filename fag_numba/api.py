@@ -273,8 +273,20 @@ def _tables(P, block_m, block_n):
     st[:, desc.PSE_HS] = pp.hs
     st[:, desc.PSE_RS] = pp.rs
     st[:, desc.DPSE_OFF] = pp.off
-    blk = d.seq_q * d.seq_k * d.N1
-    st[1:, desc.DROP_OFF] = np.cumsum(blk)[:-1]
+    geom = getattr(P, "drop_geom", None)
+    if geom is None:
+        blk = d.seq_q * d.seq_k * d.N1
+        st[1:, desc.DROP_OFF] = np.cumsum(blk)[:-1]
+        st[:, desc.DROP_HS] = d.seq_q * d.seq_k
+        st[:, desc.DROP_RS] = d.seq_k
+    else:
+        # a chunk pair (chunks.py): rows/cols start at (i0, j0) of a global S1g x S2g problem,
+        # so the dropout bits are those of the unchunked call (SPEC §12)
+        s1g, s2g, i0, j0 = geom
+        st[:, desc.DROP_OFF] = (np.arange(nb, dtype=np.int64) * (d.N1 * s1g * s2g)
+                                + i0 * s2g + j0)
+        st[:, desc.DROP_HS] = s1g * s2g
+        st[:, desc.DROP_RS] = s2g
     st[:, desc.QSTART] = pp.qstart
     st[:, desc.KVSTART] = pp.kvstart
     st[:, desc.SLOPE_OFF] = pp.slope_off

@@ -22,12 +22,14 @@ MASK_OFF = 11     # dense mask offset of (b, h=0, i=0, j=0)
 PSE_OFF = 12      # external pse offset of (b, h=0, i=0, j=0)
 PSE_HS = 13       # external pse head stride
 PSE_RS = 14       # external pse row stride (0 = broadcast over rows)
-DROP_OFF = 15     # dropout element index of (b, h=0, i=0, j=0); e = DROP_OFF + (h*S1 + i)*S2 + j
+DROP_OFF = 15     # dropout element index of (b, h=0, i=0, j=0); see DROP_HS / DROP_RS
 QSTART = 16       # ALiBi q_start_idx for this sequence
 KVSTART = 17      # ALiBi kv_start_idx for this sequence
 SLOPE_OFF = 18    # index of slope (b, h=0) in the slopes array
 DPSE_OFF = 19     # dpse offset of (b, h=0, i=0, j=0) (same strides as pse)
-NSEQ = 20
+DROP_HS = 20      # dropout element index strides: e = DROP_OFF + h*DROP_HS + i*DROP_RS + j;
+DROP_RS = 21      # S1*S2 and S2 for a plain call, the global ones for a chunk pair (chunks.py)
+NSEQ = 22
 
 # ---- gp entries (global ints) ----
 N1 = 0

@@ -252,14 +252,16 @@ def score_tile(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0, n_l
 def keep_tile(seqtab, gp, drop_mask, b, h, i0, m_len, j0, n_len, rbuf):
     """Dropout keep bits of a tile as 0.0/1.0 in ``rbuf[r * n_len + c]`` (SPEC §5).
 
-    Element index ``e = DROP_OFF[b] + (h * S1 + i) * S2 + j``; the bits come from the user's
-    packed ``drop_mask`` or from the counter-based generator keyed on (seed, offset + e).
+    Element index ``e = DROP_OFF[b] + h * DROP_HS[b] + i * DROP_RS[b] + j`` (``(h*S1 + i)*S2 + j``
+    for a plain call; a chunk pair of a longer problem uses the global indices); the bits come
+    from the user's packed ``drop_mask`` or from the counter-based generator keyed on
+    (seed, offset + e).
     """
-    s1 = seqtab[b, desc.S1]
-    s2 = seqtab[b, desc.S2]
+    e_h = seqtab[b, desc.DROP_OFF] + h * seqtab[b, desc.DROP_HS]
+    e_rs = seqtab[b, desc.DROP_RS]
     kind = gp[desc.DROP_KIND]
     for r in range(m_len):
-        e0 = seqtab[b, desc.DROP_OFF] + (h * s1 + i0 + r) * s2 + j0
+        e0 = e_h + (i0 + r) * e_rs + j0
         row = rbuf[r * n_len:(r + 1) * n_len]
         if kind == desc.DROP_MASK:
             _mask_keep_row(drop_mask, e0, n_len, row)
