@@ -12,7 +12,7 @@ from .api import (FlashAttentionGrads, FlashAttentionOutput, flash_attention_sco
                   flash_attention_score_grad, warmup)
 from .chunks import softmax_lse
 from .dropout import dropout_mask
-from .errors import FagError, FagTypeError, FagValueError
+from .errors import FagError, FagMemoryError, FagTypeError, FagValueError
 from .merge import merge_attention_outputs
 from .threads import runtime_info, set_num_threads, threads
 
@@ -25,5 +25,6 @@ __all__ = [
     "flash_attention_score", "flash_attention_score_grad", "dropout_mask",
     "merge_attention_outputs", "softmax_lse", "warmup",
     "FlashAttentionOutput", "FlashAttentionGrads", "FagError", "FagTypeError", "FagValueError",
+    "FagMemoryError",
     "set_num_threads", "threads", "runtime_info", "__version__",
 ]

@@ -28,7 +28,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import config, dtypes, layout, validation
+from . import config, dtypes, layout, memory, validation
 from .errors import FagTypeError, FagValueError
 from .kernels import desc
 from .threads import blas_single_thread
@@ -79,7 +79,7 @@ def _prepare(fn, query, key, value, dy, head_num, input_layout, pse, drop_mask, 
     qdt = validation.check_qkv(arrays, lay, f)
     P.qdtype = qdt
     P.fp8 = qdt in dtypes.FP8_DTYPES
-    P.scale = validation.check_real("scale_value", scale_value, f)
+    P.scale = validation.check_real("scale_value", scale_value, f, finite=True)
     kp = validation.check_real("keep_prob", keep_prob, f)
     if not (kp > 0 and kp <= 1):
         raise FagValueError(f"{f}keep_prob must be in (0, 1] after rounding to float32, got "
@@ -122,10 +122,7 @@ def _prepare(fn, query, key, value, dy, head_num, input_layout, pse, drop_mask, 
     # ---- masks (SPEC §6, §7) ----
     P.mask = masks.plan_masks(atten_mask, sparse_mode, pre_tokens, next_tokens, prefix,
                               dims.seq_q, dims.seq_k, batch=dims.B, n1=dims.N1, tnd=dims.tnd,
-                              s1=dims.S1, s2=dims.S2)
-    if not P.mask.dense.flags.writeable:
-        # a read-only array is a different numba type (a second compile of every driver)
-        P.mask = dataclasses.replace(P.mask, dense=P.mask.dense.copy())
+                              s1=dims.S1, s2=dims.S2, defer=True)
     has_mask = atten_mask is not None
     # causal: every computed element has j <= i (a dense mask only removes more elements)
     causal = bool(has_mask and np.all(P.mask.hi <= 0) and not np.any(P.mask.prefix > 0))
@@ -137,6 +134,7 @@ def _prepare(fn, query, key, value, dy, head_num, input_layout, pse, drop_mask, 
     # ---- dropout (SPEC §5) ----
     P.drop_kind = desc.DROP_NONE
     P.drop_flat = np.zeros(1, np.uint8)
+    P.drop_raw = None
     P.seed_lo = P.seed_hi = P.off_lo = P.off_hi = P.threshold = 0
     numels = dims.N1 * int(np.sum(dims.seq_q * dims.seq_k))
     if kp < 1:
@@ -154,13 +152,42 @@ def _prepare(fn, query, key, value, dy, head_num, input_layout, pse, drop_mask, 
                 raise FagValueError(f"{f}drop_mask must hold at least ceil(numels/8) = {need} "
                                     f"bytes (numels = {numels}), got {drop_mask.size}")
             P.drop_kind = desc.DROP_MASK
-            P.drop_flat = dtypes.writable(np.ascontiguousarray(drop_mask).reshape(-1))
+            P.drop_raw = drop_mask           # flattened by _materialize, after every check
         else:
             P.seed_lo, P.seed_hi = dropout_mod.split_seed(seed, fn)
             P.off_lo, P.off_hi = dropout_mod.split_offset(offset, fn)
             P.threshold = dropout_mod.keep_threshold(kp)
             P.drop_kind = desc.DROP_PHILOX
     return P
+
+
+def _materialize(P, fn, arrays, grad, stats_given, pse, atten_mask, drop_mask):
+    """After every check: refuse a call that cannot fit (FagMemoryError, SPEC §9), then make
+    the flat forms the kernels read (mask bytes, pse float32, drop_mask bytes)."""
+    from . import masks, pse as pse_mod
+
+    memory.require(memory.estimate_call(P, arrays, grad, stats_given, pse, atten_mask,
+                                        drop_mask), "this call (outputs and working memory)",
+                   fn + ": ")
+    if P.mask.has_dense:
+        # a read-only array is a different numba type (a second compile of every driver)
+        P.mask = dataclasses.replace(P.mask, dense=dtypes.writable(masks.dense_flat(P.mask.dense)))
+    pse_mod.finish(P.pse, pse)
+    if P.drop_raw is not None:
+        P.drop_flat = dtypes.writable(np.ascontiguousarray(P.drop_raw).reshape(-1))
+    return P
+
+
+def _unmask(fn, args):
+    """SPEC §9 array forms: a masked array with masked entries is a FagTypeError (named); one
+    without is read as its plain data.  Returns the values of ``args`` in order."""
+    out = []
+    for name, x in args.items():
+        if isinstance(x, np.ndarray):
+            validation.check_array(name, x, fn + ": ")
+            x = validation.plain(x)
+        out.append(x)
+    return out
 
 
 def _out_dtype(out_dtype, qdt, f):
@@ -219,7 +246,7 @@ def _check_d_scales(d_scales, qdt, dims, f):
                                     f"positions), got {tuple(x.shape)}")
             out[name] = x
         else:
-            out[name] = validation.check_real(name, x, f)
+            out[name] = validation.check_real(name, x, f, finite=True)
     return out
 
 
@@ -384,12 +411,22 @@ def flash_attention_score(query, key, value, head_num, input_layout, *, pse=None
         ``attention_out`` like query with last dim Dv (dtype: the input dtype, or out_dtype for
         fp8); ``softmax_max``, ``softmax_sum``: float32 ``[B,N1,S1,8]`` (TND ``[T1,N1,8]``).
     """
+    (query, key, value, pse, drop_mask, atten_mask, prefix, actual_seq_qlen, actual_seq_kvlen,
+     q_start_idx, kv_start_idx, d_scale_q, d_scale_k, d_scale_v) = _unmask(
+        "flash_attention_score", dict(
+            query=query, key=key, value=value, pse=pse, drop_mask=drop_mask,
+            atten_mask=atten_mask, prefix=prefix, actual_seq_qlen=actual_seq_qlen,
+            actual_seq_kvlen=actual_seq_kvlen, q_start_idx=q_start_idx,
+            kv_start_idx=kv_start_idx, d_scale_q=d_scale_q, d_scale_k=d_scale_k,
+            d_scale_v=d_scale_v))
     P = _prepare("flash_attention_score", query, key, value, None, head_num, input_layout, pse,
                  drop_mask, atten_mask, scale_value, keep_prob, pre_tokens, next_tokens,
                  inner_precise, prefix, actual_seq_qlen, actual_seq_kvlen, sparse_mode, pse_type,
                  q_start_idx, kv_start_idx, softmax_layout, seed, offset,
                  {"d_scale_q": d_scale_q, "d_scale_k": d_scale_k, "d_scale_v": d_scale_v},
                  out_dtype)
+    _materialize(P, "flash_attention_score", {"query": query, "key": key, "value": value},
+                 False, False, pse, atten_mask, drop_mask)
     q, k, v, _ = _inputs(P, query, key, value)
     out, m, l = _run_forward(P, q, k, v)
     return FlashAttentionOutput(dtypes.from_f32(out, P.dy_shape, P.out_dtype),
@@ -440,6 +477,14 @@ def flash_attention_score_grad(query, key, value, dy, head_num, input_layout, *,
     """
     fn = "flash_attention_score_grad"
     validation.check_array("dy", dy, fn + ": ")
+    (query, key, value, dy, pse, drop_mask, atten_mask, prefix, actual_seq_qlen, actual_seq_kvlen,
+     q_start_idx, kv_start_idx, d_scale_q, d_scale_k, d_scale_v, d_scale_dy, softmax_max,
+     softmax_sum, attention_in) = _unmask(fn, dict(
+         query=query, key=key, value=value, dy=dy, pse=pse, drop_mask=drop_mask,
+         atten_mask=atten_mask, prefix=prefix, actual_seq_qlen=actual_seq_qlen,
+         actual_seq_kvlen=actual_seq_kvlen, q_start_idx=q_start_idx, kv_start_idx=kv_start_idx,
+         d_scale_q=d_scale_q, d_scale_k=d_scale_k, d_scale_v=d_scale_v, d_scale_dy=d_scale_dy,
+         softmax_max=softmax_max, softmax_sum=softmax_sum, attention_in=attention_in))
     P = _prepare(fn, query, key, value, dy, head_num, input_layout, pse, drop_mask, atten_mask,
                  scale_value, keep_prob, pre_tokens, next_tokens, inner_precise, prefix,
                  actual_seq_qlen, actual_seq_kvlen, sparse_mode, pse_type, q_start_idx,
@@ -472,11 +517,17 @@ def flash_attention_score_grad(query, key, value, dy, head_num, input_layout, *,
                             f"or not at all, got softmax_max={'set' if given[0] else None}, "
                             f"softmax_sum={'set' if given[1] else None}, "
                             f"attention_in={'set' if given[2] else None}")
+    arrays = {"query": query, "key": key, "value": value, "dy": dy}
+    if all(given):
+        validation.check_stats("softmax_max", softmax_max, P.dims, f, convert=False)
+        validation.check_stats("softmax_sum", softmax_sum, P.dims, f, convert=False)
+        validation.check_like("attention_in", attention_in, P.dy_shape, f,
+                              allowed=dtypes.ATTN_IN_DTYPES)
+        arrays["attention_in"] = attention_in
+    _materialize(P, fn, arrays, True, all(given), pse, atten_mask, drop_mask)
     if all(given):
         m = validation.check_stats("softmax_max", softmax_max, P.dims, f)
         l = validation.check_stats("softmax_sum", softmax_sum, P.dims, f)
-        validation.check_like("attention_in", attention_in, P.dy_shape, f,
-                              allowed=dtypes.ATTN_IN_DTYPES)
     q, k, v, y = _inputs(P, query, key, value, dy)
     if all(given):
         o = dtypes.to_f32_flat(attention_in)

@@ -72,7 +72,7 @@ import numbers
 
 import numpy as np
 
-from . import _jit
+from . import _jit, memory
 from .errors import FagTypeError, FagValueError
 from .validation import is_int
 
@@ -523,6 +523,7 @@ def dropout_mask(numels, keep_prob, seed, offset=0) -> np.ndarray:
     kp = _check_keep_prob(keep_prob, caller)
     s = _check_u64(seed, "seed", caller)
     o = _check_u64(offset, "offset", caller)
+    memory.require((n + 7) >> 3, f"the packed mask of numels={n}", f"{caller}: ")
     out = np.empty((n + 7) >> 3, dtype=np.uint8)
     if n == 0:
         return out

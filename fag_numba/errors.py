@@ -17,3 +17,8 @@ class FagValueError(FagError, ValueError):
 
 class FagTypeError(FagError, TypeError):
     """An argument has the wrong Python type or an unsupported / mismatched dtype."""
+
+
+class FagMemoryError(FagError, MemoryError):
+    """A valid call whose outputs or working memory cannot fit in the memory available now
+    (raised before anything large is allocated; the message names the size)."""

@@ -21,6 +21,7 @@ import dataclasses
 
 import numpy as np
 
+from . import memory
 from .errors import FagTypeError, FagValueError
 from .validation import is_int
 
@@ -139,6 +140,10 @@ def parse_dims(query, key, value, head_num, layout, seq_q=None, seq_k=None, cu_q
     if Dv > D:
         raise FagValueError(f"value: head dim Dv={Dv} must be <= D={D} (value shape {vs}, "
                             f"query shape {qs})")
+    # the per-sequence tables are the first allocation of size B (B = 2**33 of an empty
+    # tensor would be 64 GiB of tables): refuse before making them
+    memory.require(int(B) * memory.PER_SEQ_BYTES, f"a batch of B={B} sequences (per-sequence "
+                   f"descriptor tables, {memory.PER_SEQ_BYTES} bytes each)")
     if layout != "TND":
         seq_q = np.full(B, S1, np.int64)
         seq_k = np.full(B, S2, np.int64)
@@ -205,6 +210,9 @@ def parse_varlen(actual_seq_qlen, actual_seq_kvlen, T1, T2, fn=""):
         if x is None:
             raise FagValueError(f"{fn}{name} is required for input_layout TND")
         if isinstance(x, np.ndarray):
+            if x.ndim == 1 and x.size == 0:
+                raise FagValueError(f"{fn}{name} must hold at least one offset, got an empty "
+                                    f"array")
             if x.ndim != 1 or not (np.issubdtype(x.dtype, np.integer)):
                 raise FagTypeError(f"{fn}{name} must be a 1-D sequence of ints, got array of "
                                    f"shape {x.shape} and dtype {x.dtype}")

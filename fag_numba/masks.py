@@ -143,6 +143,8 @@ def _external_stacklevel():
 def _prefix_values(prefix):
     """Type-check ``prefix`` (a sequence of ints or a 1-D integer array) -> list of Python ints."""
     if isinstance(prefix, np.ndarray):
+        if prefix.ndim == 1 and prefix.size == 0:
+            return []                    # an empty sequence: the length check says what is wrong
         if prefix.dtype.kind not in "iu":
             raise FagTypeError(f"prefix: must be a sequence of ints, got an array of dtype "
                                f"{prefix.dtype}")
@@ -307,9 +309,15 @@ def _dense_layout(mask, sparse_mode, batch, n1, tnd, ms1, ms2):
 # The planner
 # ------------------------------------------------------------------------------------------------
 
+def dense_flat(mask):
+    """uint8 1-D flat view of a full mask: bool -> uint8 is a zero-copy view; only a
+    non-C-contiguous mask is copied."""
+    return np.ascontiguousarray(mask).reshape(-1).view(np.uint8)
+
+
 def plan_masks(atten_mask, sparse_mode, pre_tokens, next_tokens, prefix, seq_q, seq_k, *,
                batch: int, n1: int, tnd: bool, s1: int | None = None,
-               s2: int | None = None) -> MaskPlan:
+               s2: int | None = None, defer: bool = False) -> MaskPlan:
     """Validate every mask-related argument and reduce ``sparse_mode`` to a :class:`MaskPlan`.
 
     Nothing else happens before every check has passed.  The user's mask is never modified and
@@ -342,6 +350,10 @@ def plan_masks(atten_mask, sparse_mode, pre_tokens, next_tokens, prefix, seq_q, 
     s1, s2 : int, optional
         Dims that a full mask's last two axes must equal.  Default: ``max(seq_q)`` /
         ``max(seq_k)`` (0 when B == 0); pass them when B == 0 in a non-TND layout.
+    defer : bool
+        True: ``dense`` is the user's (validated) mask itself, not yet flattened; the caller
+        applies :func:`dense_flat` once every other argument is checked (SPEC §9: shapes are
+        checked before anything is converted).
 
     Returns
     -------
@@ -464,8 +476,8 @@ def plan_masks(atten_mask, sparse_mode, pre_tokens, next_tokens, prefix, seq_q, 
     np.clip(hi, -_INF, _INF, out=hi)
 
     if sparse_mode in _DENSE_MODES:
-        # bool -> uint8 is a zero-copy view; only a non-C-contiguous mask is copied
-        dense = np.ascontiguousarray(mask).reshape(-1).view(np.uint8)
+        # defer: the caller converts later (dense_flat), after every other argument's checks
+        dense = mask if defer else dense_flat(mask)
         return MaskPlan(lo=lo, hi=hi, prefix=pfx, has_dense=True, dense=dense, dense_boff=boff,
                         dense_hs=int(hs), dense_rs=int(rs), sparse_mode=sparse_mode, full=False)
     # full: _band_tile_class(lo, hi, prefix, 0, S1, 0, S2) == FULL for every non-empty sequence,

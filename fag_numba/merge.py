@@ -6,12 +6,13 @@ chunk.  Per row, with the parts' statistics (m_k, l_k) and outputs o_k::
     m = max_k m_k;   w_k = l_k * exp(m_k - m);   l = sum_k w_k;   o = sum_k w_k * o_k / l
 
 A part whose row is invalid (m_k = -FLT_MAX) contributes nothing; a row invalid in every part
-stays invalid (o = 0, m = -FLT_MAX, l = +FLT_MAX; never inf or NaN).  float32 math; the output
+stays invalid (o = 0, m = -FLT_MAX, l = +FLT_MAX; never inf); NaN
+statistics or outputs propagate.  float32 math; the output
 has the first part's attention_out dtype.
 """
 import numpy as np
 
-from . import validation
+from . import dtypes, validation
 from .api import FlashAttentionOutput
 from .errors import FagTypeError, FagValueError
 from .layout import parse_varlen
@@ -88,6 +89,13 @@ def merge_attention_outputs(parts, head_num, input_layout, *, actual_seq_qlen=No
         o, m, l = p
         for name, x in (("attention_out", o), ("softmax_max", m), ("softmax_sum", l)):
             validation.check_array(f"parts[{k}].{name}", x, fn)
+        o, m, l = validation.plain(o), validation.plain(m), validation.plain(l)
+        if o.dtype not in dtypes.FLOAT_DTYPES:
+            raise FagTypeError(f"{fn}parts[{k}].attention_out dtype must be one of "
+                               f"{', '.join(d.name for d in dtypes.FLOAT_DTYPES)}, got {o.dtype}")
+        if outs and o.dtype != outs[0].dtype:
+            raise FagTypeError(f"{fn}parts[{k}].attention_out dtype {o.dtype} differs from "
+                               f"parts[0]'s {outs[0].dtype}")
         if m.dtype != np.float32 or l.dtype != np.float32:
             raise FagTypeError(f"{fn}parts[{k}] statistics must be float32, got {m.dtype}, "
                                f"{l.dtype}")
@@ -130,10 +138,12 @@ def merge_attention_outputs(parts, head_num, input_layout, *, actual_seq_qlen=No
 
     m_all = np.stack([rows(m) for m in ms])                 # [K, ...rows]
     l_all = np.stack([rows(l) for l in ls])
-    valid = m_all > -_FLT_MAX
+    # only -FLT_MAX marks an invalid row (SPEC §10); a NaN statistic is a valid row whose NaN
+    # propagates into the merged row (as the unchunked forward gives)
+    valid = m_all != -_FLT_MAX
     mmax = np.where(valid, m_all, -np.inf).max(axis=0)
-    any_valid = np.isfinite(mmax)
-    with np.errstate(invalid="ignore", over="ignore"):
+    any_valid = valid.any(axis=0)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         w = np.where(valid, l_all * np.exp(m_all - np.where(any_valid, mmax, 0)), 0).astype(np.float32)
         lsum = w.sum(axis=0, dtype=np.float32)
         acc = np.zeros(view, np.float32)

@@ -21,11 +21,16 @@ from .kernels import desc
 from .validation import is_int
 
 
+#: bound on |q_start_idx|, |kv_start_idx|: position differences then fit int64 for S <= 2**60
+START_LIMIT = 1 << 61
+
+
 @dataclasses.dataclass
 class PsePlan:
     """Descriptor of the pse for the kernels (all arrays int64 [B] unless noted)."""
     kind: int                      # desc.PSE_*
-    flat: np.ndarray               # float32 1-D external pse, or a 1-element dummy
+    flat: np.ndarray               # float32 1-D external pse, or a 1-element dummy; None until
+                                   # ``finish`` converts it (after every argument's checks)
     off: np.ndarray
     hs: np.ndarray
     rs: np.ndarray
@@ -44,12 +49,31 @@ def _start_idx(name, x, fn):
     if x is None:
         return 0
     if is_int(x):
-        return int(x)
-    if isinstance(x, np.ndarray) and x.ndim == 1 and x.size >= 1 and np.issubdtype(x.dtype, np.integer):
-        return int(x[0])
-    if isinstance(x, (list, tuple)) and len(x) >= 1 and is_int(x[0]):
-        return int(x[0])
-    raise FagTypeError(f"{fn}{name} must be an int or a non-empty sequence of ints, got {x!r}")
+        return _start_range(name, int(x), fn)
+    if isinstance(x, np.ndarray) and x.ndim == 1 and (np.issubdtype(x.dtype, np.integer)
+                                                      or x.size == 0):
+        v = _start_value(name, x, fn)
+    elif isinstance(x, (list, tuple)) and (len(x) == 0 or is_int(x[0])):
+        v = _start_value(name, x, fn)
+    else:
+        raise FagTypeError(f"{fn}{name} must be an int or a non-empty sequence of ints, got "
+                           f"{x!r}")
+    return v
+
+
+def _start_value(name, x, fn):
+    """Element 0 of a start-index sequence (an empty one is a value error, SPEC §9)."""
+    if len(x) == 0:
+        raise FagValueError(f"{fn}{name} must be an int or a non-empty sequence of ints, got an "
+                            f"empty {type(x).__name__}")
+    return _start_range(name, int(x[0]), fn)
+
+
+def _start_range(name, v, fn):
+    """|start index| <= START_LIMIT, so ``(j + kv_start) - (i + q_start)`` fits int64."""
+    if not -START_LIMIT <= v <= START_LIMIT:
+        raise FagValueError(f"{fn}{name} must be in [-2**61, 2**61] (global positions), got {v}")
+    return v
 
 
 def none_plan(nb):
@@ -121,7 +145,7 @@ def plan_pse(pse, pse_type, q_start_idx, kv_start_idx, dims, qdtype, causal, spa
         raise FagTypeError(f"{fn}pse dtype must be one of {', '.join(d.name for d in allowed)} "
                            f"for {np.dtype(qdtype).name} queries, got {pse.dtype}")
     kind = desc.PSE_ADD_THEN_SCALE if pse_type == 1 else desc.PSE_SCALE_THEN_ADD
-    flat = dtypes.to_f32_flat(pse)
+    flat = None      # converted by finish(): SPEC §9, shapes are checked before any conversion
     s1, s2 = dims.S1, dims.S2
     if dims.tnd:
         if pse.ndim != 1:
@@ -177,3 +201,11 @@ def plan_pse(pse, pse_type, q_start_idx, kv_start_idx, dims, qdtype, causal, spa
     return PsePlan(kind=kind, flat=flat, off=off, hs=hs, rs=rs, slopes=np.zeros(1, np.float32),
                    slope_off=z, qstart=z, kvstart=z, dpse_kind=1,
                    merge_b=(bp == 1 and nb > 1), shape=pse.shape, dtype=pse.dtype)
+
+
+def finish(plan, pse):
+    """Convert the external pse to its flat float32 form (the kernels read it in place);
+    called once every argument of the call has been checked."""
+    if plan.flat is None:
+        plan.flat = dtypes.to_f32_flat(pse)
+    return plan

@@ -35,17 +35,48 @@ def check_int(name, x, lo=None, hi=None, fn=""):
     return x
 
 
-def check_real(name, x, fn=""):
-    """A real number (not bool, not an array); returns it rounded to float32 (SPEC §3)."""
+def check_real(name, x, fn="", finite=False):
+    """A real number (not bool, not an array); returns it rounded to float32 (SPEC §3).
+
+    ``finite=True``: the float32 value must be finite (``scale_value=1e40`` would silently
+    become inf, NaN would poison every output): FagValueError otherwise."""
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, (numbers.Real, np.floating, np.integer)):
         raise FagTypeError(f"{fn}{name} must be a real number, got {type(x).__name__} {_fmt(x)}")
-    return np.float32(x)
+    with np.errstate(over="ignore", invalid="ignore"):
+        try:
+            v = np.float32(x)
+        except OverflowError:          # a Python int beyond float range
+            v = np.float32(np.inf)
+    if finite and not np.isfinite(v):
+        shown = repr(x) if len(repr(x)) < 40 else f"{repr(x)[:20]}... ({len(repr(x))} digits)"
+        raise FagValueError(f"{fn}{name} must be finite in float32, got {shown} (float32: "
+                            f"{float(v)!r})")
+    return v
 
 
 def check_array(name, x, fn=""):
-    """A numpy ndarray (FagTypeError otherwise)."""
+    """A numpy ndarray (FagTypeError otherwise; SPEC §9 array forms).
+
+    Any strides, read-only, memmap and misaligned arrays are valid.  A numpy masked array with
+    masked entries is a FagTypeError (the math has no meaning for "missing" entries and the
+    raw data under the mask is garbage); one without masked entries is read as its data.
+    Object and other non-numeric dtypes are rejected by the callers' dtype checks.
+    """
     if not isinstance(x, np.ndarray):
         raise FagTypeError(f"{fn}{name} must be a numpy array, got {type(x).__name__}")
+    if isinstance(x, np.ma.MaskedArray) and np.ma.getmask(x) is not np.ma.nomask \
+            and bool(np.ma.getmask(x).any()):
+        raise FagTypeError(f"{fn}{name} is a numpy masked array with "
+                           f"{int(np.ma.getmask(x).sum())} masked entries; pass a plain array "
+                           f"(fill the masked entries, or mask them with atten_mask)")
+    return x
+
+
+def plain(x):
+    """The plain ndarray behind an (already checked) array argument: the data of a masked
+    array without masked entries, other arrays unchanged."""
+    if isinstance(x, np.ma.MaskedArray):
+        return np.ma.getdata(x)
     return x
 
 
@@ -96,10 +127,11 @@ def check_like(name, x, shape, fn="", allowed=None):
     return x
 
 
-def check_stats(name, x, dims, fn=""):
+def check_stats(name, x, dims, fn="", convert=True):
     """softmax_max / softmax_sum as grad inputs: float32 [B,N1,S1,8|1] or [B,N1,S1]
     (TND: [T1,N1,8|1] or [T1,N1]).  Returns the lane-0 values as a float32 1-D array in
-    memory order (row order of ``layout.stats_desc``)."""
+    memory order (row order of ``layout.stats_desc``); ``convert=False`` checks only (SPEC §9:
+    every shape is checked before anything is converted)."""
     check_array(name, x, fn)
     if x.dtype != np.float32:
         raise FagTypeError(f"{fn}{name} must be float32, got {x.dtype}")
@@ -108,6 +140,9 @@ def check_stats(name, x, dims, fn=""):
     if tuple(x.shape) not in ok:
         raise FagValueError(f"{fn}{name} must have shape {ok[0]}, {ok[1]} or {ok[2]}, "
                             f"got {tuple(x.shape)}")
+    if not convert:
+        return x
+    x = plain(x)
     if x.ndim == len(base) + 1:
         x = x[..., 0]
     return np.ascontiguousarray(x, dtype=np.float32).reshape(-1)

@@ -480,7 +480,10 @@ VALIDATION = [
      "pse"),
     ("slopes-4d", dict(pse=P4, pse_type=2), FagValueError, "pse"),
     ("qstart-float", dict(pse=SL, pse_type=2, q_start_idx=1.5), FagTypeError, "q_start_idx"),
-    ("qstart-empty", dict(pse=SL, pse_type=2, q_start_idx=[]), FagTypeError, "q_start_idx"),
+    ("qstart-empty", dict(pse=SL, pse_type=2, q_start_idx=[]), FagValueError, "q_start_idx"),
+    ("qstart-huge", dict(pse=SL, pse_type=2, q_start_idx=2**63), FagValueError, "q_start_idx"),
+    ("kvstart-huge", dict(pse=SL, pse_type=2, kv_start_idx=[-2**62]), FagValueError,
+     "kv_start_idx"),
     ("kvstart-str", dict(pse=SL, pse_type=2, kv_start_idx="3"), FagTypeError, "kv_start_idx"),
 ]
 

@@ -1,0 +1,188 @@
+"""Issue 13 probes as regression tests: refusals before allocation, error classes, merge NaN,
+exact zeros for masked garbage (NaN/inf), invalid rows only by the mask.
+
+Every test here is a minimal reproduction of a probe that once failed (the issue's numbering in
+the comments).  Huge shapes are numpy broadcast views (no memory), so the refusals are checked
+for real: a conversion or allocation would die in numpy's MemoryError instead.
+"""
+import numpy as np
+import pytest
+
+import fag_numba
+from fag_numba import FagError, FagMemoryError, FagTypeError, FagValueError, memory
+
+fwd = fag_numba.flash_attention_score
+grad = fag_numba.flash_attention_score_grad
+
+
+def _big(shape):
+    return np.broadcast_to(np.zeros((1,) * len(shape), np.float32), shape)
+
+
+def _small(shape=(1, 1, 4, 8), seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+# ---- 3. refusals before allocation ------------------------------------------------------------
+
+def test_error_class_hierarchy():
+    assert issubclass(FagMemoryError, FagError) and issubclass(FagMemoryError, MemoryError)
+    assert "FagMemoryError" in fag_numba.__all__
+
+
+def test_wrong_pse_shape_of_a_huge_view_is_a_value_error_not_memory():
+    q = _small()
+    huge = np.broadcast_to(np.float32(0), (10000, 10000, 512, 512))
+    with pytest.raises(FagValueError, match="pse"):
+        fwd(q, q, q, 1, "BNSD", pse=huge)
+    with pytest.raises(FagValueError, match="pse"):
+        grad(q, q, q, q, 1, "BNSD", pse=huge)
+
+
+def test_wrong_stats_shape_is_found_before_a_huge_mask_is_converted():
+    # a non-contiguous full mask needs a copy; the stats shape error must come first
+    q = _small((1, 1, 4, 8))
+    mask = np.broadcast_to(np.zeros((1, 1, 1, 4), bool), (1, 1, 4, 4))
+    f = fwd(q, q, q, 1, "BNSD")
+    with pytest.raises(FagValueError, match="softmax_max"):
+        grad(q, q, q, q, 1, "BNSD", atten_mask=mask, sparse_mode=1,
+             softmax_max=f.softmax_max[..., :2], softmax_sum=f.softmax_sum,
+             attention_in=f.attention_out)
+
+
+@pytest.mark.parametrize("case", ["fwd", "grad", "s1_1_s2_2e31"])
+def test_calls_that_cannot_fit_raise_fag_memory_error(case):
+    big = _big((1, 1, 2 ** 31, 128))
+    with pytest.raises(FagMemoryError, match=r"GiB|TiB") as e:
+        if case == "fwd":
+            fwd(big, big, big, 1, "BNSD")
+        elif case == "grad":
+            grad(big, big, big, big, 1, "BNSD")
+        else:
+            fwd(_small((1, 1, 1, 128)), big, big, 1, "BNSD")
+    assert isinstance(e.value, MemoryError) and "bytes" in str(e.value)
+
+
+def test_dropout_mask_too_large_raises_before_allocating():
+    with pytest.raises(FagMemoryError, match="numels"):
+        fag_numba.dropout_mask(2 ** 40, 0.5, 1)
+
+
+def test_empty_tensor_with_a_huge_batch_refuses_its_tables():
+    e = _big((2 ** 33, 1, 0, 8))
+    with pytest.raises(FagMemoryError, match="B=8589934592"):
+        fwd(e, e, e, 1, "BNSD")
+
+
+def test_memory_check_uses_available_memory(monkeypatch):
+    # a call that normally runs is refused when the available memory is (pretended) tiny
+    q = _small((1, 2, 64, 16))
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1000)
+    with pytest.raises(FagMemoryError, match="available"):
+        fwd(q, q, q, 2, "BNSD")
+    monkeypatch.setattr(memory, "available_bytes", lambda: None)      # unknown: no check
+    fwd(q, q, q, 2, "BNSD")
+
+
+def test_available_bytes_is_positive_here():
+    a = memory.available_bytes()
+    assert a is None or a > 0
+
+
+# ---- 4. error classes ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw,cls,name", [
+    (dict(q_start_idx=2 ** 63), FagValueError, "q_start_idx"),
+    (dict(kv_start_idx=-2 ** 63 - 1), FagValueError, "kv_start_idx"),
+    (dict(q_start_idx=[]), FagValueError, "q_start_idx"),
+    (dict(kv_start_idx=np.array([], np.int64)), FagValueError, "kv_start_idx"),
+])
+def test_start_index_errors(kw, cls, name):
+    q = _small()
+    with pytest.raises(cls, match=name):
+        fwd(q, q, q, 1, "BNSD", pse=np.ones(1, np.float32), pse_type=2, **kw)
+
+
+@pytest.mark.parametrize("seq", [[], (), np.array([]), np.array([], np.int64)])
+def test_empty_varlen_sequence_is_a_value_error(seq):
+    q = _small((4, 1, 8))
+    with pytest.raises(FagValueError, match="actual_seq_qlen"):
+        fwd(q, q, q, 1, "TND", actual_seq_qlen=seq, actual_seq_kvlen=[4])
+
+
+def test_empty_prefix_is_a_value_error():
+    q = _small((1, 1, 4, 8))
+    mask = np.zeros((4, 4), bool)
+    with pytest.raises(FagValueError, match="prefix"):
+        fwd(q, q, q, 1, "BNSD", atten_mask=mask, sparse_mode=5, prefix=[])
+
+
+def test_merge_rejects_string_attention_out():
+    q = _small()
+    f = fwd(q, q, q, 1, "BNSD")
+    bad = fag_numba.FlashAttentionOutput(np.full(f.attention_out.shape, "x"), f.softmax_max,
+                                         f.softmax_sum)
+    with pytest.raises(FagTypeError, match="attention_out"):
+        fag_numba.merge_attention_outputs([bad], 1, "BNSD")
+
+
+@pytest.mark.parametrize("which", ["query", "key", "value", "dy", "atten_mask", "pse",
+                                   "softmax_max", "attention_in"])
+def test_masked_array_with_masked_entries_is_a_type_error(which):
+    q = _small()
+    f = fwd(q, q, q, 1, "BNSD")
+    args = dict(query=q, key=q, value=q, dy=q)
+    kw = dict(softmax_max=f.softmax_max, softmax_sum=f.softmax_sum, attention_in=f.attention_out)
+    pick = {"atten_mask": np.zeros((4, 4), bool), "pse": np.zeros((1, 1, 4, 4), np.float32)}
+    base = args.get(which, kw.get(which, pick.get(which)))
+    m = np.ma.masked_array(base, mask=np.zeros(base.shape, bool))
+    m.mask.flat[0] = True
+    if which in args:
+        args[which] = m
+    else:
+        kw[which] = m
+        if which == "atten_mask":
+            kw["sparse_mode"] = 1
+    with pytest.raises(FagTypeError, match=which):
+        grad(args["query"], args["key"], args["value"], args["dy"], 1, "BNSD", **kw)
+
+
+def test_masked_array_without_masked_entries_is_its_data():
+    q = _small()
+    a = fwd(np.ma.masked_array(q), q, q, 1, "BNSD")
+    b = fwd(q, q, q, 1, "BNSD")
+    assert type(a.attention_out) is np.ndarray
+    np.testing.assert_array_equal(a.attention_out, b.attention_out)
+
+
+@pytest.mark.parametrize("scale", [1e40, -1e39, float("inf"), float("nan"), 10 ** 400],
+                         ids=["1e40", "-1e39", "inf", "nan", "10**400"])
+def test_scale_must_be_finite_in_float32(scale):
+    q = _small()
+    with pytest.raises(FagValueError, match="scale_value"):
+        fwd(q, q, q, 1, "BNSD", scale_value=scale)
+
+
+def test_object_array_is_a_type_error():
+    q = _small()
+    with pytest.raises(FagTypeError, match="query"):
+        fwd(q.astype(object), q, q, 1, "BNSD")
+
+
+# ---- 2. merge: NaN propagates, only -FLT_MAX marks an invalid row ------------------------------
+
+def test_merge_propagates_nan_statistics():
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((1, 2, 6, 8)).astype(np.float32) for _ in range(3))
+    v = v.copy()
+    v[0, 1, 5, :] = np.nan       # key 5 of head 1 is in the second chunk only
+    k = k.copy()
+    k[0, 0, 1, 0] = np.nan       # scores of key 1, head 0: NaN softmax_max in the first chunk
+    with np.errstate(all="ignore"):
+        full = fwd(q, k, v, 2, "BNSD")
+        parts = [fwd(q, k[:, :, a:b], v[:, :, a:b], 2, "BNSD") for a, b in ((0, 3), (3, 6))]
+        merged = fag_numba.merge_attention_outputs(parts, 2, "BNSD")
+    assert np.isnan(parts[0].softmax_max[0, 0]).all()
+    np.testing.assert_array_equal(np.isnan(merged.attention_out), np.isnan(full.attention_out))
+    np.testing.assert_array_equal(np.isnan(merged.softmax_max), np.isnan(full.softmax_max))
+    assert np.isnan(merged.attention_out[0, 0]).all() and np.isnan(merged.attention_out[0, 1]).all()
