@@ -500,9 +500,14 @@ def flash_attention_score_grad(query, key, value, dy, head_num, input_layout, *,
         if attention_in is None:
             raise FagValueError(f"{f}softmax_lse must be given together with attention_in, got "
                                 f"attention_in=None")
-        lse = validation.check_lse("softmax_lse", softmax_lse, P.dims, f)
+        validation.check_array("softmax_lse", softmax_lse, f)
+        # (one float32 per row: small next to what _materialize refuses or converts)
+        lse = validation.check_lse("softmax_lse", validation.plain(softmax_lse), P.dims, f)
         validation.check_like("attention_in", attention_in, P.dy_shape, f,
                               allowed=dtypes.ATTN_IN_DTYPES)
+        _materialize(P, fn, {"query": query, "key": key, "value": value, "dy": dy,
+                             "attention_in": attention_in}, True, True, pse, atten_mask,
+                     drop_mask)
         # the kernels take (m, l) and form m + log(l); (lse, 1) gives lse exactly.  An invalid
         # row (-inf) becomes m = +inf: exp(z - inf) = 0 for every element, so its gradients
         # are zero whatever the mask (-inf itself would give exp(z + inf) = inf).

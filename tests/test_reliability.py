@@ -186,3 +186,21 @@ def test_merge_propagates_nan_statistics():
     np.testing.assert_array_equal(np.isnan(merged.attention_out), np.isnan(full.attention_out))
     np.testing.assert_array_equal(np.isnan(merged.softmax_max), np.isnan(full.softmax_max))
     assert np.isnan(merged.attention_out[0, 0]).all() and np.isnan(merged.attention_out[0, 1]).all()
+
+
+def test_softmax_lse_path_reads_mask_pse_and_drop_mask():
+    # the lse form of the grad goes through the same conversions as the (m, l) form
+    rng = np.random.default_rng(5)
+    q, k, v, dy = (rng.standard_normal((1, 2, 6, 8)).astype(np.float32) for _ in range(4))
+    mask = np.broadcast_to(np.triu(np.ones((6, 6), bool), 1), (1, 1, 6, 6))   # strided view
+    pse = rng.standard_normal((1, 2, 6, 6)).astype(np.float32)[..., ::-1]      # non-contiguous
+    drop = fag_numba.dropout_mask(2 * 36, 0.8, 7)
+    kw = dict(atten_mask=mask, sparse_mode=1, pse=pse, keep_prob=0.8, drop_mask=drop)
+    f = fwd(q, k, v, 2, "BNSD", **kw)
+    a = grad(q, k, v, dy, 2, "BNSD", softmax_max=f.softmax_max, softmax_sum=f.softmax_sum,
+             attention_in=f.attention_out, **kw)
+    b = grad(q, k, v, dy, 2, "BNSD", softmax_lse=fag_numba.softmax_lse(f.softmax_max,
+                                                                        f.softmax_sum),
+             attention_in=f.attention_out, **kw)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
