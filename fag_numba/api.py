@@ -343,6 +343,7 @@ def _tables(P, block_m, block_n):
 def _inputs(P, query, key, value, dy=None):
     """float32 flat views/copies of the inputs (fp8 dequantised)."""
     ds = P.d_scales
+    P.raw = (query, key, value, dy)       # bf16 bits for the native bf16 products
     q = _dequant(query, ds.get("d_scale_q") if P.fp8 else None, P.dims, "q")
     k = _dequant(key, ds.get("d_scale_k") if P.fp8 else None, P.dims, "k")
     v = _dequant(value, ds.get("d_scale_v") if P.fp8 else None, P.dims, "v")
@@ -557,6 +558,9 @@ def _run_backward(P, q, k, v, y, o, m, l):
 
     d = P.dims
     bm, bn = backward_blocks(d.D)
+    kind, arrays = _native_inputs(P, q, k, v, y)
+    if kind == "bf16":                   # bf16 pairs start on even rows and columns
+        bm, bn = bm + bm % 2, bn + bn % 2
     st, gp, fp, nrows = _tables(P, bm, bn)
     lse = np.zeros(nrows, np.float32)
     dsum = np.zeros(nrows, np.float32)
@@ -574,8 +578,14 @@ def _run_backward(P, q, k, v, y, o, m, l):
     if items.shape[0] and nrows:
         with blas_single_thread():
             rowstats_driver(y, o, m, l, st, gp, lse, dsum)
-            bwd_driver(q, k, v, y, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pp.flat, pp.slopes,
-                       P.mask.dense, P.drop_flat, st, gp, fp, items, tptr, visits)
+            if kind is None:
+                bwd_driver(q, k, v, y, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pp.flat,
+                           pp.slopes, P.mask.dense, P.drop_flat, st, gp, fp, items, tptr, visits)
+            else:
+                from .kernels import native
+                native.driver("bwd", kind == "bf16")(
+                    *arrays, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pp.flat, pp.slopes,
+                    P.mask.dense, P.drop_flat, st, gp, fp, items, tptr, visits)
     last_tile_count["backward"] = int(visits.sum())
     for c in range(nsplit - 1):          # fixed order: the result never depends on threads
         dq += dqp[c]
@@ -590,6 +600,29 @@ def _run_backward(P, q, k, v, y, o, m, l):
             sl = sl.sum(axis=0)                             # batch, in order
         out_pse = sl.astype(np.float32).reshape(pp.shape)
     return dq, dk, dv, out_pse
+
+
+def _native_inputs(P, q, k, v, y):
+    """(kind, (q, k, v, dy)) for the native tile products (kernels/native.py), or (None, None).
+
+    kind "bf16": the inputs' own bf16 bits (uint16 flat); "f32": the float32 arrays.  Only for
+    finite inputs: a NaN/inf input takes the BLAS driver, whose handling of non-finite values
+    is the reference one (a masked NaN must contribute exactly 0, SPEC §3).
+    """
+    from . import isa
+
+    kind = isa.native_kind(P.qdtype == dtypes.BFLOAT16, P.dims.D, P.dims.Dv)
+    if kind is None:
+        return None, None
+    from .kernels import native
+
+    if kind == "bf16":
+        raw = [np.ascontiguousarray(x).reshape(-1).view(np.uint16) for x in P.raw]
+        if all(native.all_finite_bf16(x) for x in raw):
+            return kind, raw
+    if all(native.all_finite_f32(x) for x in (q, k, v, y)):
+        return "f32", (q, k, v, y)
+    return None, None
 
 
 def warmup():

@@ -30,6 +30,15 @@ DEFAULTS = {
     # gained 2-3% more but leaves a single item per head at S1 <= 512.
     "FWD_BLOCK_M": 384,
     "FWD_BLOCK_N": 256,
+    # Native tile products (kernels/native.py: a 4 x 64 AVX-512 register-block micro-kernel in
+    # place of OpenBLAS sgemm in the backward), used when numba's target has AVX-512 and the
+    # inputs are finite.  "off" (env FAG_NUMBA_NATIVE=off) keeps every call on the BLAS driver.
+    "NATIVE": os.environ.get("FAG_NUMBA_NATIVE", "auto"),
+    # bfloat16 inputs: "auto" / "bf16" run the tile products as bf16 dot products
+    # (AVX512_BF16 vdpbf16ps, float32 accumulation, P and dS rounded to bf16; SPEC §3) when the
+    # target has AVX512_BF16 and D, Dv are even; "float32" (env FAG_NUMBA_BF16=float32) forces
+    # the float32 path (inputs converted on the host, P and dS never rounded).
+    "BF16_PRODUCTS": os.environ.get("FAG_NUMBA_BF16", "auto"),
 }
 
 BLOCK_M = DEFAULTS["BLOCK_M"]
@@ -40,6 +49,8 @@ WIDE_D = DEFAULTS["WIDE_D"]
 SPLIT_TARGET = DEFAULTS["SPLIT_TARGET"]
 FWD_BLOCK_M = DEFAULTS["FWD_BLOCK_M"]
 FWD_BLOCK_N = DEFAULTS["FWD_BLOCK_N"]
+NATIVE = DEFAULTS["NATIVE"]
+BF16_PRODUCTS = DEFAULTS["BF16_PRODUCTS"]
 
 # Numba policy (STYLE b4): never the blanket fastmath flag.  'reassoc' lets row reductions vectorise,
 # 'contract' allows FMA; nnan/ninf are excluded because masking relies on -inf.

@@ -169,18 +169,31 @@ def score_tile(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0, n_l
     masked elements (PARTIAL tiles only) set to -inf.  q/k are flat float32 with descriptor
     offsets; ``pse`` is the flat external pse or unused; ``slopes`` float32 ALiBi slopes.
     """
-    g = gp[desc.G]
-    n2 = h // g
-    d = gp[desc.D]
-    scale = fp[desc.SCALE]
-    pk = gp[desc.PSE_KIND]
-    # X * scale straight out of the GEMM unless pse must be added before scaling (type 1)
-    alpha = np.float32(1.0) if (pk == desc.PSE_ADD_THEN_SCALE or pk == desc.PSE_COMPRESSED) else scale
+    n2 = h // gp[desc.G]
     q_off = seqtab[b, desc.Q_OFF] + h * gp[desc.Q_HS] + i0 * gp[desc.Q_RS]
     k_off = seqtab[b, desc.K_OFF] + n2 * gp[desc.K_HS] + j0 * gp[desc.K_RS]
     # s <- alpha * q @ k.T
-    gemm(TRANS_N, TRANS_T, m_len, n_len, d, alpha, q, q_off, gp[desc.Q_RS], k, k_off,
-         gp[desc.K_RS], np.float32(0.0), s, 0, n_len, ab)
+    gemm(TRANS_N, TRANS_T, m_len, n_len, gp[desc.D], score_alpha(gp, fp), q, q_off,
+         gp[desc.Q_RS], k, k_off, gp[desc.K_RS], np.float32(0.0), s, 0, n_len, ab)
+    adjust_scores(seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0, n_len, cls, s)
+
+
+@_jit.kernel(inline="always")
+def score_alpha(gp, fp):
+    """The factor the score product carries: ``scale``, or 1 when pse is added before scaling
+    (pse_type 1 and compressed ALiBi; ``adjust_scores`` scales then)."""
+    pk = gp[desc.PSE_KIND]
+    if pk == desc.PSE_ADD_THEN_SCALE or pk == desc.PSE_COMPRESSED:
+        return np.float32(1.0)
+    return fp[desc.SCALE]
+
+
+@_jit.kernel
+def adjust_scores(seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0, n_len, cls, s):
+    """pse and mask on ``s = score_alpha * Q K^T`` (row stride n_len): ``s`` becomes Z of SPEC
+    §3, masked elements of PARTIAL tiles -inf.  Shared by the BLAS and the native drivers."""
+    scale = fp[desc.SCALE]
+    pk = gp[desc.PSE_KIND]
     if pk == desc.PSE_ADD_THEN_SCALE or pk == desc.PSE_SCALE_THEN_ADD:
         p_off = seqtab[b, desc.PSE_OFF] + h * seqtab[b, desc.PSE_HS] + j0
         p_rs = seqtab[b, desc.PSE_RS]

@@ -1,0 +1,57 @@
+"""Which native tile products the CPU and numba's LLVM target allow (checked before compiling).
+
+numba compiles for ``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES`` when set (``generic`` means no
+extra features), else for the host.  An intrinsic the target lacks (``vdpbf16ps`` without
+AVX512_BF16) makes LLVM abort the whole process during compilation, so the kernels in
+``kernels/native.py`` are compiled only after ``target_has`` said yes; the feature must also be
+present on the host CPU itself (a target that claims it on a CPU without it would fault).
+"""
+import functools
+
+
+@functools.lru_cache(maxsize=None)
+def _features():
+    """(target features, host features): sets of names like ``"avx512bf16"``."""
+    import llvmlite.binding as ll
+    from numba.core import config as nconfig
+
+    def parse(text):
+        return {f[1:] for f in text.split(",") if f.startswith("+")}
+
+    try:
+        host = parse(ll.get_host_cpu_features().flatten())
+    except RuntimeError:            # llvmlite cannot read the host features: assume none
+        host = set()
+    target = host if nconfig.CPU_FEATURES is None else parse(nconfig.CPU_FEATURES)
+    return frozenset(target), frozenset(host)
+
+
+def target_has(*names):
+    """Whether numba's target *and* the host CPU have every feature in ``names``."""
+    target, host = _features()
+    return all(n in target and n in host for n in names)
+
+
+def native_kind(dtype_is_bf16, d, dv):
+    """The native product kind for one call: "bf16", "f32" or None (BLAS driver).
+
+    config.NATIVE ("auto"/"off") gates every native product; config.BF16_PRODUCTS chooses for
+    bfloat16 inputs: "bf16" takes the bf16 dot products when the target has AVX512_BF16 and
+    D, Dv are even, "float32" forces float32 products (bf16 inputs converted on the host),
+    "auto" is "bf16" on CPUs without AMX and "float32" on those with it (measured below).
+    """
+    from . import config
+
+    if config.NATIVE != "auto" or not target_has("avx512f", "avx512bw", "fma"):
+        return None
+    mode = config.BF16_PRODUCTS
+    if mode == "auto":
+        # Measured (4 x 64 block, 1 thread): on AMD Zen 4 vdpbf16ps runs at 2x the float32 FMA
+        # rate (197-217 vs 85-110 GFLOP/s sgemm); on Intel Sapphire Rapids (the CPUs with AMX)
+        # at half of it (66-72 vs 119-149 GFLOP/s for the float32 micro-kernel), so "auto"
+        # takes the bf16 products only where AMX is absent.
+        mode = "float32" if target_has("amx-bf16") else "bf16"
+    if (dtype_is_bf16 and mode == "bf16" and d % 2 == 0 and dv % 2 == 0
+            and target_has("avx512bf16")):
+        return "bf16"
+    return "f32"

@@ -1,0 +1,529 @@
+"""Native bf16 tile products: an AVX512_BF16 micro-kernel, bf16 packing, and the bf16 drivers.
+
+Only imported and compiled when bfloat16 inputs arrive and ``fag_numba.cpu.native_bf16()``
+says the CPU *and* numba's LLVM target have AVX512_BF16 (LLVM aborts the process on
+``vdpbf16ps`` for a target without it, so the check happens before anything here compiles).
+
+The micro-kernel (``mk``) computes ``C[r, c] (+)= sum_p A(r, p) . B[p, c]`` for a 4 x 64 block
+of C in 16 float32 zmm accumulators: ``A(r, p)`` is one dword = two bf16 (elements 2p, 2p+1
+of the contraction) at ``a[a_off + r * ars + p * aps]``, broadcast to all 16 lanes;
+``B[p, c]`` is the dword pair (B[2p, c], B[2p+1, c]) at ``b[b_off + p * bs + c]`` ("VNNI"
+packing), so one ``vdpbf16ps`` does 16 x 2 multiply-adds with float32 accumulation.  Row
+blocks past ``mrows`` and columns past ``ncols`` are masked (C is never touched there); A rows
+past ``mrows`` are clamped to the last valid row, B is read 64 dwords wide (the packed buffers
+carry 64 dwords of zero padding).
+
+Layouts (dwords = bf16 pairs; "pairs" = rows 2p and 2p+1 interleaved):
+- row-major bf16 (q, dy, a bf16 ds tile): pairs along the row, ``ars = row stride / 2``,
+  ``aps = 1``;
+- pair-interleaved (packed q, dy, k, v rows; the p / ds tiles): dword [p, c] holds rows 2p and
+  2p+1 of column c.  As A it is the *transpose*: ``ars = 1``, ``aps = row length``;
+- transposed pairs (k^T, v^T): dword [p, j] = pair p of row j, the B of ``Q K^T``.
+"""
+import llvmlite.ir as ir
+import numpy as np
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .. import _jit
+from . import desc
+from .driver import _dpse_tile, q_block_range, trim_tile
+from .tile import adjust_scores, exp_sub, keep_tile, score_alpha, tile_class
+
+_FLT_MAX = np.float32(3.4028234663852886e38)
+
+
+class _BFloat(ir.Type):
+    """LLVM's ``bfloat`` (llvmlite has no class for it; the IR is text, so its name suffices)."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BFloat)
+
+    def __hash__(self):
+        return hash("bfloat")
+
+
+_F32 = ir.FloatType()
+_I1 = ir.IntType(1)
+_I16 = ir.IntType(16)
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_VF = ir.VectorType(_F32, 16)
+_VI = ir.VectorType(_I32, 16)
+_VM = ir.VectorType(_I1, 16)
+_VB32 = ir.VectorType(_BFloat(), 32)
+_VB16 = ir.VectorType(_BFloat(), 16)
+_VH16 = ir.VectorType(_I16, 16)
+_VH32 = ir.VectorType(_I16, 32)
+_MR = 4      # rows of the register block
+_NV = 4      # 16-lane vectors per row of the register block (64 columns)
+
+
+def _fn(mod, name, ret, args):
+    return cgutils.get_or_insert_function(mod, ir.FunctionType(ret, args), name)
+
+
+def _splat(builder, val, vty):
+    """Broadcast a scalar to every lane of ``vty``."""
+    n = vty.count
+    v = builder.insert_element(ir.Constant(vty, ir.Undefined), val, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined),
+                                  ir.Constant(ir.VectorType(_I32, n), [0] * n))
+
+
+def _data(context, builder, aty, val):
+    return context.make_array(aty)(context, builder, val).data
+
+
+def _make_mk(fp32):
+    @intrinsic
+    def mk(typingctx, c, c_off, ldc, mrows, ncols, a, a_off, ars, aps, b, b_off, bs, npairs, accum):
+        """One 4 x 64 register block (module docstring): c float32[:], a/b uint32[:], ints int64,
+        ``accum`` true: C += A.B, false: C = A.B.  0 < mrows (<= 4 used), 0 < ncols (<= 64 used)."""
+        sig = types.void(c, c_off, ldc, mrows, ncols, a, a_off, ars, aps, b, b_off, bs, npairs,
+                         accum)
+
+        def codegen(context, builder, sig, args):
+            (cv, c_off, ldc, mrows, ncols, av, a_off, ars, aps, bv, b_off, bs, npairs, acc) = args
+            mod = builder.module
+            if fp32:
+                dp = _fn(mod, "llvm.fma.v16f32", _VF, [_VF, _VF, _VF])
+            else:
+                dp = _fn(mod, "llvm.x86.avx512bf16.dpbf16ps.512", _VF, [_VF, _VB32, _VB32])
+            cptr = _data(context, builder, sig.args[0], cv)
+            aptr = _data(context, builder, sig.args[5], av)
+            bptr = _data(context, builder, sig.args[9], bv)
+            mload = _fn(mod, "llvm.masked.load.v16f32.p0", _VF, [cptr.type, _I32, _VM, _VF])
+            mstore = _fn(mod, "llvm.masked.store.v16f32.p0", ir.VoidType(),
+                         [_VF, cptr.type, _I32, _VM])
+            bload = _fn(mod, "llvm.masked.load.v16i32.p0", _VI, [bptr.type, _I32, _VM, _VI])
+            zero = ir.Constant(_VF, [0.0] * 16)
+            izero = ir.Constant(_VI, [0] * 16)
+            one = ir.Constant(_I64, 1)
+            acc_on = builder.icmp_unsigned("!=", context.cast(builder, acc, sig.args[13],
+                                                              types.int64), ir.Constant(_I64, 0))
+            ncols32 = builder.trunc(ncols, _I32)
+            nspl = _splat(builder, ncols32, _VI)
+            colmask = [builder.icmp_signed("<", ir.Constant(_VI, list(range(16 * v, 16 * v + 16))),
+                                           nspl) for v in range(_NV)]
+            rowok, aro, crow = [], [], []
+            last = builder.sub(mrows, one)
+            for r in range(_MR):
+                rc = ir.Constant(_I64, r)
+                ok = builder.icmp_signed("<", rc, mrows)
+                rowok.append(ok)
+                rr = builder.select(ok, rc, last)
+                aro.append(builder.add(a_off, builder.mul(rr, ars)))
+                crow.append(builder.gep(cptr, [builder.add(c_off, builder.mul(rc, ldc))]))
+            init = []
+            for r in range(_MR):
+                okm = _splat(builder, builder.and_(rowok[r], acc_on), ir.VectorType(_I1, 16))
+                for v in range(_NV):
+                    m = builder.and_(okm, colmask[v])
+                    p = builder.gep(crow[r], [ir.Constant(_I64, 16 * v)])
+                    init.append(builder.call(mload, [p, ir.Constant(_I32, 4), m, zero]))
+            arow0 = [builder.gep(aptr, [aro[r]]) for r in range(_MR)]
+            brow0 = builder.gep(bptr, [b_off])
+            pre = builder.block
+            loop = builder.append_basic_block("mk.loop")
+            done = builder.append_basic_block("mk.done")
+            builder.cbranch(builder.icmp_signed(">", npairs, ir.Constant(_I64, 0)), loop, done)
+            builder.position_at_end(loop)
+            # pointer phis (one add per row and iteration): keeps the loop free of multiplies and
+            # of spills, ~35% faster than indexing with p * stride
+            pidx = builder.phi(_I64)
+            pidx.add_incoming(ir.Constant(_I64, 0), pre)
+            aph = []
+            for r in range(_MR):
+                ph = builder.phi(aptr.type)
+                ph.add_incoming(arow0[r], pre)
+                aph.append(ph)
+            bph = builder.phi(bptr.type)
+            bph.add_incoming(brow0, pre)
+            accs = []
+            for x in init:
+                ph = builder.phi(_VF)
+                ph.add_incoming(x, pre)
+                accs.append(ph)
+            bvec = []
+            for v in range(_NV):
+                p = builder.gep(bph, [ir.Constant(_I64, 16 * v)])
+                # masked: B may be an input array read in place (no padding after its last row)
+                x = builder.call(bload, [p, ir.Constant(_I32, 4), colmask[v], izero])
+                bvec.append(builder.bitcast(x, _VF if fp32 else _VB32))
+            new = []
+            for r in range(_MR):
+                ae = builder.load(aph[r], align=4)
+                abc = builder.bitcast(_splat(builder, ae, _VI), _VF if fp32 else _VB32)
+                for v in range(_NV):
+                    if fp32:
+                        new.append(builder.call(dp, [abc, bvec[v], accs[r * _NV + v]]))
+                    else:
+                        new.append(builder.call(dp, [accs[r * _NV + v], abc, bvec[v]]))
+            nxt = builder.add(pidx, one)
+            end = builder.block
+            pidx.add_incoming(nxt, end)
+            for r in range(_MR):
+                aph[r].add_incoming(builder.gep(aph[r], [aps]), end)
+            bph.add_incoming(builder.gep(bph, [bs]), end)
+            for ph, x in zip(accs, new):
+                ph.add_incoming(x, end)
+            builder.cbranch(builder.icmp_signed("<", nxt, npairs), loop, done)
+            builder.position_at_end(done)
+            fin = []
+            for x0, x1 in zip(init, new):
+                ph = builder.phi(_VF)
+                ph.add_incoming(x0, pre)
+                ph.add_incoming(x1, end)
+                fin.append(ph)
+            for r in range(_MR):
+                okm = _splat(builder, rowok[r], ir.VectorType(_I1, 16))
+                for v in range(_NV):
+                    ph = fin[r * _NV + v]
+                    m = builder.and_(okm, colmask[v])
+                    p = builder.gep(crow[r], [ir.Constant(_I64, 16 * v)])
+                    builder.call(mstore, [ph, p, ir.Constant(_I32, 4), m])
+            return context.get_dummy_value()
+
+        return sig, codegen
+    return mk
+
+
+mk = _make_mk(False)
+mk32 = _make_mk(True)
+
+
+@intrinsic
+def _cvt16(typingctx, src, s_off, dst, d_off):
+    """dst uint16[d_off:d_off+16] = bf16(src float32[s_off:s_off+16]) (round to nearest even)."""
+    sig = types.void(src, s_off, dst, d_off)
+
+    def codegen(context, builder, sig, args):
+        sv, so, dv, do = args
+        sp = builder.gep(_data(context, builder, sig.args[0], sv), [so])
+        dp_ = builder.gep(_data(context, builder, sig.args[2], dv), [do])
+        x = builder.load(builder.bitcast(sp, _VF.as_pointer()), align=4)
+        y = builder.bitcast(builder.fptrunc(x, _VB16), _VH16)
+        builder.store(y, builder.bitcast(dp_, _VH16.as_pointer()), align=2)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _cvt2x16(typingctx, src, o0, o1, dst, d_off):
+    """dst uint16[d_off:d_off+32] = interleave(bf16(src[o0:o0+16]), bf16(src[o1:o1+16]))."""
+    sig = types.void(src, o0, o1, dst, d_off)
+
+    def codegen(context, builder, sig, args):
+        sv, o0, o1, dv, do = args
+        base = _data(context, builder, sig.args[0], sv)
+        dp_ = builder.gep(_data(context, builder, sig.args[3], dv), [do])
+        x0 = builder.load(builder.bitcast(builder.gep(base, [o0]), _VF.as_pointer()), align=4)
+        x1 = builder.load(builder.bitcast(builder.gep(base, [o1]), _VF.as_pointer()), align=4)
+        y0 = builder.fptrunc(x0, _VB16)
+        y1 = builder.fptrunc(x1, _VB16)
+        idx = []
+        for c in range(16):
+            idx += [c, 16 + c]
+        z = builder.shuffle_vector(y0, y1, ir.Constant(ir.VectorType(_I32, 32), idx))
+        builder.store(builder.bitcast(z, _VH32), builder.bitcast(dp_, _VH32.as_pointer()),
+                      align=2)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _cvt1(typingctx, x):
+    """bf16 bits (uint16) of one float32 (round to nearest even, as the vector conversion)."""
+    sig = types.uint16(x)
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], _BFloat()), _I16)
+
+    return sig, codegen
+
+
+@_jit.kernel
+def to_bf16_rows(src, m, n, ld, dst, ldd):
+    """Row-major bf16 copy: ``dst[r * ldd + c] = bf16(src[r * ld + c])`` for c < n, and a zero
+    at c = n when n is odd (the pair a dword A read sees).  dst: uint16."""
+    nv = n - n % 16
+    for r in range(m):
+        for c0 in range(0, nv, 16):
+            _cvt16(src, r * ld + c0, dst, r * ldd + c0)
+        for c in range(nv, n):
+            dst[r * ldd + c] = _cvt1(src[r * ld + c])
+        if n % 2 == 1:
+            dst[r * ldd + n] = 0
+
+
+@_jit.kernel
+def to_bf16_pairs(src, m, n, ld, dst, ldd):
+    """Pair-interleaved bf16: ``dst[(p * ldd + c) * 2 + e] = bf16(src[(2p + e) * ld + c])``,
+    row 2p + 1 = m (m odd) is zero.  dst: uint16."""
+    nv = n - n % 16
+    for p in range((m + 1) // 2):
+        r0 = 2 * p
+        if r0 + 1 < m:
+            for c0 in range(0, nv, 16):
+                _cvt2x16(src, r0 * ld + c0, (r0 + 1) * ld + c0, dst, (p * ldd + c0) * 2)
+            for c in range(nv, n):
+                dst[(p * ldd + c) * 2] = _cvt1(src[r0 * ld + c])
+                dst[(p * ldd + c) * 2 + 1] = _cvt1(src[(r0 + 1) * ld + c])
+        else:
+            for c in range(n):
+                dst[(p * ldd + c) * 2] = _cvt1(src[r0 * ld + c])
+                dst[(p * ldd + c) * 2 + 1] = 0
+
+
+@_jit.kernel
+def pack_pairs16(src, off, ld, m, n, dst, ldd):
+    """Pair-interleave bf16 rows: ``dst[(p * ldd + c) * 2 + e] = src[off + (2p + e) * ld + c]``
+    (uint16 bits; row m of an odd m is zero)."""
+    for p in range((m + 1) // 2):
+        r0 = off + 2 * p * ld
+        dr = dst[2 * p * ldd:2 * p * ldd + 2 * n]
+        sr0 = src[r0:r0 + n]
+        if 2 * p + 1 < m:
+            sr1 = src[r0 + ld:r0 + ld + n]
+            for c in range(n):
+                dr[2 * c] = sr0[c]
+                dr[2 * c + 1] = sr1[c]
+        else:
+            for c in range(n):
+                dr[2 * c] = sr0[c]
+                dr[2 * c + 1] = 0
+
+
+@_jit.kernel
+def pack_t32(src, off, ld, m, n, dst, ldd):
+    """Dword transpose: ``dst[p * ldd + j] = src[off + j * ld + p]`` for j < m, p < n (the B
+    of ``Q K^T``: float32 K^T, or bf16 pairs of K^T)."""
+    for j in range(m):
+        sr = src[off + j * ld:off + j * ld + n]
+        for p in range(n):
+            dst[p * ldd + j] = sr[p]
+
+
+@_jit.kernel(inline="always")
+def product_bf16(c, c_off, ldc, m, n, a, a_off, ars, aps, b, b_off, bs, npairs, accum):
+    """``C[m, n] (+)= A . B`` over ``npairs`` bf16 pairs through 4 x 64 register blocks (the
+    layouts of the module docstring).  Column blocks outside so each B panel (npairs x 64
+    dwords, <= 32 KB) stays in L1 while the row blocks stream A."""
+    for c0 in range(0, n, 64):
+        nc = min(64, n - c0)
+        for r0 in range(0, m, 4):
+            mk(c, c_off + r0 * ldc + c0, ldc, min(4, m - r0), nc, a, a_off + r0 * ars, ars,
+               aps, b, b_off + c0, bs, npairs, accum)
+
+
+@_jit.kernel(inline="always")
+def product_f32(c, c_off, ldc, m, n, a, a_off, ars, aps, b, b_off, bs, nk, accum):
+    """``C[m, n] (+)= A . B`` in float32 (FMA), same addressing with one float per dword."""
+    for c0 in range(0, n, 64):
+        nc = min(64, n - c0)
+        for r0 in range(0, m, 4):
+            mk32(c, c_off + r0 * ldc + c0, ldc, min(4, m - r0), nc, a, a_off + r0 * ars, ars,
+                 aps, b, b_off + c0, bs, nk, accum)
+
+
+@_jit.kernel
+def all_finite_f32(x):
+    """Whether every element of a float32 array is finite (exponent bits not all ones; integer
+    test: the curated fastmath flags may fold float tests such as x - x == 0)."""
+    u = x.view(np.uint32)
+    bad = 0
+    for i in range(u.size):
+        bad |= np.int64((u[i] & 0x7F800000) == 0x7F800000)
+    return bad == 0
+
+
+@_jit.kernel
+def all_finite_bf16(x):
+    """Whether every bf16 (uint16 bits) element is finite (exponent not all ones)."""
+    bad = 0
+    for i in range(x.size):
+        bad |= np.int64((x[i] & 0x7F80) == 0x7F80)
+    return bad == 0
+
+
+def _make_bwd(bf):
+    """The backward driver with native tile products: bf16 pairs (``bf``) or float32.
+
+    Same items, loops, tile classes and single-writer ownership as ``driver.bwd_driver`` (so
+    the same bitwise determinism across thread counts); only the five products differ.  q, k,
+    v, dy: float32 flat, or uint16 flat bf16 bits (``bf``; D and Dv even, BLOCK_M/N even).
+    """
+    prod = product_bf16 if bf else product_f32
+    W = 2 if bf else 1        # elements per dword
+    BF = 1 if bf else 0
+
+    @_jit.driver
+    def bwd(q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slopes, mask,
+            drop_mask, seqtab, gp, fp, items, tptr, visits):
+        bm = gp[desc.BLOCK_M]
+        bn = gp[desc.BLOCK_N]
+        d = gp[desc.D]
+        dvd = gp[desc.DV]
+        g = gp[desc.G]
+        nsplit = gp[desc.NSPLIT]
+        inv_keep = fp[desc.INV_KEEP]
+        scale = fp[desc.SCALE]
+        alpha = score_alpha(gp, fp)
+        dropping = gp[desc.DROP_KIND] != desc.DROP_NONE
+        dpk = gp[desc.DPSE_KIND]
+        pk = gp[desc.PSE_KIND]
+        dw = d // W
+        dvw = dvd // W
+        q32 = q.view(np.uint32)
+        k32 = k.view(np.uint32)
+        v32 = v.view(np.uint32)
+        y32 = dy.view(np.uint32)
+        hm = (bm + 1) // 2
+        hn = (bn + 1) // 2
+        for t in prange(tptr.size - 1):
+            s = np.empty(bm * bn, np.float32)
+            dp = np.empty(bm * bn, np.float32)
+            rb = np.empty(bm * bn, np.float32)
+            ibuf = np.empty(bn, np.int32)
+            kt = np.empty(max(dw, 1) * bn, np.uint32)      # K^T of the key block
+            vt = np.empty(max(dvw, 1) * bn, np.uint32)     # V^T
+            # bf16 only: K rows in pairs, Q / dY tile rows in pairs, P / dS in pairs, dS rows
+            kp = np.empty(max(BF * hn * d, 1), np.uint32)
+            qp = np.empty(max(BF * hm * d, 1), np.uint32)
+            yp = np.empty(max(BF * hm * dvd, 1), np.uint32)
+            pp = np.empty(max(BF * hm * bn, 1), np.uint32)
+            sp = np.empty(max(BF * hm * bn, 1), np.uint32)
+            sr16 = np.empty(max(BF * bm * hn, 1), np.uint32)
+            for it in range(tptr[t], tptr[t + 1]):
+                n2 = items[it, 2]
+                c = items[it, 3]
+                dqbuf = dq if c == 0 else dqp[c - 1]
+                for b in range(items[it, 0], items[it, 1]):
+                    s1 = seqtab[b, desc.S1]
+                    s2 = seqtab[b, desc.S2]
+                    nkb = (s2 + bn - 1) // bn
+                    lo = seqtab[b, desc.LO]
+                    hi = seqtab[b, desc.HI]
+                    pre = seqtab[b, desc.PREFIX]
+                    for jb in range(c, nkb, nsplit):
+                        jb0 = jb * bn
+                        jb_len = min(bn, s2 - jb0)
+                        ib_lo, ib_hi = q_block_range(lo, hi, pre, s1, jb0, jb0 + jb_len, bm)
+                        if ib_hi <= ib_lo:
+                            continue
+                        kb_off = seqtab[b, desc.K_OFF] + n2 * gp[desc.K_HS] + jb0 * gp[desc.K_RS]
+                        vb_off = seqtab[b, desc.V_OFF] + n2 * gp[desc.V_HS] + jb0 * gp[desc.V_RS]
+                        # the key block's B operands, packed once for all its tiles
+                        pack_t32(k32, kb_off // W, gp[desc.K_RS] // W, jb_len, dw, kt, bn)
+                        pack_t32(v32, vb_off // W, gp[desc.V_RS] // W, jb_len, dvw, vt, bn)
+                        if BF:
+                            pack_pairs16(k, kb_off, gp[desc.K_RS], jb_len, d, kp.view(np.uint16), d)
+                        for gg in range(g):
+                            h = n2 * g + gg
+                            st = seqtab[b, desc.ST_OFF] + h * seqtab[b, desc.ST_HS]
+                            for ib in range(ib_lo, ib_hi):
+                                i0, m_len, j0, n_len = trim_tile(lo, hi, pre, ib * bm,
+                                                                 min(bm, s1 - ib * bm), jb0, jb_len)
+                                if m_len == 0:
+                                    continue
+                                if BF:
+                                    # pairs start on even rows/columns: a trimmed tile grows
+                                    # by its (fully masked) neighbour row/column
+                                    if i0 % 2 == 1:
+                                        i0 -= 1
+                                        m_len += 1
+                                    if j0 % 2 == 1:
+                                        j0 -= 1
+                                        n_len += 1
+                                cls = tile_class(seqtab, gp, mask, b, h, i0, m_len, j0, n_len)
+                                if cls == desc.EMPTY:
+                                    continue
+                                visits[t] += 1
+                                jo = j0 - jb0
+                                k_off = kb_off + jo * gp[desc.K_RS]
+                                v_off = vb_off + jo * gp[desc.V_RS]
+                                q_off = seqtab[b, desc.Q_OFF] + h * gp[desc.Q_HS] + i0 * gp[desc.Q_RS]
+                                dy_off = seqtab[b, desc.DY_OFF] + h * gp[desc.DY_HS] + i0 * gp[desc.DY_RS]
+                                mn = m_len * n_len
+                                # s <- z;  p <- exp(s - lse)
+                                prod(s, 0, n_len, m_len, n_len, q32, q_off // W,
+                                     gp[desc.Q_RS] // W, 1, kt, jo, bn, dw, False)
+                                if alpha != 1.0:
+                                    s_ = s[:mn]
+                                    for x in range(mn):
+                                        s_[x] *= alpha
+                                adjust_scores(seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len,
+                                              j0, n_len, cls, s)
+                                for r in range(m_len):
+                                    exp_sub(s, r * n_len, lse[st + (i0 + r) * gp[desc.ST_RS]],
+                                            n_len, ibuf)
+                                # dp <- dy @ v.T
+                                prod(dp, 0, n_len, m_len, n_len, y32, dy_off // W,
+                                     gp[desc.DY_RS] // W, 1, vt, jo, bn, dvw, False)
+                                if dropping:
+                                    keep_tile(seqtab, gp, drop_mask, b, h, i0, m_len, j0, n_len, rb)
+                                    dp_ = dp[:mn]
+                                    rb_ = rb[:mn]
+                                    s_ = s[:mn]
+                                    for x in range(mn):
+                                        kx = rb_[x] * inv_keep
+                                        dp_[x] = dp_[x] * kx
+                                        rb_[x] = s_[x] * kx
+                                # ds <- p * (dp_drop - dsum)   (in place in dp)
+                                for r in range(m_len):
+                                    ds_r = dsum[st + (i0 + r) * gp[desc.ST_RS]]
+                                    dpr = dp[r * n_len:(r + 1) * n_len]
+                                    sr = s[r * n_len:(r + 1) * n_len]
+                                    for cc in range(n_len):
+                                        dpr[cc] = sr[cc] * (dpr[cc] - ds_r)
+                                pd = rb if dropping else s
+                                if BF:
+                                    # P and dS rounded to bf16 (SPEC §3), pairs along the rows
+                                    # for dV / dK, along the columns for dQ
+                                    hml = (m_len + 1) // 2
+                                    to_bf16_pairs(pd, m_len, n_len, n_len, pp.view(np.uint16), bn)
+                                    to_bf16_pairs(dp, m_len, n_len, n_len, sp.view(np.uint16), bn)
+                                    to_bf16_rows(dp, m_len, n_len, n_len, sr16.view(np.uint16), bn)
+                                    pack_pairs16(dy, dy_off, gp[desc.DY_RS], m_len, dvd,
+                                                 yp.view(np.uint16), dvd)
+                                    pack_pairs16(q, q_off, gp[desc.Q_RS], m_len, d,
+                                                 qp.view(np.uint16), d)
+                                    prod(dv, v_off, gp[desc.V_RS], n_len, dvd, pp, 0, 1, bn,
+                                         yp, 0, dvd, hml, True)
+                                    prod(dk, k_off, gp[desc.K_RS], n_len, d, sp, 0, 1, bn,
+                                         qp, 0, d, hml, True)
+                                    prod(dqbuf, q_off, gp[desc.Q_RS], m_len, d, sr16, 0, bn // 2,
+                                         1, kp, (jo // 2) * d, d, (n_len + 1) // 2, True)
+                                else:
+                                    pd32 = pd.view(np.uint32)
+                                    ds32 = dp.view(np.uint32)
+                                    # dv += p_drop.T @ dy;  dk += ds.T @ q;  dq += ds @ k
+                                    prod(dv, v_off, gp[desc.V_RS], n_len, dvd, pd32, 0, 1,
+                                         n_len, y32, dy_off, gp[desc.DY_RS], m_len, True)
+                                    prod(dk, k_off, gp[desc.K_RS], n_len, d, ds32, 0, 1, n_len,
+                                         q32, q_off, gp[desc.Q_RS], m_len, True)
+                                    prod(dqbuf, q_off, gp[desc.Q_RS], m_len, d, ds32, 0, n_len,
+                                         1, k32, k_off, gp[desc.K_RS], n_len, True)
+                                if dpk != 0:
+                                    _dpse_tile(dp, m_len, n_len, b, h, i0, j0, c, pk, dpk, scale,
+                                               seqtab, dpse, dslope)
+
+    return bwd
+
+
+_DRIVERS = {}
+
+
+def driver(name, bf):
+    """The compiled-on-first-call native driver ``name`` ("bwd") of one kind (cached here)."""
+    key = (name, bool(bf))
+    if key not in _DRIVERS:
+        _DRIVERS[key] = {"bwd": _make_bwd}[name](bool(bf))
+    return _DRIVERS[key]

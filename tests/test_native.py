@@ -1,0 +1,178 @@
+"""Native tile products (kernels/native.py): each path forced, against the float64 reference.
+
+Paths: "bf16" (AVX512_BF16 dot products, P and dS rounded to bf16, SPEC §3), "f32" (float32
+FMA micro-kernel), "blas" (the OpenBLAS driver).  Every test records which path really ran, so
+none can pass on a silent fallback.  Determinism across 1 and 2 threads (SPEC §9b), the
+non-finite fallback, and the CPU-feature guard (a target without AVX512_BF16 must never compile
+the bf16 kernels: LLVM would abort the process) are checked too.
+"""
+from __future__ import annotations
+
+import ml_dtypes
+import numba
+import numpy as np
+import pytest
+
+import fag_numba
+from fag_numba import api, config, isa
+
+from reference import ref_backward, ref_forward
+from tolerances import tolerance
+from utils import assert_close, make_qkv, unpack_drop_mask
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+HAS_BF16 = isa.target_has("avx512bf16", "avx512f", "avx512bw", "fma")
+HAS_F32 = isa.target_has("avx512f", "avx512bw", "fma")
+# (NATIVE, BF16_PRODUCTS) that select each path
+PATHS = {"bf16": ("auto", "bf16"), "f32": ("auto", "float32"), "blas": ("off", "auto")}
+
+
+@pytest.fixture
+def path(monkeypatch):
+    """``path(name)`` forces a product path; returns the list of kinds the backward used."""
+    used = []
+    orig = api._native_inputs
+
+    def spy(*a):
+        res = orig(*a)
+        used.append(res[0] or "blas")
+        return res
+
+    def force(name):
+        if name == "bf16" and not HAS_BF16:
+            pytest.skip("numba's target has no AVX512_BF16")
+        if name == "f32" and not HAS_F32:
+            pytest.skip("numba's target has no AVX-512")
+        monkeypatch.setattr(config, "NATIVE", PATHS[name][0])
+        monkeypatch.setattr(config, "BF16_PRODUCTS", PATHS[name][1])
+        monkeypatch.setattr(api, "_native_inputs", spy)
+        return used
+    return force
+
+
+CASES = [  # layout, B, N1, N2, S1, S2, D, kwargs
+    ("BNSD", 1, 2, 2, 37, 45, 16, {}),
+    ("BSH", 2, 4, 2, 29, 51, 8, dict(sparse_mode=3, atten_mask="causal")),
+    ("BSND", 1, 2, 1, 40, 33, 12, dict(sparse_mode=4, pre_tokens=7, next_tokens=3,
+                                        atten_mask="causal")),
+    ("BNSD", 1, 2, 2, 31, 31, 10, dict(keep_prob=0.8, seed=5, pse_type=2,
+                                        pse="alibi", sparse_mode=2, atten_mask="causal")),
+    ("TND", 2, 2, 2, 0, 0, 14, dict(actual_seq_qlen=[17, 40], actual_seq_kvlen=[23, 41])),
+]
+
+
+def _kwargs(kw, n1):
+    kw = dict(kw)
+    if kw.get("atten_mask") == "causal":
+        kw["atten_mask"] = np.triu(np.ones((2048, 2048), bool), 1)
+    if kw.get("pse") == "alibi":
+        kw["pse"] = (0.5 ** np.arange(1, n1 + 1)).astype(np.float32)
+    return kw
+
+
+@pytest.mark.parametrize("name", ["bf16", "f32", "blas"])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float32)], ids=["bf16", "fp32"])
+def test_paths_match_reference(name, case, dtype, path, blocks, rng):
+    if name == "bf16" and dtype != BF16:
+        pytest.skip("the bf16 products only serve bfloat16 inputs")
+    used = path(name)
+    blocks(bm=6, bn=10)           # even (bf16 pairs) and small: many tiles, trimmed edges
+    lay, B, N1, N2, S1, S2, D, kw = case
+    kw = _kwargs(kw, N1)
+    q, k, v, dy = make_qkv(lay, B, N1, N2, S1, S2, D, D, dtype, rng,
+                           kw.get("actual_seq_qlen"), kw.get("actual_seq_kvlen"))
+    out = fag_numba.flash_attention_score(q, k, v, N1, lay, scale_value=0.3, **kw)
+    g = fag_numba.flash_attention_score_grad(
+        q, k, v, dy, N1, lay, scale_value=0.3, softmax_max=out.softmax_max,
+        softmax_sum=out.softmax_sum, attention_in=out.attention_out, **kw)
+    assert used == [name]
+    ref_kw = dict(kw)
+    if "seed" in ref_kw:
+        numels = B * N1 * S1 * S2
+        bits = fag_numba.dropout_mask(numels, kw["keep_prob"], ref_kw.pop("seed"))
+        ref_kw["keep"] = unpack_drop_mask(bits, numels)
+    r = ref_backward(q, k, v, dy, N1, lay, softmax_max=out.softmax_max,
+                     softmax_sum=out.softmax_sum, attention_in=out.attention_out,
+                     scale_value=0.3, **ref_kw)
+    tb = tolerance(dtype, "bwd")
+    for a, e, nm in zip(g[:3], r[:3], ("dq", "dk", "dv")):
+        assert_close(a, e, tb, nm)
+    if g.dpse is not None:
+        assert_close(g.dpse, r[3], tolerance(np.float32, "dpse"), "dpse")
+
+
+@pytest.mark.parametrize("name", ["bf16", "f32"])
+def test_native_bitwise_identical_across_thread_counts(name, path, blocks, rng):
+    path(name)
+    blocks(bm=6, bn=10, split=2)   # one kv head: dq from 2 partials
+    q, k, v, dy = make_qkv("BNSD", 1, 3, 1, 41, 67, 16, 16, BF16, rng)
+    out = fag_numba.flash_attention_score(q, k, v, 3, "BNSD")
+    kw = dict(softmax_max=out.softmax_max, softmax_sum=out.softmax_sum,
+              attention_in=out.attention_out)
+    res = []
+    for n in (1, 2):
+        with fag_numba.threads(min(n, numba.config.NUMBA_NUM_THREADS)):
+            g = fag_numba.flash_attention_score_grad(q, k, v, dy, 3, "BNSD", **kw)
+        res.append([x.tobytes() for x in g[:3]])
+    again = fag_numba.flash_attention_score_grad(q, k, v, dy, 3, "BNSD", **kw)
+    assert res[0] == res[1] == [x.tobytes() for x in again[:3]]
+
+
+def test_bf16_products_round_p_and_ds(path, blocks, rng):
+    """The bf16 path really is a different computation (P, dS rounded) yet within tolerance:
+    it differs from the float32 path, which the switch forces."""
+    q, k, v, dy = make_qkv("BNSD", 1, 2, 2, 64, 64, 32, 32, BF16, rng)
+    out = fag_numba.flash_attention_score(q, k, v, 2, "BNSD")
+    kw = dict(softmax_max=out.softmax_max, softmax_sum=out.softmax_sum,
+              attention_in=out.attention_out)
+    res = {}
+    for name in ("bf16", "f32"):
+        path(name)
+        res[name] = fag_numba.flash_attention_score_grad(q, k, v, dy, 2, "BNSD", **kw)
+    assert any(not np.array_equal(a, b) for a, b in zip(res["bf16"][:3], res["f32"][:3]))
+
+
+def test_non_finite_input_takes_blas_driver(path, blocks, rng):
+    used = path("f32")
+    q, k, v, dy = make_qkv("BNSD", 1, 1, 1, 20, 20, 8, 8, np.float32, rng)
+    k[0, 0, 19] = np.nan                         # masked for every row but the last (causal)
+    mask = np.triu(np.ones((2048, 2048), bool), 1)
+    out = fag_numba.flash_attention_score(q, k, v, 1, "BNSD", atten_mask=mask, sparse_mode=3)
+    fag_numba.flash_attention_score_grad(q, k, v, dy, 1, "BNSD", atten_mask=mask, sparse_mode=3,
+                                         softmax_max=out.softmax_max,
+                                         softmax_sum=out.softmax_sum,
+                                         attention_in=out.attention_out)
+    assert used == ["blas"]
+
+
+def test_odd_head_dim_bf16_uses_float32_products(path, blocks, rng):
+    used = path("bf16")
+    q, k, v, dy = make_qkv("BNSD", 1, 1, 1, 9, 9, 7, 7, BF16, rng)
+    fag_numba.flash_attention_score_grad(q, k, v, dy, 1, "BNSD")
+    assert used == ["f32"]
+
+
+def test_guard_target_without_features(monkeypatch):
+    """NUMBA_CPU_NAME=generic (numba then sets CPU_FEATURES to "") or a feature string without
+    avx512bf16: the native kinds are refused before anything compiles."""
+    from numba.core import config as nconfig
+    isa._features.cache_clear()
+    try:
+        monkeypatch.setattr(nconfig, "CPU_FEATURES", "")
+        assert isa.native_kind(True, 64, 64) is None
+        isa._features.cache_clear()
+        monkeypatch.setattr(nconfig, "CPU_FEATURES", "+avx512f,+avx512bw,+fma,-avx512bf16")
+        kind = isa.native_kind(True, 64, 64)
+        assert kind == ("f32" if HAS_F32 else None)
+    finally:
+        monkeypatch.undo()
+        isa._features.cache_clear()
+
+
+def test_config_switches(monkeypatch):
+    monkeypatch.setattr(config, "NATIVE", "off")
+    assert isa.native_kind(True, 64, 64) is None
+    monkeypatch.setattr(config, "NATIVE", "auto")
+    monkeypatch.setattr(config, "BF16_PRODUCTS", "float32")
+    assert isa.native_kind(True, 64, 64) in (("f32",) if HAS_F32 else (None,))
