@@ -35,14 +35,16 @@ def target_has(*names):
 def native_kind(dtype_is_bf16, d, dv):
     """The native product kind for one call: "bf16", "f32" or None (BLAS driver).
 
-    config.NATIVE ("auto"/"off") gates every native product; config.BF16_PRODUCTS chooses for
+    config.NATIVE gates the native products: "bf16" (bfloat16 inputs only), "all", "off"; config.BF16_PRODUCTS chooses for
     bfloat16 inputs: "bf16" takes the bf16 dot products when the target has AVX512_BF16 and
     D, Dv are even, "float32" forces float32 products (bf16 inputs converted on the host),
     "auto" is "bf16" on CPUs without AMX and "float32" on those with it (measured below).
     """
     from . import config
 
-    if config.NATIVE != "auto" or not target_has("avx512f", "avx512bw", "fma"):
+    if config.NATIVE == "off" or (config.NATIVE == "bf16" and not dtype_is_bf16):
+        return None
+    if not target_has("avx512f", "avx512bw", "fma"):
         return None
     mode = config.BF16_PRODUCTS
     if mode == "auto":

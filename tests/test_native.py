@@ -24,7 +24,7 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 HAS_BF16 = isa.target_has("avx512bf16", "avx512f", "avx512bw", "fma")
 HAS_F32 = isa.target_has("avx512f", "avx512bw", "fma")
 # (NATIVE, BF16_PRODUCTS) that select each path
-PATHS = {"bf16": ("auto", "bf16"), "f32": ("auto", "float32"), "blas": ("off", "auto")}
+PATHS = {"bf16": ("all", "bf16"), "f32": ("all", "float32"), "blas": ("off", "auto")}
 
 
 @pytest.fixture
@@ -159,6 +159,8 @@ def test_guard_target_without_features(monkeypatch):
     from numba.core import config as nconfig
     isa._features.cache_clear()
     try:
+        monkeypatch.setattr(config, "NATIVE", "all")
+        monkeypatch.setattr(config, "BF16_PRODUCTS", "bf16")
         monkeypatch.setattr(nconfig, "CPU_FEATURES", "")
         assert isa.native_kind(True, 64, 64) is None
         isa._features.cache_clear()
@@ -173,6 +175,16 @@ def test_guard_target_without_features(monkeypatch):
 def test_config_switches(monkeypatch):
     monkeypatch.setattr(config, "NATIVE", "off")
     assert isa.native_kind(True, 64, 64) is None
-    monkeypatch.setattr(config, "NATIVE", "auto")
+    monkeypatch.setattr(config, "NATIVE", "bf16")          # the default: bf16 inputs only
+    assert isa.native_kind(False, 64, 64) is None
     monkeypatch.setattr(config, "BF16_PRODUCTS", "float32")
-    assert isa.native_kind(True, 64, 64) in (("f32",) if HAS_F32 else (None,))
+    assert isa.native_kind(True, 64, 64) == ("f32" if HAS_F32 else None)
+    monkeypatch.setattr(config, "NATIVE", "all")
+    assert isa.native_kind(False, 64, 64) == ("f32" if HAS_F32 else None)
+    monkeypatch.setattr(config, "BF16_PRODUCTS", "bf16")
+    assert isa.native_kind(True, 64, 64) == ("bf16" if HAS_BF16 else
+                                             ("f32" if HAS_F32 else None))
+    assert isa.native_kind(True, 63, 64) == ("f32" if HAS_F32 else None)   # odd D
+    monkeypatch.setattr(config, "BF16_PRODUCTS", "auto")   # AMX CPUs: float32 products
+    want = "f32" if isa.target_has("amx-bf16") else "bf16"
+    assert isa.native_kind(True, 64, 64) == (want if HAS_BF16 else ("f32" if HAS_F32 else None))

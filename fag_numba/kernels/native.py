@@ -1,24 +1,26 @@
-"""Native bf16 tile products: an AVX512_BF16 micro-kernel, bf16 packing, and the bf16 drivers.
+"""Native tile products: a 4 x 64 AVX-512 register-block micro-kernel and the drivers using it.
 
-Only imported and compiled when bfloat16 inputs arrive and ``fag_numba.cpu.native_bf16()``
-says the CPU *and* numba's LLVM target have AVX512_BF16 (LLVM aborts the process on
-``vdpbf16ps`` for a target without it, so the check happens before anything here compiles).
+Two kinds, each compiled only when first used: float32 (``mk32``: broadcast + FMA, 16 zmm
+accumulators) and bf16 (``mk``: ``vdpbf16ps``, AVX512_BF16, float32 accumulation, P and dS
+rounded to bf16 as SPEC §3 allows).  ``fag_numba.isa.native_kind`` decides; the bf16 kernels
+are compiled only after it found AVX512_BF16 in numba's target *and* the host (LLVM aborts the
+process on ``vdpbf16ps`` for a target without it, so the check happens before compiling).
 
-The micro-kernel (``mk``) computes ``C[r, c] (+)= sum_p A(r, p) . B[p, c]`` for a 4 x 64 block
-of C in 16 float32 zmm accumulators: ``A(r, p)`` is one dword = two bf16 (elements 2p, 2p+1
-of the contraction) at ``a[a_off + r * ars + p * aps]``, broadcast to all 16 lanes;
-``B[p, c]`` is the dword pair (B[2p, c], B[2p+1, c]) at ``b[b_off + p * bs + c]`` ("VNNI"
-packing), so one ``vdpbf16ps`` does 16 x 2 multiply-adds with float32 accumulation.  Row
-blocks past ``mrows`` and columns past ``ncols`` are masked (C is never touched there); A rows
-past ``mrows`` are clamped to the last valid row, B is read 64 dwords wide (the packed buffers
-carry 64 dwords of zero padding).
+The micro-kernel computes ``C[r, c] (+)= sum_p A(r, p) . B[p, c]`` for a 4 x 64 block of C:
+``A(r, p)`` is one dword at ``a[a_off + r * ars + p * aps]`` broadcast to 16 lanes (a float, or
+two bf16 = elements 2p, 2p+1 of the contraction); ``B[p, c]`` the dword at
+``b[b_off + p * bs + c]`` (a float, or the bf16 pair (B[2p, c], B[2p+1, c]), "VNNI" packing).
+Rows past ``mrows`` and columns past ``ncols`` are masked (C and B are never touched there; A
+rows are clamped to the last valid row), so operands need no padding and inputs are read in
+place.
 
-Layouts (dwords = bf16 pairs; "pairs" = rows 2p and 2p+1 interleaved):
-- row-major bf16 (q, dy, a bf16 ds tile): pairs along the row, ``ars = row stride / 2``,
-  ``aps = 1``;
-- pair-interleaved (packed q, dy, k, v rows; the p / ds tiles): dword [p, c] holds rows 2p and
-  2p+1 of column c.  As A it is the *transpose*: ``ars = 1``, ``aps = row length``;
-- transposed pairs (k^T, v^T): dword [p, j] = pair p of row j, the B of ``Q K^T``.
+Operand layouts (dwords):
+- row-major (q, dy, k rows; a bf16 dS tile): ``ars = row stride``, ``aps = 1``;
+- transposed (K^T, V^T of a key block, ``pack_t32``): the B of ``Q K^T`` and ``dY V^T``;
+- 4-column panels (P^T, dS^T, ``f32_panels`` / ``bf16_panels``): the A of ``P^T dY`` and
+  ``dS^T Q``, 16 contiguous bytes per step;
+- bf16 pairs of rows (``pack_pairs16``: q, dy, k tile rows): the B of those products and of
+  ``dS K``.
 """
 import llvmlite.ir as ir
 import numpy as np
@@ -214,25 +216,52 @@ def _cvt16(typingctx, src, s_off, dst, d_off):
     return sig, codegen
 
 
+_V4 = ir.VectorType(_I32, 4)
+
+
+def _store_panels(builder, vec16, base, d_off, pstride):
+    """Store dwords 4k..4k+3 of a <16 x i32> at ``base[d_off + k * pstride]`` (k < 4)."""
+    for kk in range(4):
+        piece = builder.shuffle_vector(vec16, ir.Constant(_VI, ir.Undefined),
+                                       ir.Constant(_V4, [4 * kk + x for x in range(4)]))
+        off = builder.add(d_off, builder.mul(pstride, ir.Constant(_I64, kk)))
+        builder.store(piece, builder.bitcast(builder.gep(base, [off]), _V4.as_pointer()),
+                      align=4)
+
+
 @intrinsic
-def _cvt2x16(typingctx, src, o0, o1, dst, d_off):
-    """dst uint16[d_off:d_off+32] = interleave(bf16(src[o0:o0+16]), bf16(src[o1:o1+16]))."""
-    sig = types.void(src, o0, o1, dst, d_off)
+def _panel_f32(typingctx, src, s_off, dst, d_off, pstride):
+    """Columns c..c+15 of one float32 row into 4 column panels: dst uint32, 4 dwords each."""
+    sig = types.void(src, s_off, dst, d_off, pstride)
 
     def codegen(context, builder, sig, args):
-        sv, o0, o1, dv, do = args
+        sv, so, dv, do, ps = args
+        sp = builder.gep(_data(context, builder, sig.args[0], sv), [so])
+        x = builder.load(builder.bitcast(sp, _VI.as_pointer()), align=4)
+        _store_panels(builder, x, _data(context, builder, sig.args[2], dv), do, ps)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _panel_bf16(typingctx, src, o0, o1, dst, d_off, pstride):
+    """Columns c..c+15 of float32 rows o0, o1 as bf16 pairs (dword = (row o0, row o1)) into 4
+    column panels of 4 dwords."""
+    sig = types.void(src, o0, o1, dst, d_off, pstride)
+
+    def codegen(context, builder, sig, args):
+        sv, o0, o1, dv, do, ps = args
         base = _data(context, builder, sig.args[0], sv)
-        dp_ = builder.gep(_data(context, builder, sig.args[3], dv), [do])
         x0 = builder.load(builder.bitcast(builder.gep(base, [o0]), _VF.as_pointer()), align=4)
         x1 = builder.load(builder.bitcast(builder.gep(base, [o1]), _VF.as_pointer()), align=4)
-        y0 = builder.fptrunc(x0, _VB16)
-        y1 = builder.fptrunc(x1, _VB16)
         idx = []
         for c in range(16):
             idx += [c, 16 + c]
-        z = builder.shuffle_vector(y0, y1, ir.Constant(ir.VectorType(_I32, 32), idx))
-        builder.store(builder.bitcast(z, _VH32), builder.bitcast(dp_, _VH32.as_pointer()),
-                      align=2)
+        z = builder.shuffle_vector(builder.fptrunc(x0, _VB16), builder.fptrunc(x1, _VB16),
+                                   ir.Constant(ir.VectorType(_I32, 32), idx))
+        _store_panels(builder, builder.bitcast(z, _VI),
+                      _data(context, builder, sig.args[3], dv), do, ps)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -264,22 +293,40 @@ def to_bf16_rows(src, m, n, ld, dst, ldd):
 
 
 @_jit.kernel
-def to_bf16_pairs(src, m, n, ld, dst, ldd):
-    """Pair-interleaved bf16: ``dst[(p * ldd + c) * 2 + e] = bf16(src[(2p + e) * ld + c])``,
-    row 2p + 1 = m (m odd) is zero.  dst: uint16."""
+def f32_panels(src, m, n, ld, dst, pstride):
+    """Transpose operand in 4-column panels: ``dst[(c // 4) * pstride + r * 4 + c % 4] =
+    src[r * ld + c]`` (float32 bits, dst uint32).  As A of ``P^T @ B`` each 4-row block of
+    the micro-kernel then reads 16 contiguous bytes per step instead of 4 rows n apart (the
+    strided form measured ~20% slower at 128 x 256 tiles: one cache line per step)."""
+    u = src.view(np.uint32)
     nv = n - n % 16
+    for r in range(m):
+        for c0 in range(0, nv, 16):
+            _panel_f32(src, r * ld + c0, dst, (c0 // 4) * pstride + r * 4, pstride)
+        for c in range(nv, n):
+            dst[(c // 4) * pstride + r * 4 + c % 4] = u[r * ld + c]
+
+
+@_jit.kernel
+def bf16_panels(src, m, n, ld, dst, pstride):
+    """bf16 pairs of rows (2p, 2p + 1) in 4-column panels: dword
+    ``dst[(c // 4) * pstride + p * 4 + c % 4]`` = (bf16(src[2p, c]), bf16(src[2p + 1, c]));
+    row m of an odd m is zero."""
+    nv = n - n % 16
+    d16 = dst.view(np.uint16)
     for p in range((m + 1) // 2):
         r0 = 2 * p
         if r0 + 1 < m:
             for c0 in range(0, nv, 16):
-                _cvt2x16(src, r0 * ld + c0, (r0 + 1) * ld + c0, dst, (p * ldd + c0) * 2)
-            for c in range(nv, n):
-                dst[(p * ldd + c) * 2] = _cvt1(src[r0 * ld + c])
-                dst[(p * ldd + c) * 2 + 1] = _cvt1(src[(r0 + 1) * ld + c])
+                _panel_bf16(src, r0 * ld + c0, (r0 + 1) * ld + c0, dst,
+                            (c0 // 4) * pstride + p * 4, pstride)
+            lo = nv
         else:
-            for c in range(n):
-                dst[(p * ldd + c) * 2] = _cvt1(src[r0 * ld + c])
-                dst[(p * ldd + c) * 2 + 1] = 0
+            lo = 0
+        for c in range(lo, n):
+            x = (c // 4) * pstride + p * 4 + c % 4
+            d16[2 * x] = _cvt1(src[r0 * ld + c])
+            d16[2 * x + 1] = _cvt1(src[(r0 + 1) * ld + c]) if r0 + 1 < m else 0
 
 
 @_jit.kernel
@@ -312,24 +359,24 @@ def pack_t32(src, off, ld, m, n, dst, ldd):
 
 
 @_jit.kernel(inline="always")
-def product_bf16(c, c_off, ldc, m, n, a, a_off, ars, aps, b, b_off, bs, npairs, accum):
+def product_bf16(c, c_off, ldc, m, n, a, a_off, ars, aps, arb, b, b_off, bs, npairs, accum):
     """``C[m, n] (+)= A . B`` over ``npairs`` bf16 pairs through 4 x 64 register blocks (the
-    layouts of the module docstring).  Column blocks outside so each B panel (npairs x 64
+    layouts of the module docstring; row block r0 of A starts at ``a_off + r0 / 4 * arb``).  Column blocks outside so each B panel (npairs x 64
     dwords, <= 32 KB) stays in L1 while the row blocks stream A."""
     for c0 in range(0, n, 64):
         nc = min(64, n - c0)
         for r0 in range(0, m, 4):
-            mk(c, c_off + r0 * ldc + c0, ldc, min(4, m - r0), nc, a, a_off + r0 * ars, ars,
+            mk(c, c_off + r0 * ldc + c0, ldc, min(4, m - r0), nc, a, a_off + (r0 // 4) * arb, ars,
                aps, b, b_off + c0, bs, npairs, accum)
 
 
 @_jit.kernel(inline="always")
-def product_f32(c, c_off, ldc, m, n, a, a_off, ars, aps, b, b_off, bs, nk, accum):
+def product_f32(c, c_off, ldc, m, n, a, a_off, ars, aps, arb, b, b_off, bs, nk, accum):
     """``C[m, n] (+)= A . B`` in float32 (FMA), same addressing with one float per dword."""
     for c0 in range(0, n, 64):
         nc = min(64, n - c0)
         for r0 in range(0, m, 4):
-            mk32(c, c_off + r0 * ldc + c0, ldc, min(4, m - r0), nc, a, a_off + r0 * ars, ars,
+            mk32(c, c_off + r0 * ldc + c0, ldc, min(4, m - r0), nc, a, a_off + (r0 // 4) * arb, ars,
                  aps, b, b_off + c0, bs, nk, accum)
 
 
@@ -387,19 +434,21 @@ def _make_bwd(bf):
         y32 = dy.view(np.uint32)
         hm = (bm + 1) // 2
         hn = (bn + 1) // 2
+        pstr = 4 * (hm if BF else bm)
         for t in prange(tptr.size - 1):
             s = np.empty(bm * bn, np.float32)
             dp = np.empty(bm * bn, np.float32)
             rb = np.empty(bm * bn, np.float32)
             ibuf = np.empty(bn, np.int32)
+            # P^T and dS^T in 4-column panels (float32, or bf16 pairs of rows)
+            pt = np.empty(((bn + 3) // 4) * pstr, np.uint32)
+            dt = np.empty(((bn + 3) // 4) * pstr, np.uint32)
             kt = np.empty(max(dw, 1) * bn, np.uint32)      # K^T of the key block
             vt = np.empty(max(dvw, 1) * bn, np.uint32)     # V^T
             # bf16 only: K rows in pairs, Q / dY tile rows in pairs, P / dS in pairs, dS rows
             kp = np.empty(max(BF * hn * d, 1), np.uint32)
             qp = np.empty(max(BF * hm * d, 1), np.uint32)
             yp = np.empty(max(BF * hm * dvd, 1), np.uint32)
-            pp = np.empty(max(BF * hm * bn, 1), np.uint32)
-            sp = np.empty(max(BF * hm * bn, 1), np.uint32)
             sr16 = np.empty(max(BF * bm * hn, 1), np.uint32)
             for it in range(tptr[t], tptr[t + 1]):
                 n2 = items[it, 2]
@@ -454,7 +503,8 @@ def _make_bwd(bf):
                                 mn = m_len * n_len
                                 # s <- z;  p <- exp(s - lse)
                                 prod(s, 0, n_len, m_len, n_len, q32, q_off // W,
-                                     gp[desc.Q_RS] // W, 1, kt, jo, bn, dw, False)
+                                     gp[desc.Q_RS] // W, 1, 4 * gp[desc.Q_RS] // W, kt, jo, bn,
+                                     dw, False)
                                 if alpha != 1.0:
                                     s_ = s[:mn]
                                     for x in range(mn):
@@ -466,7 +516,8 @@ def _make_bwd(bf):
                                             n_len, ibuf)
                                 # dp <- dy @ v.T
                                 prod(dp, 0, n_len, m_len, n_len, y32, dy_off // W,
-                                     gp[desc.DY_RS] // W, 1, vt, jo, bn, dvw, False)
+                                     gp[desc.DY_RS] // W, 1, 4 * gp[desc.DY_RS] // W, vt, jo,
+                                     bn, dvw, False)
                                 if dropping:
                                     keep_tile(seqtab, gp, drop_mask, b, h, i0, m_len, j0, n_len, rb)
                                     dp_ = dp[:mn]
@@ -488,29 +539,30 @@ def _make_bwd(bf):
                                     # P and dS rounded to bf16 (SPEC §3), pairs along the rows
                                     # for dV / dK, along the columns for dQ
                                     hml = (m_len + 1) // 2
-                                    to_bf16_pairs(pd, m_len, n_len, n_len, pp.view(np.uint16), bn)
-                                    to_bf16_pairs(dp, m_len, n_len, n_len, sp.view(np.uint16), bn)
+                                    bf16_panels(pd, m_len, n_len, n_len, pt, pstr)
+                                    bf16_panels(dp, m_len, n_len, n_len, dt, pstr)
                                     to_bf16_rows(dp, m_len, n_len, n_len, sr16.view(np.uint16), bn)
                                     pack_pairs16(dy, dy_off, gp[desc.DY_RS], m_len, dvd,
                                                  yp.view(np.uint16), dvd)
                                     pack_pairs16(q, q_off, gp[desc.Q_RS], m_len, d,
                                                  qp.view(np.uint16), d)
-                                    prod(dv, v_off, gp[desc.V_RS], n_len, dvd, pp, 0, 1, bn,
+                                    prod(dv, v_off, gp[desc.V_RS], n_len, dvd, pt, 0, 1, 4, pstr,
                                          yp, 0, dvd, hml, True)
-                                    prod(dk, k_off, gp[desc.K_RS], n_len, d, sp, 0, 1, bn,
+                                    prod(dk, k_off, gp[desc.K_RS], n_len, d, dt, 0, 1, 4, pstr,
                                          qp, 0, d, hml, True)
                                     prod(dqbuf, q_off, gp[desc.Q_RS], m_len, d, sr16, 0, bn // 2,
-                                         1, kp, (jo // 2) * d, d, (n_len + 1) // 2, True)
+                                         1, 2 * bn, kp, (jo // 2) * d, d, (n_len + 1) // 2, True)
                                 else:
-                                    pd32 = pd.view(np.uint32)
+                                    f32_panels(pd, m_len, n_len, n_len, pt, pstr)
+                                    f32_panels(dp, m_len, n_len, n_len, dt, pstr)
                                     ds32 = dp.view(np.uint32)
                                     # dv += p_drop.T @ dy;  dk += ds.T @ q;  dq += ds @ k
-                                    prod(dv, v_off, gp[desc.V_RS], n_len, dvd, pd32, 0, 1,
-                                         n_len, y32, dy_off, gp[desc.DY_RS], m_len, True)
-                                    prod(dk, k_off, gp[desc.K_RS], n_len, d, ds32, 0, 1, n_len,
+                                    prod(dv, v_off, gp[desc.V_RS], n_len, dvd, pt, 0, 1, 4, pstr,
+                                         y32, dy_off, gp[desc.DY_RS], m_len, True)
+                                    prod(dk, k_off, gp[desc.K_RS], n_len, d, dt, 0, 1, 4, pstr,
                                          q32, q_off, gp[desc.Q_RS], m_len, True)
                                     prod(dqbuf, q_off, gp[desc.Q_RS], m_len, d, ds32, 0, n_len,
-                                         1, k32, k_off, gp[desc.K_RS], n_len, True)
+                                         1, 4 * n_len, k32, k_off, gp[desc.K_RS], n_len, True)
                                 if dpk != 0:
                                     _dpse_tile(dp, m_len, n_len, b, h, i0, j0, c, pk, dpk, scale,
                                                seqtab, dpse, dslope)
