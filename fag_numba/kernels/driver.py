@@ -17,7 +17,7 @@ from numba import prange
 
 from .. import _jit
 from . import desc
-from .tile import (NEG_INF, TRANS_N, TRANS_T, exp_sub, gemm, keep_tile, row_max, score_tile,
+from .tile import (NEG_INF, OFF0, TRANS_N, TRANS_T, exp_sub, gemm, keep_tile, row_max, score_tile,
                    tile_class)
 
 _FLT_MAX = np.float32(3.4028234663852886e38)
@@ -99,6 +99,114 @@ def rowstats_driver(dy, o, m, l, seqtab, gp, lse, dsum):
             dsum[row] = acc
 
 
+@_jit.kernel
+def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, gp, fp,
+               items, tptr, visits):
+    """Forward work of chunk t: items ``items[tptr[t]:tptr[t + 1]]`` (see ``fwd_driver``).
+
+    Serial, so that the parallel driver around it stays a one-line ``prange``: numba's parfor
+    passes and the outlined gufunc then handle a tiny body (the cold compile of a parallel
+    function grows with the size of its prange body; a serial kernel compiles once).
+    """
+    bm = gp[desc.BLOCK_M]
+    bn = gp[desc.BLOCK_N]
+    dv = gp[desc.DV]
+    g = gp[desc.G]
+    inv_keep = fp[desc.INV_KEEP]
+    dropping = gp[desc.DROP_KIND] != desc.DROP_NONE
+    # scratch: s, rb: BLOCK_M*BLOCK_N; acc: BLOCK_M*Dv; row vectors: BLOCK_M
+    s = np.empty(bm * bn, np.float32)
+    rb = np.empty(bm * bn, np.float32)
+    acc = np.empty(bm * max(dv, 1), np.float32)
+    mrun = np.empty(bm, np.float32)
+    lrun = np.empty(bm, np.float32)
+    sub = np.empty(bm, np.float32)
+    ibuf = np.empty(bn, np.int32)
+    ab = np.empty(2, np.float32)
+    lanes = np.empty(16, np.float32)
+    for it in range(tptr[t], tptr[t + 1]):
+        b = items[it, 0]
+        h = items[it, 1]
+        i0 = items[it, 2] * bm
+        s1 = seqtab[b, desc.S1]
+        s2 = seqtab[b, desc.S2]
+        m_len = min(bm, s1 - i0)
+        n2 = h // g
+        for r in range(m_len):
+            mrun[r] = NEG_INF
+            lrun[r] = 0.0
+        for x in range(m_len * dv):
+            acc[x] = 0.0
+        jb_lo, jb_hi = kv_block_range(seqtab[b, desc.LO], seqtab[b, desc.HI],
+                                      seqtab[b, desc.PREFIX], s2, i0, i0 + m_len, bn)
+        for jb in range(jb_lo, jb_hi):
+            # columns of the key block the band can reach from rows [i0, i0 + m_len)
+            _i, _m, j0, n_len = trim_tile(seqtab[b, desc.LO], seqtab[b, desc.HI],
+                                          seqtab[b, desc.PREFIX], i0, m_len, jb * bn,
+                                          min(bn, s2 - jb * bn))
+            if n_len == 0:
+                continue
+            cls = tile_class(seqtab, gp, mask, b, h, i0, m_len, j0, n_len)
+            if cls == desc.EMPTY:
+                continue
+            visits[t] += 1
+            # s <- z (scaled, biased, masked)
+            score_tile(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0, n_len,
+                       cls, s, ab)
+            for r in range(m_len):
+                # m_new <- max(m, rowmax(s));  p <- exp(s - m_new);  l <- l*exp(m-m_new) + rowsum(p)
+                sr = s[r * n_len:(r + 1) * n_len]
+                # NaN scores make m NaN (SPEC §9: NaN propagates), never an invalid row
+                mx = row_max(sr, n_len, mrun[r], lanes)
+                if mx == NEG_INF:
+                    sub[r] = np.float32(0.0)   # nothing computed yet: exp(-inf - 0) = 0
+                    corr = np.float32(1.0)
+                else:
+                    sub[r] = mx
+                    corr = np.float32(math.exp(mrun[r] - mx)) if mrun[r] != NEG_INF else np.float32(0.0)
+                mrun[r] = mx
+                exp_sub(s, r * n_len, sub[r], n_len, ibuf)
+                rs = np.float32(0.0)
+                for c in range(n_len):
+                    rs += sr[c]
+                lrun[r] = lrun[r] * corr + rs
+                if corr != 1.0:
+                    ar = acc[r * dv:(r + 1) * dv]
+                    for e in range(dv):
+                        ar[e] *= corr
+            if dropping:
+                # p_drop <- r * p / keep_prob
+                keep_tile(seqtab, gp, drop_mask, b, h, i0, m_len, j0, n_len, rb)
+                st_ = s[:m_len * n_len]
+                rb_ = rb[:m_len * n_len]
+                for x in range(m_len * n_len):
+                    st_[x] = st_[x] * rb_[x] * inv_keep
+            # acc <- acc + p_drop @ v
+            v_off = seqtab[b, desc.V_OFF] + n2 * gp[desc.V_HS] + j0 * gp[desc.V_RS]
+            gemm(TRANS_N, TRANS_N, m_len, dv, n_len, np.float32(1.0), s, OFF0, n_len, v, v_off,
+                 gp[desc.V_RS], np.float32(1.0), acc, OFF0, dv, ab)
+        st = seqtab[b, desc.ST_OFF] + h * seqtab[b, desc.ST_HS]
+        o_off = seqtab[b, desc.DY_OFF] + h * gp[desc.DY_HS]
+        for r in range(m_len):
+            i = i0 + r
+            row = st + i * gp[desc.ST_RS]
+            oo = o_off + i * gp[desc.DY_RS]
+            if mrun[r] == NEG_INF:
+                # invalid row (SPEC §3): out 0, m = -FLT_MAX, l = +FLT_MAX
+                mrow[row] = -_FLT_MAX
+                lrow[row] = _FLT_MAX
+                for e in range(dv):
+                    out[oo + e] = 0.0
+            else:
+                mrow[row] = mrun[r]
+                lrow[row] = lrun[r]
+                inv_l = np.float32(1.0) / lrun[r]
+                orow = out[oo:oo + dv]
+                ar = acc[r * dv:(r + 1) * dv]
+                for e in range(dv):
+                    orow[e] = ar[e] * inv_l
+
+
 @_jit.driver
 def fwd_driver(q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, gp, fp,
                items, tptr, visits):
@@ -108,104 +216,109 @@ def fwd_driver(q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, g
     [n_chunks], tiles computed per chunk (the debug hook that proves EMPTY tiles are skipped).
     Invalid rows (no computed element) get out = 0, m = -FLT_MAX, l = +FLT_MAX.
     """
+    for t in prange(tptr.size - 1):
+        # np.int64: the gufunc types t as uint64, the driver as int64 (two compiles otherwise)
+        _fwd_chunk(np.int64(t), q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, gp, fp,
+                   items, tptr, visits)
+
+
+@_jit.kernel
+def _bwd_chunk(t, q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slopes, mask,
+               drop_mask, seqtab, gp, fp, items, tptr, visits):
+    """Backward work of chunk t: items ``items[tptr[t]:tptr[t + 1]]`` (see ``bwd_driver``);
+    serial for the same compile-time reason as ``_fwd_chunk``."""
     bm = gp[desc.BLOCK_M]
     bn = gp[desc.BLOCK_N]
-    dv = gp[desc.DV]
+    d = gp[desc.D]
+    dvd = gp[desc.DV]
     g = gp[desc.G]
+    nsplit = gp[desc.NSPLIT]
     inv_keep = fp[desc.INV_KEEP]
+    scale = fp[desc.SCALE]
     dropping = gp[desc.DROP_KIND] != desc.DROP_NONE
-    for t in prange(tptr.size - 1):
-        # scratch: s, rb: BLOCK_M*BLOCK_N; acc: BLOCK_M*Dv; row vectors: BLOCK_M
-        s = np.empty(bm * bn, np.float32)
-        rb = np.empty(bm * bn, np.float32)
-        acc = np.empty(bm * max(dv, 1), np.float32)
-        mrun = np.empty(bm, np.float32)
-        lrun = np.empty(bm, np.float32)
-        sub = np.empty(bm, np.float32)
-        ibuf = np.empty(bn, np.int32)
-        ab = np.empty(2, np.float32)
-        lanes = np.empty(16, np.float32)
-        for it in range(tptr[t], tptr[t + 1]):
-            b = items[it, 0]
-            h = items[it, 1]
-            i0 = items[it, 2] * bm
+    dpk = gp[desc.DPSE_KIND]
+    pk = gp[desc.PSE_KIND]
+    # scratch: s (p), dp (ds), rb (keep bits, then p_drop): BLOCK_M*BLOCK_N each
+    s = np.empty(bm * bn, np.float32)
+    dp = np.empty(bm * bn, np.float32)
+    rb = np.empty(bm * bn, np.float32)
+    ibuf = np.empty(bn, np.int32)
+    ab = np.empty(2, np.float32)
+    for it in range(tptr[t], tptr[t + 1]):
+        n2 = items[it, 2]
+        c = items[it, 3]
+        dqbuf = dq if c == 0 else dqp[c - 1]
+        for b in range(items[it, 0], items[it, 1]):
             s1 = seqtab[b, desc.S1]
             s2 = seqtab[b, desc.S2]
-            m_len = min(bm, s1 - i0)
-            n2 = h // g
-            for r in range(m_len):
-                mrun[r] = NEG_INF
-                lrun[r] = 0.0
-            for x in range(m_len * dv):
-                acc[x] = 0.0
-            jb_lo, jb_hi = kv_block_range(seqtab[b, desc.LO], seqtab[b, desc.HI],
-                                          seqtab[b, desc.PREFIX], s2, i0, i0 + m_len, bn)
-            for jb in range(jb_lo, jb_hi):
-                # columns of the key block the band can reach from rows [i0, i0 + m_len)
-                _i, _m, j0, n_len = trim_tile(seqtab[b, desc.LO], seqtab[b, desc.HI],
-                                              seqtab[b, desc.PREFIX], i0, m_len, jb * bn,
-                                              min(bn, s2 - jb * bn))
-                if n_len == 0:
-                    continue
-                cls = tile_class(seqtab, gp, mask, b, h, i0, m_len, j0, n_len)
-                if cls == desc.EMPTY:
-                    continue
-                visits[t] += 1
-                # s <- z (scaled, biased, masked)
-                score_tile(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0, n_len,
-                           cls, s, ab)
-                for r in range(m_len):
-                    # m_new <- max(m, rowmax(s));  p <- exp(s - m_new);  l <- l*exp(m-m_new) + rowsum(p)
-                    sr = s[r * n_len:(r + 1) * n_len]
-                    # NaN scores make m NaN (SPEC §9: NaN propagates), never an invalid row
-                    mx = row_max(sr, n_len, mrun[r], lanes)
-                    if mx == NEG_INF:
-                        sub[r] = np.float32(0.0)   # nothing computed yet: exp(-inf - 0) = 0
-                        corr = np.float32(1.0)
-                    else:
-                        sub[r] = mx
-                        corr = np.float32(math.exp(mrun[r] - mx)) if mrun[r] != NEG_INF else np.float32(0.0)
-                    mrun[r] = mx
-                    exp_sub(s, r * n_len, sub[r], n_len, ibuf)
-                    rs = np.float32(0.0)
-                    for c in range(n_len):
-                        rs += sr[c]
-                    lrun[r] = lrun[r] * corr + rs
-                    if corr != 1.0:
-                        ar = acc[r * dv:(r + 1) * dv]
-                        for e in range(dv):
-                            ar[e] *= corr
-                if dropping:
-                    # p_drop <- r * p / keep_prob
-                    keep_tile(seqtab, gp, drop_mask, b, h, i0, m_len, j0, n_len, rb)
-                    st_ = s[:m_len * n_len]
-                    rb_ = rb[:m_len * n_len]
-                    for x in range(m_len * n_len):
-                        st_[x] = st_[x] * rb_[x] * inv_keep
-                # acc <- acc + p_drop @ v
-                v_off = seqtab[b, desc.V_OFF] + n2 * gp[desc.V_HS] + j0 * gp[desc.V_RS]
-                gemm(TRANS_N, TRANS_N, m_len, dv, n_len, np.float32(1.0), s, 0, n_len, v, v_off,
-                     gp[desc.V_RS], np.float32(1.0), acc, 0, dv, ab)
-            st = seqtab[b, desc.ST_OFF] + h * seqtab[b, desc.ST_HS]
-            o_off = seqtab[b, desc.DY_OFF] + h * gp[desc.DY_HS]
-            for r in range(m_len):
-                i = i0 + r
-                row = st + i * gp[desc.ST_RS]
-                oo = o_off + i * gp[desc.DY_RS]
-                if mrun[r] == NEG_INF:
-                    # invalid row (SPEC §3): out 0, m = -FLT_MAX, l = +FLT_MAX
-                    mrow[row] = -_FLT_MAX
-                    lrow[row] = _FLT_MAX
-                    for e in range(dv):
-                        out[oo + e] = 0.0
-                else:
-                    mrow[row] = mrun[r]
-                    lrow[row] = lrun[r]
-                    inv_l = np.float32(1.0) / lrun[r]
-                    orow = out[oo:oo + dv]
-                    ar = acc[r * dv:(r + 1) * dv]
-                    for e in range(dv):
-                        orow[e] = ar[e] * inv_l
+            nkb = (s2 + bn - 1) // bn
+            lo = seqtab[b, desc.LO]
+            hi = seqtab[b, desc.HI]
+            pre = seqtab[b, desc.PREFIX]
+            for jb in range(c, nkb, nsplit):
+                jb0 = jb * bn
+                jb_len = min(bn, s2 - jb0)
+                ib_lo, ib_hi = q_block_range(lo, hi, pre, s1, jb0, jb0 + jb_len, bm)
+                for gg in range(g):
+                    h = n2 * g + gg
+                    st = seqtab[b, desc.ST_OFF] + h * seqtab[b, desc.ST_HS]
+                    for ib in range(ib_lo, ib_hi):
+                        # the tile, trimmed to the rows/columns the band can reach
+                        i0, m_len, j0, n_len = trim_tile(lo, hi, pre, ib * bm,
+                                                         min(bm, s1 - ib * bm), jb0, jb_len)
+                        if m_len == 0:
+                            continue
+                        cls = tile_class(seqtab, gp, mask, b, h, i0, m_len, j0, n_len)
+                        if cls == desc.EMPTY:
+                            continue
+                        visits[t] += 1
+                        k_off = seqtab[b, desc.K_OFF] + n2 * gp[desc.K_HS] + j0 * gp[desc.K_RS]
+                        v_off = seqtab[b, desc.V_OFF] + n2 * gp[desc.V_HS] + j0 * gp[desc.V_RS]
+                        q_off = seqtab[b, desc.Q_OFF] + h * gp[desc.Q_HS] + i0 * gp[desc.Q_RS]
+                        dy_off = seqtab[b, desc.DY_OFF] + h * gp[desc.DY_HS] + i0 * gp[desc.DY_RS]
+                        # s <- z;  p <- exp(s - lse)
+                        score_tile(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len,
+                                   j0, n_len, cls, s, ab)
+                        for r in range(m_len):
+                            exp_sub(s, r * n_len, lse[st + (i0 + r) * gp[desc.ST_RS]], n_len, ibuf)
+                        # dp <- dy @ v.T
+                        gemm(TRANS_N, TRANS_T, m_len, n_len, dvd, np.float32(1.0), dy, dy_off,
+                             gp[desc.DY_RS], v, v_off, gp[desc.V_RS], np.float32(0.0), dp, OFF0,
+                             n_len, ab)
+                        mn = m_len * n_len
+                        if dropping:
+                            # dp_drop <- r * dp / keep;  p_drop <- r * p / keep  (into rb)
+                            keep_tile(seqtab, gp, drop_mask, b, h, i0, m_len, j0, n_len, rb)
+                            dp_ = dp[:mn]
+                            rb_ = rb[:mn]
+                            s_ = s[:mn]
+                            for x in range(mn):
+                                kx = rb_[x] * inv_keep
+                                dp_[x] = dp_[x] * kx
+                                rb_[x] = s_[x] * kx
+                        # ds <- p * (dp_drop - dsum)   (in place in dp)
+                        for r in range(m_len):
+                            ds_r = dsum[st + (i0 + r) * gp[desc.ST_RS]]
+                            dpr = dp[r * n_len:(r + 1) * n_len]
+                            sr = s[r * n_len:(r + 1) * n_len]
+                            for cc in range(n_len):
+                                dpr[cc] = sr[cc] * (dpr[cc] - ds_r)
+                        pd = rb if dropping else s
+                        # dv <- dv + p_drop.T @ dy
+                        gemm(TRANS_T, TRANS_N, n_len, dvd, m_len, np.float32(1.0), pd, OFF0, n_len,
+                             dy, dy_off, gp[desc.DY_RS], np.float32(1.0), dv, v_off,
+                             gp[desc.V_RS], ab)
+                        # dk <- dk + ds.T @ q      (times scale later)
+                        gemm(TRANS_T, TRANS_N, n_len, d, m_len, np.float32(1.0), dp, OFF0, n_len,
+                             q, q_off, gp[desc.Q_RS], np.float32(1.0), dk, k_off,
+                             gp[desc.K_RS], ab)
+                        # dq <- dq + ds @ k        (times scale later)
+                        gemm(TRANS_N, TRANS_N, m_len, d, n_len, np.float32(1.0), dp, OFF0, n_len,
+                             k, k_off, gp[desc.K_RS], np.float32(1.0), dqbuf, q_off,
+                             gp[desc.Q_RS], ab)
+                        if dpk != 0:
+                            _dpse_tile(dp, m_len, n_len, b, h, i0, j0, c, pk, dpk, scale,
+                                       seqtab, dpse, dslope)
 
 
 @_jit.driver
@@ -218,99 +331,9 @@ def bwd_driver(q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slope
     dpse: flat float32 with the pse offsets (DPSE_KIND 1/2), dslope: float32 [B, N1, NSPLIT];
     visits: int64 [n_chunks], tiles computed per chunk (debug hook).
     """
-    bm = gp[desc.BLOCK_M]
-    bn = gp[desc.BLOCK_N]
-    d = gp[desc.D]
-    dvd = gp[desc.DV]
-    g = gp[desc.G]
-    nsplit = gp[desc.NSPLIT]
-    inv_keep = fp[desc.INV_KEEP]
-    scale = fp[desc.SCALE]
-    dropping = gp[desc.DROP_KIND] != desc.DROP_NONE
-    dpk = gp[desc.DPSE_KIND]
-    pk = gp[desc.PSE_KIND]
     for t in prange(tptr.size - 1):
-        # scratch: s (p), dp (ds), rb (keep bits, then p_drop): BLOCK_M*BLOCK_N each
-        s = np.empty(bm * bn, np.float32)
-        dp = np.empty(bm * bn, np.float32)
-        rb = np.empty(bm * bn, np.float32)
-        ibuf = np.empty(bn, np.int32)
-        ab = np.empty(2, np.float32)
-        for it in range(tptr[t], tptr[t + 1]):
-            n2 = items[it, 2]
-            c = items[it, 3]
-            dqbuf = dq if c == 0 else dqp[c - 1]
-            for b in range(items[it, 0], items[it, 1]):
-                s1 = seqtab[b, desc.S1]
-                s2 = seqtab[b, desc.S2]
-                nkb = (s2 + bn - 1) // bn
-                lo = seqtab[b, desc.LO]
-                hi = seqtab[b, desc.HI]
-                pre = seqtab[b, desc.PREFIX]
-                for jb in range(c, nkb, nsplit):
-                    jb0 = jb * bn
-                    jb_len = min(bn, s2 - jb0)
-                    ib_lo, ib_hi = q_block_range(lo, hi, pre, s1, jb0, jb0 + jb_len, bm)
-                    for gg in range(g):
-                        h = n2 * g + gg
-                        st = seqtab[b, desc.ST_OFF] + h * seqtab[b, desc.ST_HS]
-                        for ib in range(ib_lo, ib_hi):
-                            # the tile, trimmed to the rows/columns the band can reach
-                            i0, m_len, j0, n_len = trim_tile(lo, hi, pre, ib * bm,
-                                                             min(bm, s1 - ib * bm), jb0, jb_len)
-                            if m_len == 0:
-                                continue
-                            cls = tile_class(seqtab, gp, mask, b, h, i0, m_len, j0, n_len)
-                            if cls == desc.EMPTY:
-                                continue
-                            visits[t] += 1
-                            k_off = seqtab[b, desc.K_OFF] + n2 * gp[desc.K_HS] + j0 * gp[desc.K_RS]
-                            v_off = seqtab[b, desc.V_OFF] + n2 * gp[desc.V_HS] + j0 * gp[desc.V_RS]
-                            q_off = seqtab[b, desc.Q_OFF] + h * gp[desc.Q_HS] + i0 * gp[desc.Q_RS]
-                            dy_off = seqtab[b, desc.DY_OFF] + h * gp[desc.DY_HS] + i0 * gp[desc.DY_RS]
-                            # s <- z;  p <- exp(s - lse)
-                            score_tile(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len,
-                                       j0, n_len, cls, s, ab)
-                            for r in range(m_len):
-                                exp_sub(s, r * n_len, lse[st + (i0 + r) * gp[desc.ST_RS]], n_len, ibuf)
-                            # dp <- dy @ v.T
-                            gemm(TRANS_N, TRANS_T, m_len, n_len, dvd, np.float32(1.0), dy, dy_off,
-                                 gp[desc.DY_RS], v, v_off, gp[desc.V_RS], np.float32(0.0), dp, 0,
-                                 n_len, ab)
-                            mn = m_len * n_len
-                            if dropping:
-                                # dp_drop <- r * dp / keep;  p_drop <- r * p / keep  (into rb)
-                                keep_tile(seqtab, gp, drop_mask, b, h, i0, m_len, j0, n_len, rb)
-                                dp_ = dp[:mn]
-                                rb_ = rb[:mn]
-                                s_ = s[:mn]
-                                for x in range(mn):
-                                    kx = rb_[x] * inv_keep
-                                    dp_[x] = dp_[x] * kx
-                                    rb_[x] = s_[x] * kx
-                            # ds <- p * (dp_drop - dsum)   (in place in dp)
-                            for r in range(m_len):
-                                ds_r = dsum[st + (i0 + r) * gp[desc.ST_RS]]
-                                dpr = dp[r * n_len:(r + 1) * n_len]
-                                sr = s[r * n_len:(r + 1) * n_len]
-                                for cc in range(n_len):
-                                    dpr[cc] = sr[cc] * (dpr[cc] - ds_r)
-                            pd = rb if dropping else s
-                            # dv <- dv + p_drop.T @ dy
-                            gemm(TRANS_T, TRANS_N, n_len, dvd, m_len, np.float32(1.0), pd, 0, n_len,
-                                 dy, dy_off, gp[desc.DY_RS], np.float32(1.0), dv, v_off,
-                                 gp[desc.V_RS], ab)
-                            # dk <- dk + ds.T @ q      (times scale later)
-                            gemm(TRANS_T, TRANS_N, n_len, d, m_len, np.float32(1.0), dp, 0, n_len,
-                                 q, q_off, gp[desc.Q_RS], np.float32(1.0), dk, k_off,
-                                 gp[desc.K_RS], ab)
-                            # dq <- dq + ds @ k        (times scale later)
-                            gemm(TRANS_N, TRANS_N, m_len, d, n_len, np.float32(1.0), dp, 0, n_len,
-                                 k, k_off, gp[desc.K_RS], np.float32(1.0), dqbuf, q_off,
-                                 gp[desc.Q_RS], ab)
-                            if dpk != 0:
-                                _dpse_tile(dp, m_len, n_len, b, h, i0, j0, c, pk, dpk, scale,
-                                           seqtab, dpse, dslope)
+        _bwd_chunk(np.int64(t), q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slopes, mask,
+                   drop_mask, seqtab, gp, fp, items, tptr, visits)
 
 
 @_jit.kernel

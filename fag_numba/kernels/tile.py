@@ -18,8 +18,11 @@ from . import desc
 # drivers run it inside prange and hold OpenBLAS to one thread (threads.py).
 _xxgemm = _BLAS().numba_xxgemm(types.float32)
 _KIND_S = ord("s")
-TRANS_N = ord("N")
-TRANS_T = ord("T")
+# int64 scalars, not Python ints: a Python-int global (or a literal 0) reaches ``gemm`` as a
+# Literal type, and every distinct literal combination compiled its own ``gemm`` (4 copies).
+TRANS_N = np.int64(ord("N"))
+TRANS_T = np.int64(ord("T"))
+OFF0 = np.int64(0)   # "offset 0" for scratch tiles, for the same reason
 
 
 @_jit.kernel
@@ -174,7 +177,7 @@ def score_tile(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0, n_l
     k_off = seqtab[b, desc.K_OFF] + n2 * gp[desc.K_HS] + j0 * gp[desc.K_RS]
     # s <- alpha * q @ k.T
     gemm(TRANS_N, TRANS_T, m_len, n_len, gp[desc.D], score_alpha(gp, fp), q, q_off,
-         gp[desc.Q_RS], k, k_off, gp[desc.K_RS], np.float32(0.0), s, 0, n_len, ab)
+         gp[desc.Q_RS], k, k_off, gp[desc.K_RS], np.float32(0.0), s, OFF0, n_len, ab)
     adjust_scores(seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0, n_len, cls, s)
 
 
