@@ -357,6 +357,9 @@ def _run_forward(P, q, k, v):
     from .planning import plan_forward
 
     bm, bn = config.FWD_BLOCK_M, config.FWD_BLOCK_N
+    kind, arrays = _native_inputs(P, q, k, v, None)
+    if kind == "bf16":                   # bf16 pairs of keys start on even columns
+        bn += bn % 2
     st, gp, fp, nrows = _tables(P, bm, bn)
     out = np.zeros(int(np.prod(P.dy_shape)), np.float32)
     m = np.full(nrows, -_FLT_MAX, np.float32)
@@ -365,8 +368,13 @@ def _run_forward(P, q, k, v):
     visits = np.zeros(tptr.size - 1, np.int64)
     if items.shape[0]:
         with blas_single_thread():
-            fwd_driver(q, k, v, out, m, l, P.pse.flat, P.pse.slopes, P.mask.dense, P.drop_flat,
-                       st, gp, fp, items, tptr, visits)
+            drv = fwd_driver
+            if kind is not None:
+                from .kernels import native
+                drv = native.driver("fwd", kind == "bf16")
+                q, k, v = arrays[:3]
+            drv(q, k, v, out, m, l, P.pse.flat, P.pse.slopes, P.mask.dense, P.drop_flat, st, gp,
+                fp, items, tptr, visits)
     last_tile_count["forward"] = int(visits.sum())
     return out, m, l
 
@@ -603,7 +611,8 @@ def _run_backward(P, q, k, v, y, o, m, l):
 
 
 def _native_inputs(P, q, k, v, y):
-    """(kind, (q, k, v, dy)) for the native tile products (kernels/native.py), or (None, None).
+    """(kind, (q, k, v, dy)) for the native tile products (kernels/native.py), or (None, None)
+    (the forward passes y = None).
 
     kind "bf16": the inputs' own bf16 bits (uint16 flat); "f32": the float32 arrays.  Only for
     finite inputs: a NaN/inf input takes the BLAS driver, whose handling of non-finite values
@@ -617,10 +626,11 @@ def _native_inputs(P, q, k, v, y):
     from .kernels import native
 
     if kind == "bf16":
-        raw = [np.ascontiguousarray(x).reshape(-1).view(np.uint16) for x in P.raw]
-        if all(native.all_finite_bf16(x) for x in raw):
+        raw = [None if x is None else np.ascontiguousarray(x).reshape(-1).view(np.uint16)
+               for x in P.raw[:3] + ((P.raw[3],) if y is not None else (None,))]
+        if all(x is None or native.all_finite_bf16(x) for x in raw):
             return kind, raw
-    if all(native.all_finite_f32(x) for x in (q, k, v, y)):
+    if all(x is None or native.all_finite_f32(x) for x in (q, k, v, y)):
         return "f32", (q, k, v, y)
     return None, None
 

@@ -32,11 +32,11 @@ DEFAULTS = {
     "FWD_BLOCK_N": 256,
     # Native tile products (kernels/native.py: a 4 x 64 AVX-512 register-block micro-kernel in
     # place of OpenBLAS sgemm), used when numba's target has AVX-512 and the inputs are finite.
-    # "bf16": for bfloat16 inputs only (default), "all": every dtype, "off": the BLAS drivers
-    # only (env FAG_NUMBA_NATIVE).  float32 inputs stay on BLAS by default: on the shared
-    # 2-core Xeon the float32 micro-kernel measured within noise of OpenBLAS end to end
-    # (0.9-1.1x across the issue shapes, 5 A/B rounds, other load up to 70%).
-    "NATIVE": os.environ.get("FAG_NUMBA_NATIVE", "bf16"),
+    # "auto": where measured to help, i.e. the bf16 dot products chosen by BF16_PRODUCTS;
+    # "all": also every other dtype through the float32 micro-kernel; "off": BLAS drivers
+    # only (env FAG_NUMBA_NATIVE).  The float32 micro-kernel is not the default: on the shared
+    # 2-core Xeon it measured 0.9-1.4x OpenBLAS's time end to end (A/B, 5 rounds, heavy load).
+    "NATIVE": os.environ.get("FAG_NUMBA_NATIVE", "auto"),
     # bfloat16 inputs: "auto" / "bf16" run the tile products as bf16 dot products
     # (AVX512_BF16 vdpbf16ps, float32 accumulation, P and dS rounded to bf16; SPEC §3) when the
     # target has AVX512_BF16 and D, Dv are even; "float32" (env FAG_NUMBA_BF16=float32) forces

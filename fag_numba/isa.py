@@ -33,18 +33,18 @@ def target_has(*names):
 
 
 def native_kind(dtype_is_bf16, d, dv):
-    """The native product kind for one call: "bf16", "f32" or None (BLAS driver).
+    """The native product kind for one call: "bf16", "f32" or None (the BLAS drivers).
 
-    config.NATIVE gates the native products: "bf16" (bfloat16 inputs only), "all", "off"; config.BF16_PRODUCTS chooses for
-    bfloat16 inputs: "bf16" takes the bf16 dot products when the target has AVX512_BF16 and
-    D, Dv are even, "float32" forces float32 products (bf16 inputs converted on the host),
+    config.NATIVE: "auto" uses native products where they were measured to help (the bf16 dot
+    products of BF16_PRODUCTS), "all" also runs every other dtype through the float32
+    micro-kernel, "off" keeps the BLAS drivers.  config.BF16_PRODUCTS for bfloat16 inputs:
+    "bf16" takes the bf16 dot products when the target has AVX512_BF16 and D, Dv are even,
+    "float32" forces the float32 path (inputs converted on the host, P and dS never rounded),
     "auto" is "bf16" on CPUs without AMX and "float32" on those with it (measured below).
     """
     from . import config
 
-    if config.NATIVE == "off" or (config.NATIVE == "bf16" and not dtype_is_bf16):
-        return None
-    if not target_has("avx512f", "avx512bw", "fma"):
+    if config.NATIVE == "off" or not target_has("avx512f", "avx512bw", "fma"):
         return None
     mode = config.BF16_PRODUCTS
     if mode == "auto":
@@ -56,4 +56,4 @@ def native_kind(dtype_is_bf16, d, dv):
     if (dtype_is_bf16 and mode == "bf16" and d % 2 == 0 and dv % 2 == 0
             and target_has("avx512bf16")):
         return "bf16"
-    return "f32"
+    return "f32" if config.NATIVE == "all" else None

@@ -86,7 +86,7 @@ def test_paths_match_reference(name, case, dtype, path, blocks, rng):
     g = fag_numba.flash_attention_score_grad(
         q, k, v, dy, N1, lay, scale_value=0.3, softmax_max=out.softmax_max,
         softmax_sum=out.softmax_sum, attention_in=out.attention_out, **kw)
-    assert used == [name]
+    assert used == [name, name]                   # forward, backward
     ref_kw = dict(kw)
     if "seed" in ref_kw:
         numels = B * N1 * S1 * S2
@@ -95,6 +95,10 @@ def test_paths_match_reference(name, case, dtype, path, blocks, rng):
     r = ref_backward(q, k, v, dy, N1, lay, softmax_max=out.softmax_max,
                      softmax_sum=out.softmax_sum, attention_in=out.attention_out,
                      scale_value=0.3, **ref_kw)
+    ro, rm, rl = ref_forward(q, k, v, N1, lay, scale_value=0.3, **ref_kw)
+    assert_close(out.attention_out, ro, tolerance(dtype, "fwd"), "attention_out")
+    assert_close(out.softmax_max, rm, tolerance(np.float32, "stats"), "softmax_max")
+    assert_close(out.softmax_sum, rl, tolerance(np.float32, "stats"), "softmax_sum")
     tb = tolerance(dtype, "bwd")
     for a, e, nm in zip(g[:3], r[:3], ("dq", "dk", "dv")):
         assert_close(a, e, tb, nm)
@@ -114,9 +118,12 @@ def test_native_bitwise_identical_across_thread_counts(name, path, blocks, rng):
     for n in (1, 2):
         with fag_numba.threads(min(n, numba.config.NUMBA_NUM_THREADS)):
             g = fag_numba.flash_attention_score_grad(q, k, v, dy, 3, "BNSD", **kw)
-        res.append([x.tobytes() for x in g[:3]])
+            o = fag_numba.flash_attention_score(q, k, v, 3, "BNSD")
+        res.append([x.tobytes() for x in g[:3]] + [x.tobytes() for x in o])
     again = fag_numba.flash_attention_score_grad(q, k, v, dy, 3, "BNSD", **kw)
-    assert res[0] == res[1] == [x.tobytes() for x in again[:3]]
+    assert res[0] == res[1]
+    assert res[0][:3] == [x.tobytes() for x in again[:3]]
+    assert res[0][3:] == [x.tobytes() for x in out]
 
 
 def test_bf16_products_round_p_and_ds(path, blocks, rng):
@@ -137,20 +144,21 @@ def test_non_finite_input_takes_blas_driver(path, blocks, rng):
     used = path("f32")
     q, k, v, dy = make_qkv("BNSD", 1, 1, 1, 20, 20, 8, 8, np.float32, rng)
     k[0, 0, 19] = np.nan                         # masked for every row but the last (causal)
+    used.clear()
     mask = np.triu(np.ones((2048, 2048), bool), 1)
     out = fag_numba.flash_attention_score(q, k, v, 1, "BNSD", atten_mask=mask, sparse_mode=3)
     fag_numba.flash_attention_score_grad(q, k, v, dy, 1, "BNSD", atten_mask=mask, sparse_mode=3,
                                          softmax_max=out.softmax_max,
                                          softmax_sum=out.softmax_sum,
                                          attention_in=out.attention_out)
-    assert used == ["blas"]
+    assert used == ["blas", "blas"]
 
 
 def test_odd_head_dim_bf16_uses_float32_products(path, blocks, rng):
     used = path("bf16")
     q, k, v, dy = make_qkv("BNSD", 1, 1, 1, 9, 9, 7, 7, BF16, rng)
     fag_numba.flash_attention_score_grad(q, k, v, dy, 1, "BNSD")
-    assert used == ["f32"]
+    assert used == ["f32", "f32"]                 # internal forward, backward
 
 
 def test_guard_target_without_features(monkeypatch):
@@ -175,16 +183,18 @@ def test_guard_target_without_features(monkeypatch):
 def test_config_switches(monkeypatch):
     monkeypatch.setattr(config, "NATIVE", "off")
     assert isa.native_kind(True, 64, 64) is None
-    monkeypatch.setattr(config, "NATIVE", "bf16")          # the default: bf16 inputs only
+    monkeypatch.setattr(config, "NATIVE", "auto")          # the default
     assert isa.native_kind(False, 64, 64) is None
     monkeypatch.setattr(config, "BF16_PRODUCTS", "float32")
-    assert isa.native_kind(True, 64, 64) == ("f32" if HAS_F32 else None)
+    assert isa.native_kind(True, 64, 64) is None
     monkeypatch.setattr(config, "NATIVE", "all")
     assert isa.native_kind(False, 64, 64) == ("f32" if HAS_F32 else None)
+    assert isa.native_kind(True, 64, 64) == ("f32" if HAS_F32 else None)
     monkeypatch.setattr(config, "BF16_PRODUCTS", "bf16")
     assert isa.native_kind(True, 64, 64) == ("bf16" if HAS_BF16 else
                                              ("f32" if HAS_F32 else None))
     assert isa.native_kind(True, 63, 64) == ("f32" if HAS_F32 else None)   # odd D
-    monkeypatch.setattr(config, "BF16_PRODUCTS", "auto")   # AMX CPUs: float32 products
-    want = "f32" if isa.target_has("amx-bf16") else "bf16"
-    assert isa.native_kind(True, 64, 64) == (want if HAS_BF16 else ("f32" if HAS_F32 else None))
+    monkeypatch.setattr(config, "NATIVE", "auto")
+    monkeypatch.setattr(config, "BF16_PRODUCTS", "auto")   # AMX CPUs: the float32 path
+    want = None if isa.target_has("amx-bf16") else "bf16"
+    assert isa.native_kind(True, 64, 64) == (want if HAS_BF16 else None)

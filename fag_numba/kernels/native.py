@@ -30,8 +30,11 @@ from numba.extending import intrinsic
 
 from .. import _jit
 from . import desc
-from .driver import _dpse_tile, q_block_range, trim_tile
-from .tile import adjust_scores, exp_sub, keep_tile, score_alpha, tile_class
+import math
+
+from .driver import _dpse_tile, kv_block_range, q_block_range, trim_tile
+from .tile import (NEG_INF, adjust_scores, exp_sub, keep_tile, row_max, score_alpha,
+                   tile_class)
 
 _FLT_MAX = np.float32(3.4028234663852886e38)
 
@@ -62,6 +65,10 @@ _VB16 = ir.VectorType(_BFloat(), 16)
 _VH16 = ir.VectorType(_I16, 16)
 _VH32 = ir.VectorType(_I16, 32)
 _MR = 4      # rows of the register block
+# contraction chunk (dwords): a B panel of _KC x 64 dwords = 32 KB stays in L1 (48 KB) while
+# the row blocks stream A; unchunked, a 256-long contraction (forward P V, backward dS K at
+# 128 x 256 tiles) re-read a 64 KB panel from L2 for every 4 rows
+_KC = 128
 _NV = 4      # 16-lane vectors per row of the register block (64 columns)
 
 
@@ -363,21 +370,29 @@ def product_bf16(c, c_off, ldc, m, n, a, a_off, ars, aps, arb, b, b_off, bs, npa
     """``C[m, n] (+)= A . B`` over ``npairs`` bf16 pairs through 4 x 64 register blocks (the
     layouts of the module docstring; row block r0 of A starts at ``a_off + r0 / 4 * arb``).  Column blocks outside so each B panel (npairs x 64
     dwords, <= 32 KB) stays in L1 while the row blocks stream A."""
-    for c0 in range(0, n, 64):
-        nc = min(64, n - c0)
-        for r0 in range(0, m, 4):
-            mk(c, c_off + r0 * ldc + c0, ldc, min(4, m - r0), nc, a, a_off + (r0 // 4) * arb, ars,
-               aps, b, b_off + c0, bs, npairs, accum)
+    for k0 in range(0, max(npairs, 1), _KC):       # one pass when empty: C = 0
+        kc = min(_KC, npairs - k0)
+        acc = accum or k0 > 0
+        for c0 in range(0, n, 64):
+            nc = min(64, n - c0)
+            for r0 in range(0, m, 4):
+                mk(c, c_off + r0 * ldc + c0, ldc, min(4, m - r0), nc, a,
+                   a_off + (r0 // 4) * arb + k0 * aps, ars, aps, b, b_off + k0 * bs + c0, bs,
+                   kc, acc)
 
 
 @_jit.kernel(inline="always")
 def product_f32(c, c_off, ldc, m, n, a, a_off, ars, aps, arb, b, b_off, bs, nk, accum):
     """``C[m, n] (+)= A . B`` in float32 (FMA), same addressing with one float per dword."""
-    for c0 in range(0, n, 64):
-        nc = min(64, n - c0)
-        for r0 in range(0, m, 4):
-            mk32(c, c_off + r0 * ldc + c0, ldc, min(4, m - r0), nc, a, a_off + (r0 // 4) * arb, ars,
-                 aps, b, b_off + c0, bs, nk, accum)
+    for k0 in range(0, max(nk, 1), _KC):       # one pass when empty: C = 0
+        kc = min(_KC, nk - k0)
+        acc = accum or k0 > 0
+        for c0 in range(0, n, 64):
+            nc = min(64, n - c0)
+            for r0 in range(0, m, 4):
+                mk32(c, c_off + r0 * ldc + c0, ldc, min(4, m - r0), nc, a,
+                     a_off + (r0 // 4) * arb + k0 * aps, ars, aps, b, b_off + k0 * bs + c0, bs,
+                     kc, acc)
 
 
 @_jit.kernel
@@ -570,12 +585,146 @@ def _make_bwd(bf):
     return bwd
 
 
+def _make_fwd(bf):
+    """The forward driver with native products (``driver.fwd_driver``'s items, online softmax
+    and ownership; S = Q K^T and O += P V through the micro-kernel, P rounded to bf16 for the
+    bf16 kind).  Arrays as in ``_make_bwd``."""
+    prod = product_bf16 if bf else product_f32
+    W = 2 if bf else 1
+    BF = 1 if bf else 0
+
+    @_jit.driver
+    def fwd(q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, gp, fp, items, tptr,
+            visits):
+        bm = gp[desc.BLOCK_M]
+        bn = gp[desc.BLOCK_N]
+        d = gp[desc.D]
+        dv = gp[desc.DV]
+        g = gp[desc.G]
+        inv_keep = fp[desc.INV_KEEP]
+        alpha = score_alpha(gp, fp)
+        dropping = gp[desc.DROP_KIND] != desc.DROP_NONE
+        dw = d // W
+        q32 = q.view(np.uint32)
+        k32 = k.view(np.uint32)
+        v32 = v.view(np.uint32)
+        hn = (bn + 1) // 2
+        for t in prange(tptr.size - 1):
+            s = np.empty(bm * bn, np.float32)
+            rb = np.empty(bm * bn, np.float32)
+            acc = np.empty(bm * max(dv, 1), np.float32)
+            mrun = np.empty(bm, np.float32)
+            lrun = np.empty(bm, np.float32)
+            ibuf = np.empty(bn, np.int32)
+            lanes = np.empty(16, np.float32)
+            kt = np.empty(max(dw, 1) * bn, np.uint32)
+            vp = np.empty(max(BF * hn * dv, 1), np.uint32)       # bf16: V rows in pairs
+            p16 = np.empty(max(BF * bm * hn, 1), np.uint32)      # bf16: P rows
+            for it in range(tptr[t], tptr[t + 1]):
+                b = items[it, 0]
+                h = items[it, 1]
+                i0 = items[it, 2] * bm
+                s1 = seqtab[b, desc.S1]
+                s2 = seqtab[b, desc.S2]
+                m_len = min(bm, s1 - i0)
+                n2 = h // g
+                for r in range(m_len):
+                    mrun[r] = NEG_INF
+                    lrun[r] = 0.0
+                for x in range(m_len * dv):
+                    acc[x] = 0.0
+                q_off = seqtab[b, desc.Q_OFF] + h * gp[desc.Q_HS] + i0 * gp[desc.Q_RS]
+                jb_lo, jb_hi = kv_block_range(seqtab[b, desc.LO], seqtab[b, desc.HI],
+                                              seqtab[b, desc.PREFIX], s2, i0, i0 + m_len, bn)
+                for jb in range(jb_lo, jb_hi):
+                    _i, _m, j0, n_len = trim_tile(seqtab[b, desc.LO], seqtab[b, desc.HI],
+                                                  seqtab[b, desc.PREFIX], i0, m_len, jb * bn,
+                                                  min(bn, s2 - jb * bn))
+                    if n_len == 0:
+                        continue
+                    if BF and j0 % 2 == 1:
+                        j0 -= 1                 # pairs start on even keys (a masked column)
+                        n_len += 1
+                    cls = tile_class(seqtab, gp, mask, b, h, i0, m_len, j0, n_len)
+                    if cls == desc.EMPTY:
+                        continue
+                    visits[t] += 1
+                    k_off = seqtab[b, desc.K_OFF] + n2 * gp[desc.K_HS] + j0 * gp[desc.K_RS]
+                    v_off = seqtab[b, desc.V_OFF] + n2 * gp[desc.V_HS] + j0 * gp[desc.V_RS]
+                    mn = m_len * n_len
+                    pack_t32(k32, k_off // W, gp[desc.K_RS] // W, n_len, dw, kt, bn)
+                    prod(s, 0, n_len, m_len, n_len, q32, q_off // W, gp[desc.Q_RS] // W, 1,
+                         4 * gp[desc.Q_RS] // W, kt, 0, bn, dw, False)
+                    if alpha != 1.0:
+                        s_ = s[:mn]
+                        for x in range(mn):
+                            s_[x] *= alpha
+                    adjust_scores(seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0, n_len,
+                                  cls, s)
+                    for r in range(m_len):
+                        sr = s[r * n_len:(r + 1) * n_len]
+                        mx = row_max(sr, n_len, mrun[r], lanes)
+                        if mx == NEG_INF:
+                            sub = np.float32(0.0)
+                            corr = np.float32(1.0)
+                        else:
+                            sub = mx
+                            corr = (np.float32(math.exp(mrun[r] - mx)) if mrun[r] != NEG_INF
+                                    else np.float32(0.0))
+                        mrun[r] = mx
+                        exp_sub(s, r * n_len, sub, n_len, ibuf)
+                        rs = np.float32(0.0)
+                        for c in range(n_len):
+                            rs += sr[c]
+                        lrun[r] = lrun[r] * corr + rs
+                        if corr != 1.0:
+                            ar = acc[r * dv:(r + 1) * dv]
+                            for e in range(dv):
+                                ar[e] *= corr
+                    if dropping:
+                        keep_tile(seqtab, gp, drop_mask, b, h, i0, m_len, j0, n_len, rb)
+                        st_ = s[:mn]
+                        rb_ = rb[:mn]
+                        for x in range(mn):
+                            st_[x] = st_[x] * rb_[x] * inv_keep
+                    # acc <- acc + p_drop @ v
+                    if BF:
+                        to_bf16_rows(s, m_len, n_len, n_len, p16.view(np.uint16), 2 * hn)
+                        pack_pairs16(v, v_off, gp[desc.V_RS], n_len, dv, vp.view(np.uint16), dv)
+                        prod(acc, 0, dv, m_len, dv, p16, 0, hn, 1, 4 * hn, vp, 0, dv,
+                             (n_len + 1) // 2, True)
+                    else:
+                        prod(acc, 0, dv, m_len, dv, s.view(np.uint32), 0, n_len, 1, 4 * n_len,
+                             v32, v_off, gp[desc.V_RS], n_len, True)
+                st = seqtab[b, desc.ST_OFF] + h * seqtab[b, desc.ST_HS]
+                o_off = seqtab[b, desc.DY_OFF] + h * gp[desc.DY_HS]
+                for r in range(m_len):
+                    i = i0 + r
+                    row = st + i * gp[desc.ST_RS]
+                    oo = o_off + i * gp[desc.DY_RS]
+                    if mrun[r] == NEG_INF:
+                        mrow[row] = -_FLT_MAX
+                        lrow[row] = _FLT_MAX
+                        for e in range(dv):
+                            out[oo + e] = 0.0
+                    else:
+                        mrow[row] = mrun[r]
+                        lrow[row] = lrun[r]
+                        inv_l = np.float32(1.0) / lrun[r]
+                        orow = out[oo:oo + dv]
+                        ar = acc[r * dv:(r + 1) * dv]
+                        for e in range(dv):
+                            orow[e] = ar[e] * inv_l
+
+    return fwd
+
+
 _DRIVERS = {}
 
 
 def driver(name, bf):
-    """The compiled-on-first-call native driver ``name`` ("bwd") of one kind (cached here)."""
+    """The compiled-on-first-call native driver ``name`` ("fwd", "bwd") of one kind."""
     key = (name, bool(bf))
     if key not in _DRIVERS:
-        _DRIVERS[key] = {"bwd": _make_bwd}[name](bool(bf))
+        _DRIVERS[key] = {"bwd": _make_bwd, "fwd": _make_fwd}[name](bool(bf))
     return _DRIVERS[key]
