@@ -92,14 +92,6 @@ def _segments_from_positions(position_ids, b, s):
     return starts.tolist()[1:] + [b * s]
 
 
-def _strip_leading_empty(cu_q, cu_k):
-    """Drop leading empty sequences whose cumulative offsets are 0 at an index > 0 (SPEC §8.1
-    would read that as the end of the lists); the batch index means nothing to this call."""
-    while len(cu_q) > 1 and cu_q[1] == 0 and cu_k[1] == 0:
-        cu_q, cu_k = cu_q[1:], cu_k[1:]
-    return cu_q, cu_k
-
-
 def _dense_keep(mask):
     """A caller's 4-D mask as 'True = masked' for sparse_mode 1."""
     import torch
@@ -125,6 +117,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     """
     import torch
 
+    from fag_numba.flash_attn import tnd_offsets
     from fag_numba.torch import flash_attention
 
     if softcap:
@@ -175,7 +168,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     else:
         idx_q, cu_q = None, [s1 * (i + 1) for i in range(b)]
         qt = qflat
-    cu_q, cu_k = _strip_leading_empty(cu_q, cu_k)
+    cu_q, cu_k, _ = tnd_offsets([0] + cu_q, [0] + cu_k)    # drops leading empty sequences
     out = flash_attention(qt, kt, vt, n1, "TND", actual_seq_qlen=cu_q, actual_seq_kvlen=cu_k,
                           **common)
     if idx_q is not None:

@@ -85,7 +85,6 @@ def _torch_npu_module(device: types.ModuleType) -> types.ModuleType:
         setattr(m, name, getattr(npu, name))
     m.__version__ = f"{torch.__version__.split('+')[0]}+fag_numba"
     m.__file__ = __file__        # transformers treats a module without __file__ as a namespace
-    m.__path__ = []              # a package, so ``torch_npu.npu`` imports
     m.npu = device
     return m
 
@@ -102,24 +101,39 @@ class _Loader(importlib.abc.Loader):
 
 
 class _Finder(importlib.abc.MetaPathFinder):
-    """Serves the installed stand-ins to ``import`` and ``importlib.util.find_spec``."""
+    """Serves installed stand-in modules to ``import`` and ``importlib.util.find_spec``."""
 
-    def __init__(self, modules):
-        self.modules = modules
+    def __init__(self):
+        self.modules = {}
 
     def find_spec(self, fullname, path=None, target=None):
         mod = self.modules.get(fullname)
         return mod.__spec__ if mod is not None else None
 
 
+_FINDER = _Finder()
 _STATE = {}
 
 
-def _spec(mod, is_package):
-    spec = importlib.machinery.ModuleSpec(mod.__name__, _Loader(mod), origin=__file__,
-                                          is_package=is_package)
-    mod.__spec__ = spec
-    mod.__loader__ = spec.loader
+def install_modules(modules):
+    """Put stand-in modules (``{name: module}``; a name with a dot is a submodule of an entry)
+    into ``sys.modules`` with a ``__spec__``/``__loader__`` and serve them from a
+    ``sys.meta_path`` finder, so ``import``, ``find_spec`` and re-imports after a deletion from
+    ``sys.modules`` all find them.  Shared by :func:`install_as_torch_npu` and
+    ``fag_numba.flash_attn.install``."""
+    for name, mod in modules.items():
+        is_pkg = any(other.startswith(name + ".") for other in modules)
+        if is_pkg and not hasattr(mod, "__path__"):
+            mod.__path__ = []
+        if getattr(mod, "__spec__", None) is None or mod.__spec__.name != name:
+            spec = importlib.machinery.ModuleSpec(name, _Loader(mod), origin=__file__,
+                                                  is_package=is_pkg)
+            mod.__spec__ = spec
+            mod.__loader__ = spec.loader
+        _FINDER.modules[name] = mod
+        sys.modules[name] = mod
+    if _FINDER not in sys.meta_path:
+        sys.meta_path.insert(0, _FINDER)
 
 
 def install_as_torch_npu() -> types.ModuleType:
@@ -139,19 +153,12 @@ def install_as_torch_npu() -> types.ModuleType:
         sub = types.ModuleType("torch_npu.npu")
         sub.__dict__.update({k: v for k, v in device.__dict__.items() if not k.startswith("__")})
         top.npu = sub
-        _spec(top, True)
-        _spec(sub, False)
-        _spec(device, False)
-        _STATE.update(top=top, sub=sub, device=device,
-                      finder=_Finder({"torch_npu": top, "torch_npu.npu": sub}))
-    top, sub, device, finder = (_STATE[k] for k in ("top", "sub", "device", "finder"))
-    sys.modules["torch_npu"] = top
-    sys.modules["torch_npu.npu"] = sub
+        _STATE.update(top=top, sub=sub, device=device)
+    top, sub, device = _STATE["top"], _STATE["sub"], _STATE["device"]
+    install_modules({"torch_npu": top, "torch_npu.npu": sub})
     if not hasattr(torch, "npu") or getattr(torch.npu, _MARK, False):
         torch.npu = device
         sys.modules["torch.npu"] = device
-    if finder not in sys.meta_path:
-        sys.meta_path.insert(0, finder)
     _refresh_transformers(top)
     return top
 

@@ -1,4 +1,5 @@
-"""Run by tests/test_npu_install.py in a fresh interpreter: install_as_torch_npu(), then the
+"""Run by tests/test_npu_install.py in a fresh interpreter (one spawn for both installs):
+fag_numba.flash_attn.install() and what flash-attn clients import; install_as_torch_npu(), the
 probes third-party code makes, then transformers' own NPU flash-attention path on a tiny Llama
 against attn_implementation="sdpa" (logits, loss, gradients; padded batch -> varlen path).
 Prints "OK <max errors>" on success; any failure raises."""
@@ -6,7 +7,26 @@ import copy
 import importlib.util
 import sys
 
+import fag_numba.flash_attn as ffa
 import fag_numba.torch as fnt
+
+# --- flash_attn -------------------------------------------------------------------------------
+assert importlib.util.find_spec("flash_attn") is None, "a flash_attn exists before the install"
+fa_mod = ffa.install()
+assert ffa.install() is fa_mod
+import flash_attn  # noqa: E402
+from flash_attn import flash_attn_func, flash_attn_varlen_func  # noqa: E402
+from flash_attn.flash_attn_interface import (_flash_attn_backward,  # noqa: E402,F401
+                                             _flash_attn_forward, _flash_attn_varlen_backward,
+                                             _flash_attn_varlen_forward)
+
+assert flash_attn is fa_mod and importlib.util.find_spec("flash_attn.flash_attn_interface")
+assert flash_attn.__version__.startswith("2.8") and flash_attn_func is ffa.flash_attn_func
+del sys.modules["flash_attn"], sys.modules["flash_attn.flash_attn_interface"]
+import flash_attn.flash_attn_interface as fai  # noqa: E402
+assert fai._flash_attn_forward is ffa._flash_attn_forward
+
+# --- torch_npu --------------------------------------------------------------------------------
 
 assert importlib.util.find_spec("torch_npu") is None, "a torch_npu exists before the install"
 mod = fnt.install_as_torch_npu()
