@@ -459,8 +459,8 @@ def test_validation_out_dtype_fp8(odt, exc):
 @pytest.mark.parametrize("qdt,bad,good", [
     (F32, [np.float16, "float16", 0, 1, ml_dtypes.bfloat16, np.float64], [np.float32, "float32",
                                                                           F32]),
-    (F16, [np.float32, "bfloat16", 1, "float32"], [np.float16, "float16", 0]),
-    (BF16, [np.float16, "float32", 0], [ml_dtypes.bfloat16, "bfloat16", 1]),
+    (F16, ["bfloat16", 1, ml_dtypes.bfloat16, np.float64], [np.float16, "float16", 0]),
+    (BF16, [np.float16, "float16", 0, np.float64], [ml_dtypes.bfloat16, "bfloat16", 1]),
 ])
 def test_validation_out_dtype_non_fp8(qdt, bad, good):
     args = _fp8_args(qdt)
@@ -471,6 +471,12 @@ def test_validation_out_dtype_non_fp8(qdt, bad, good):
         fo = F.flash_attention_score(q, k, v, 2, "BNSD", out_dtype=odt)
         g = F.flash_attention_score_grad(q, k, v, dy, 2, "BNSD", out_dtype=odt)
         assert fo.attention_out.dtype == qdt and g.dq.dtype == qdt
+    if qdt != F32:
+        # SPEC §1/§12: float16/bfloat16 inputs may keep float32 outputs (unrounded)
+        for odt in (np.float32, "float32"):
+            fo = F.flash_attention_score(q, k, v, 2, "BNSD", out_dtype=odt)
+            g = F.flash_attention_score_grad(q, k, v, dy, 2, "BNSD", out_dtype=odt)
+            assert fo.attention_out.dtype == F32 and g.dq.dtype == F32 and g.dv.dtype == F32
 
 
 @pytest.mark.parametrize("qdt", [F32, F16, BF16])
