@@ -122,10 +122,22 @@ def test_prange_only_in_drivers(name, tree):
     """A ``prange`` outside a ``_jit.driver`` function would silently run serially (or nest
     parallel regions); STYLE b4 allows exactly one parallel level, in the drivers."""
     bad = []
+
+    def own_nodes(fn):
+        """Nodes of ``fn`` outside the functions nested in it (a factory such as
+        kernels/native.py's ``_make_bwd`` returns a decorated driver defined inside it)."""
+        stack = list(ast.iter_child_nodes(fn))
+        while stack:
+            n = stack.pop()
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            yield n
+            stack.extend(ast.iter_child_nodes(n))
+
     for fn in ast.walk(tree):
         if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
-        uses = [n.lineno for n in ast.walk(fn)
+        uses = [n.lineno for n in own_nodes(fn)
                 if (isinstance(n, ast.Name) and n.id == "prange")
                 or (isinstance(n, ast.Attribute) and n.attr == "prange")]
         if uses and not any(_is_driver_decorator(d) for d in fn.decorator_list):
