@@ -638,8 +638,9 @@ def _native_inputs(P, q, k, v, y):
 def warmup():
     """Compile every kernel now (forward, backward, masks, dropout) on a tiny problem.
 
-    The kernels compile lazily on first use (~20-40 s on 2 cores, once per process; with
-    ``FAG_NUMBA_CACHE=1`` once per machine).  Call this at start-up to pay that cost up front.
+    The kernels compile lazily on first use (~20 s on 2 cores), once per machine: they are
+    cached on disk (``_jit.py``; ``FAG_NUMBA_CACHE=0`` compiles once per process instead).
+    Call this at start-up to pay that cost up front.
     One compiled specialisation serves every dtype, layout, mask, pse and dropout option.
     """
     rng = np.random.default_rng(0)

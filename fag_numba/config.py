@@ -58,8 +58,31 @@ BF16_PRODUCTS = DEFAULTS["BF16_PRODUCTS"]
 # Numba policy (STYLE b4): never the blanket fastmath flag.  'reassoc' lets row reductions vectorise,
 # 'contract' allows FMA; nnan/ninf are excluded because masking relies on -inf.
 FASTMATH_FLAGS = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
-# On-disk caching of compiled kernels is opt-in (STYLE c: parallel + cache has a history).
-CACHE = os.environ.get("FAG_NUMBA_CACHE", "0") == "1"
+# On-disk caching of compiled kernels: on by default (the cold compile costs ~10-20 s per
+# process; a warm start ~0.5 s), FAG_NUMBA_CACHE=0 turns it off.  _jit.py says why it is safe
+# (STYLE c: parallel + cache has a history) and how stale or broken entries are avoided.
+CACHE = os.environ.get("FAG_NUMBA_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> str:
+    """Root directory of the kernel cache (read at each call, so tests can redirect it).
+
+    First match wins: ``FAG_NUMBA_CACHE_DIR``; ``NUMBA_CACHE_DIR`` (numba's own setting, so a
+    site that already points numba's caches somewhere keeps everything there), in a
+    ``fag_numba-<version>`` subdirectory; ``$XDG_CACHE_HOME/fag_numba/<version>``;
+    ``~/.cache/fag_numba/<version>``.  The version in the path keeps installed versions apart
+    (entries are also stamped with a hash of the sources, so a local edit recompiles too).
+    """
+    explicit = os.environ.get("FAG_NUMBA_CACHE_DIR")
+    if explicit:
+        return os.path.abspath(os.path.expanduser(explicit))
+    from . import __version__
+    numba_dir = os.environ.get("NUMBA_CACHE_DIR")
+    if numba_dir:
+        return os.path.join(os.path.abspath(os.path.expanduser(numba_dir)),
+                            f"fag_numba-{__version__}")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fag_numba", __version__)
 
 FLT_MAX = 3.4028234663852886e38
 # "no limit" for band bounds: far outside any int64 index difference we can meet (S <= 2**40).

@@ -17,6 +17,7 @@ import platform
 
 import numba
 
+from . import _jit
 from .errors import FagTypeError, FagValueError
 from .validation import is_int
 
@@ -78,8 +79,7 @@ def runtime_info():
         "threading_layer": _threading_layer(),
         "cpu": _cpu_name(),
         "cpu_features": _cpu_features(),
-        "cache": os.environ.get("FAG_NUMBA_CACHE", "0") == "1",
-        "cache_dir": numba.config.CACHE_DIR or "(next to the package)",
+        **_jit.cache_info(),        # "cache" (bool) and "cache_dir"
     }
     ctl = _controller()
     if ctl is not None:

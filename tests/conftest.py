@@ -2,9 +2,11 @@
 
 - ``pytest_report_header``: ``fag_numba.runtime_info()`` (numba version, threading layer,
   thread count, BLAS), so every CI log says what it ran on.
-- Numba's on-disk cache is never enabled by the tests: ``FAG_NUMBA_CACHE`` is forced to ``0``
-  before ``fag_numba`` is imported, and a session fixture asserts the decorators really run
-  with ``cache=False`` (STYLE c: parallel + cache, concurrent cache writers under xdist).
+- The test process itself never uses the on-disk kernel cache (it compiles what it tests):
+  ``FAG_NUMBA_CACHE`` is ``0`` while ``fag_numba`` is imported, and a session fixture asserts no
+  dispatcher got a cache.  Afterwards the environment is switched to ``FAG_NUMBA_CACHE=1`` with
+  a private ``FAG_NUMBA_CACHE_DIR`` for this session, so the subprocesses tests start (CLI,
+  ring, install probes) share one cache: the first compiles, the others load.
 - Fixtures: ``rng`` (a session-wide seeded generator), ``blocks`` (patch the tile sizes and the
   S2 split target for one test; restored automatically), and an autouse guard that restores
   every ``fag_numba.config`` tunable after each test.
@@ -34,6 +36,16 @@ if _TESTS not in sys.path:
 import fag_numba  # noqa: E402
 from fag_numba import _jit, config  # noqa: E402
 
+# children (subprocess tests) inherit a cache private to this session, deleted at exit
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+SESSION_CACHE = tempfile.mkdtemp(prefix="fag_numba-test-cache-")
+atexit.register(shutil.rmtree, SESSION_CACHE, True)
+os.environ["FAG_NUMBA_CACHE"] = "1"
+os.environ["FAG_NUMBA_CACHE_DIR"] = SESSION_CACHE
+
 
 def pytest_report_header(config):  # noqa: D103 (pytest hook; shadows nothing we use)
     info = fag_numba.runtime_info()
@@ -50,8 +62,9 @@ def pytest_report_header(config):  # noqa: D103 (pytest hook; shadows nothing we
 def _no_numba_cache():
     """Fail loudly if caching got switched on (e.g. the package was imported before us with
     FAG_NUMBA_CACHE=1 in the environment)."""
-    assert config.CACHE is False, "tests must run with FAG_NUMBA_CACHE unset/0"
-    assert _jit._COMMON.get("cache") is False, _jit._COMMON
+    assert config.CACHE is False, "the test process must import fag_numba with FAG_NUMBA_CACHE=0"
+    from fag_numba.kernels import driver
+    assert not isinstance(driver.fwd_driver._cache, _jit._KernelCache)
     yield
 
 
