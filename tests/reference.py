@@ -409,6 +409,18 @@ def _row_slice(prob, s):
 # Forward
 # ------------------------------------------------------------------------------------------------
 
+def masked_mm(a, b, c):
+    """``a @ b`` where only computed elements (``c``) contribute: SPEC §3, a masked element
+    contributes exactly 0 even when the other operand is NaN/inf.  The plain product when
+    ``b`` is finite (identical then: masked ``a`` elements are 0); otherwise a dense
+    [.., y, x, e] sum with IEEE arithmetic for the computed elements (tiny test shapes only)."""
+    if np.all(np.isfinite(b)):
+        return a @ b
+    with np.errstate(invalid="ignore", over="ignore"):
+        t = np.where(c[..., None], a[..., None] * b[..., None, :, :], 0.0)
+    return t.sum(axis=-2)
+
+
 def _softmax_stats(z, c):
     """Row max / sum over computed elements; invalid rows get (-FLT_MAX, +FLT_MAX)."""
     valid = c.any(axis=-1)
@@ -443,7 +455,7 @@ def ref_forward(query, key, value, head_num, input_layout, *, pse=None, keep=Non
         m_safe = np.where(valid, m, 0.0)
         p = np.exp(np.where(c, z - m_safe[..., None], -np.inf)) / l[..., None]
         pd = prob.drop(p, prob.keep_bits(s))
-        out[s.qsel] = pd @ prob.kv_heads(prob.v[s.ksel])       # invalid rows: p == 0 -> out 0
+        out[s.qsel] = masked_mm(pd, prob.kv_heads(prob.v[s.ksel]), c)   # invalid rows: out 0
         m_rows[_row_slice(prob, s)] = m
         l_rows[_row_slice(prob, s)] = l
     return _uncanon(out, prob.layout), prob.stats_out(m_rows), prob.stats_out(l_rows)
@@ -499,11 +511,12 @@ def ref_backward(query, key, value, dy, head_num, input_layout, *, softmax_max=N
         dp = d_y @ v.transpose(0, 2, 1)
         dpd = prob.drop(dp, r)
         dsum = (d_y * o).sum(axis=-1)
-        ds = p * (dpd - dsum[..., None])                    # = dL/dZ
-
-        dq[s.qsel] = sc * ds @ k
-        dk_h = sc * ds.transpose(0, 2, 1) @ q               # [N1, S2, D]
-        dv_h = pd.transpose(0, 2, 1) @ d_y                  # [N1, S2, Dv]
+        with np.errstate(invalid="ignore"):
+            ds = np.where(c, p * (dpd - dsum[..., None]), 0.0)   # = dL/dZ; masked: exactly 0
+        ct = c.transpose(0, 2, 1)
+        dq[s.qsel] = sc * masked_mm(ds, k, c)
+        dk_h = sc * masked_mm(ds.transpose(0, 2, 1), q, ct)  # [N1, S2, D]
+        dv_h = masked_mm(pd.transpose(0, 2, 1), d_y, ct)     # [N1, S2, Dv]
         dk[s.ksel] += dk_h.reshape(n2, g, s.s2, prob.d).sum(axis=1)
         dv[s.ksel] += dv_h.reshape(n2, g, s.s2, prob.dv).sum(axis=1)
 

@@ -204,3 +204,165 @@ def test_softmax_lse_path_reads_mask_pse_and_drop_mask():
              attention_in=f.attention_out, **kw)
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+# ---- 1. NaN/inf at masked positions contribute exactly 0; 7. only the mask invalidates a row ---
+
+from reference import ref_backward, ref_forward  # noqa: E402
+from tolerances import tolerance  # noqa: E402
+from utils import assert_close, assert_grads_close  # noqa: E402
+
+F32 = np.dtype(np.float32)
+CAUSAL = np.triu(np.ones((2048, 2048), bool), 1)
+
+
+def _check_vs_reference(q, k, v, dy, n1, layout, keep=None, **kw):
+    """Forward and grad (given the forward's statistics) vs the reference: NaN exactly where
+    the reference has NaN, values within tolerance elsewhere."""
+    with np.errstate(all="ignore"):
+        f = fwd(q, k, v, n1, layout, **kw)
+        g = grad(q, k, v, dy, n1, layout, softmax_max=f.softmax_max, softmax_sum=f.softmax_sum,
+                 attention_in=f.attention_out, **kw)
+        rkw = {a: b for a, b in kw.items() if a not in ("seed", "offset", "drop_mask")}
+        ro, rm, rl = ref_forward(q, k, v, n1, layout, keep=keep, **rkw)
+        rg = ref_backward(q, k, v, dy, n1, layout, keep=keep, softmax_max=f.softmax_max,
+                          softmax_sum=f.softmax_sum, attention_in=f.attention_out, **rkw)
+    assert_close(f.attention_out, ro, tolerance(F32, "fwd"), "attention_out")
+    assert_close(f.softmax_max, rm, tolerance(F32, "stats"), "softmax_max")
+    assert_close(f.softmax_sum, rl, tolerance(F32, "stats"), "softmax_sum")
+    assert_grads_close(g, rg, F32, dpse_dtype=F32)
+    return f, g
+
+
+def _qkv(shape_q, shape_k, seed=0, dv=None):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal(shape_q).astype(np.float32)
+    k = rng.standard_normal(shape_k).astype(np.float32)
+    vs = shape_k if dv is None else shape_k[:-1] + (dv,)
+    v = rng.standard_normal(vs).astype(np.float32)
+    dy = rng.standard_normal(shape_q[:-1] + (vs[-1],)).astype(np.float32)
+    return q, k, v, dy
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_in_a_key_masked_for_every_query_stays_out(bad, blocks):
+    blocks(bm=4, bn=8, fbm=5, fbn=7)
+    q, k, v, dy = _qkv((1, 1, 32, 8), (1, 1, 32, 8))
+    v[0, 0, 3] = bad
+    k[0, 0, 3, 1] = bad
+    mask = np.zeros((32, 32), bool)
+    mask[:, 3] = True
+    f, g = _check_vs_reference(q, k, v, dy, 1, "BNSD", atten_mask=mask, sparse_mode=1)
+    assert np.isfinite(f.attention_out).all()
+    assert all(np.isfinite(x).all() for x in g[:3])
+
+
+def test_padding_garbage_stays_in_the_padding(blocks):
+    # keys >= 5 of batch 0 are padding filled with garbage (NaN, inf, huge), masked by a
+    # [B,1,S1,S2] padding mask: batch 0 stays finite
+    blocks(bm=4, bn=8, fbm=5, fbn=7)
+    q, k, v, dy = _qkv((2, 2, 12, 8), (2, 2, 12, 8), seed=1)
+    for x in (k, v):
+        x[0, :, 5:] = np.nan
+        x[0, :, 7, 0] = np.inf
+        x[0, :, 9, :] = 3e38
+    mask = np.zeros((2, 1, 12, 12), bool)
+    mask[0, :, :, 5:] = True
+    f, g = _check_vs_reference(q, k, v, dy, 2, "BNSD", atten_mask=mask, sparse_mode=1)
+    assert np.isfinite(f.attention_out).all() and np.isfinite(g.dq).all()
+    assert np.isfinite(g.dk[0, :, :5]).all() and np.isfinite(g.dv[0, :, :5]).all()
+
+
+def test_causal_nan_in_dy_row_0_reaches_key_0_only(blocks):
+    blocks(bm=4, bn=8, fbm=5, fbn=7)
+    q, k, v, dy = _qkv((1, 1, 20, 8), (1, 1, 20, 8), seed=2)
+    dy[0, 0, 0, 0] = np.nan
+    f, g = _check_vs_reference(q, k, v, dy, 1, "BNSD", atten_mask=CAUSAL, sparse_mode=2)
+    assert np.isnan(g.dk[0, 0]).any(axis=1).nonzero()[0].tolist() == [0]
+    assert np.isnan(g.dv[0, 0]).any(axis=1).nonzero()[0].tolist() == [0]
+    assert np.isnan(g.dq[0, 0]).any(axis=1).nonzero()[0].tolist() == [0]
+
+
+def test_mode3_nan_in_last_value_row_reaches_last_query_row_only():
+    # default tiles: the old leak followed the 384-row forward tile grid (rows 384..511)
+    q, k, v, dy = _qkv((1, 1, 512, 16), (1, 1, 512, 16), seed=3)
+    v[0, 0, 511] = np.nan
+    with np.errstate(all="ignore"):
+        f = fwd(q, k, v, 1, "BNSD", atten_mask=CAUSAL, sparse_mode=3)
+        g = grad(q, k, v, dy, 1, "BNSD", atten_mask=CAUSAL, sparse_mode=3,
+                 softmax_max=f.softmax_max, softmax_sum=f.softmax_sum,
+                 attention_in=f.attention_out)
+    assert np.isnan(f.attention_out[0, 0]).any(axis=1).nonzero()[0].tolist() == [511]
+    assert np.isnan(g.dq[0, 0]).any(axis=1).nonzero()[0].tolist() == [511]
+    # dv[511] = P[511, 511] dy[511] is finite; dsum[511] = dy[511] . O[511] is NaN, so dk is
+    # NaN wherever row 511 attends (every key): the math, checked against the reference
+    assert np.isfinite(g.dv).all()
+    _check_vs_reference(q, k, v, dy, 1, "BNSD", atten_mask=CAUSAL, sparse_mode=3)
+
+
+@pytest.mark.parametrize("layout", ["BSH", "SBH", "BSND", "TND"])
+def test_nonfinite_masked_rows_every_layout(layout, blocks):
+    blocks(bm=3, bn=5, fbm=4, fbn=3)
+    B, N1, N2, S, D = 2, 4, 2, 9, 6
+    rng = np.random.default_rng(4)
+    from utils import make_qkv
+    kw = {}
+    if layout == "TND":
+        kw = dict(actual_seq_qlen=[S, 2 * S], actual_seq_kvlen=[S, 2 * S])
+    q, k, v, dy = make_qkv(layout, B, N1, N2, S, S, D, D, np.float32, rng, **kw)
+    for x in (q, k, v, dy):
+        flat = x.reshape(-1)
+        flat[rng.choice(flat.size, 3, replace=False)] = rng.choice([np.nan, np.inf, -np.inf], 3)
+    _check_vs_reference(q, k, v, dy, N1, layout, atten_mask=CAUSAL, sparse_mode=3, **kw)
+
+
+def test_nonfinite_attention_in_of_invalid_rows_gives_zero_grads(blocks):
+    blocks(bm=4, bn=8, fbm=5, fbn=7)
+    q, k, v, dy = _qkv((1, 1, 8, 8), (1, 1, 8, 8), seed=6)
+    mask = np.zeros((8, 8), bool)
+    mask[2] = True                       # row 2 is invalid
+    f = fwd(q, k, v, 1, "BNSD", atten_mask=mask, sparse_mode=1)
+    o = f.attention_out.copy()
+    o[0, 0, 2] = np.nan
+    with np.errstate(all="ignore"):
+        g = grad(q, k, v, dy, 1, "BNSD", atten_mask=mask, sparse_mode=1,
+                 softmax_max=f.softmax_max, softmax_sum=f.softmax_sum, attention_in=o)
+    assert all(np.isfinite(x).all() for x in g[:3])
+    assert (g.dq[0, 0, 2] == 0).all()
+
+
+def test_dropped_elements_are_exactly_zero_even_for_a_nan_row(blocks):
+    # Pd = R ? P / keep : 0 is a select: a NaN query row reaches dv only through kept elements
+    blocks(bm=4, bn=8, fbm=5, fbn=7)
+    q, k, v, dy = _qkv((1, 1, 6, 8), (1, 1, 10, 8), seed=7)
+    q[0, 0, 1, 0] = np.nan
+    numels = 60
+    keep = np.random.default_rng(8).random(numels) < 0.5
+    keep[6 + 0] = True
+    drop = np.packbits(keep, bitorder="little")
+    _, g = _check_vs_reference(q, k, v, dy, 1, "BNSD", keep=keep.reshape(1, 1, 6, 10),
+                               keep_prob=0.5, drop_mask=drop)
+    assert (np.isnan(g.dv[0, 0]).any(axis=1) == keep.reshape(6, 10)[1]).all()
+
+
+def test_minus_inf_query_row_is_nan_not_invalid():
+    q = np.ones((1, 1, 2, 4), np.float32)
+    q[0, 0, 0] = -np.inf
+    k = np.ones((1, 1, 3, 4), np.float32)
+    with np.errstate(all="ignore"):
+        f = fwd(q, k, k, 1, "BNSD")
+    assert np.isnan(f.attention_out[0, 0, 0]).all()
+    assert f.softmax_max[0, 0, 0, 0] == -np.inf and np.isnan(f.softmax_sum[0, 0, 0, 0])
+    np.testing.assert_allclose(f.attention_out[0, 0, 1], 1.0)
+    _check_vs_reference(q, k, k, q, 1, "BNSD")
+
+
+def test_all_minus_inf_pse_row_is_nan_but_a_masked_row_is_invalid():
+    q, k, v, dy = _qkv((1, 1, 3, 4), (1, 1, 5, 4), seed=9)
+    pse = np.zeros((1, 1, 3, 5), np.float32)
+    pse[0, 0, 1] = -np.inf                 # additive "mask" in pse: the math gives NaN
+    mask = np.zeros((3, 5), bool)
+    mask[2] = True                         # the mask: an invalid row (zeros, -FLT_MAX/+FLT_MAX)
+    f, g = _check_vs_reference(q, k, v, dy, 1, "BNSD", pse=pse, atten_mask=mask, sparse_mode=1)
+    assert np.isnan(f.attention_out[0, 0, 1]).all()
+    assert (f.attention_out[0, 0, 2] == 0).all() and f.softmax_max[0, 0, 2, 0] < -3e38

@@ -60,7 +60,17 @@ NSPLIT = 24
 DPSE_KIND = 25    # 0: no dpse; 1: dense per element (same offsets as pse); 2: reduce over rows; 3: slopes
 OFFSET_LO = 26    # dropout counter offset (low / high 32 bits)
 OFFSET_HI = 27
-NGP = 28
+# non-finite inputs (SPEC §3: a masked element contributes exactly 0 even with NaN/inf inputs):
+# NONFINITE = 1 when some row of q/k/v/dy/dsum holds a NaN/inf; then the uint8 ``bad`` array
+# flags rows (row index = element offset // row length) from these bases, and only tiles that
+# touch a flagged row take the careful path of ``kernels/guard.py``
+NONFINITE = 28
+BAD_Q = 29
+BAD_K = 30
+BAD_V = 31
+BAD_DY = 32
+BAD_DSUM = 33     # statistics rows (dsum non-finite, lse NaN or -inf), indexed by statistics row
+NGP = 34
 
 # ---- fp entries (global float32) ----
 SCALE = 0

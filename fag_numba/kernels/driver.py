@@ -17,6 +17,7 @@ from numba import prange
 
 from .. import _jit
 from . import desc
+from .guard import any_bad, computed_tile, ds_guard, gemm_guard, p_guard, row_has_computed
 from .tile import (NEG_INF, OFF0, TRANS_N, TRANS_T, exp_sub, gemm, keep_tile, row_max, score_tile,
                    tile_class)
 
@@ -101,7 +102,7 @@ def rowstats_driver(dy, o, m, l, seqtab, gp, lse, dsum):
 
 @_jit.kernel
 def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, gp, fp,
-               items, tptr, visits):
+               items, tptr, visits, bad):
     """Forward work of chunk t: items ``items[tptr[t]:tptr[t + 1]]`` (see ``fwd_driver``).
 
     Serial, so that the parallel driver around it stays a one-line ``prange``: numba's parfor
@@ -114,6 +115,11 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
     g = gp[desc.G]
     inv_keep = fp[desc.INV_KEEP]
     dropping = gp[desc.DROP_KIND] != desc.DROP_NONE
+    careful_on = gp[desc.NONFINITE] != 0
+    # careful path scratch (guard.py), 1 element when every input is finite
+    cm = np.empty(bm * bn if careful_on else 1, np.uint8)
+    gbuf = np.empty(bn * max(dv, 1) if careful_on else 1, np.float32)
+    vrow = np.empty(bm, np.uint8)      # row has a computed element (only the mask invalidates)
     # scratch: s, rb: BLOCK_M*BLOCK_N; acc: BLOCK_M*Dv; row vectors: BLOCK_M
     s = np.empty(bm * bn, np.float32)
     rb = np.empty(bm * bn, np.float32)
@@ -135,6 +141,7 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
         for r in range(m_len):
             mrun[r] = NEG_INF
             lrun[r] = 0.0
+            vrow[r] = 0
         for x in range(m_len * dv):
             acc[x] = 0.0
         jb_lo, jb_hi = kv_block_range(seqtab[b, desc.LO], seqtab[b, desc.HI],
@@ -159,6 +166,10 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
                 # NaN scores make m NaN (SPEC §9: NaN propagates), never an invalid row
                 mx = row_max(sr, n_len, mrun[r], lanes)
                 if mx == NEG_INF:
+                    # all -inf so far: masked, or computed with -inf scores (inf inputs, pse)
+                    if vrow[r] == 0 and (cls == desc.FULL or row_has_computed(
+                            seqtab, gp, mask, b, h, i0 + r, j0, n_len)):
+                        vrow[r] = 1
                     sub[r] = np.float32(0.0)   # nothing computed yet: exp(-inf - 0) = 0
                     corr = np.float32(1.0)
                 else:
@@ -180,18 +191,32 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
                 st_ = s[:m_len * n_len]
                 rb_ = rb[:m_len * n_len]
                 for x in range(m_len * n_len):
-                    st_[x] = st_[x] * rb_[x] * inv_keep
+                    # a select, not a product: a dropped element is exactly 0 (SPEC §3
+                    # Pd = R ? P / keep : 0), even when P is NaN
+                    st_[x] = st_[x] * inv_keep if rb_[x] != 0.0 else np.float32(0.0)
             # acc <- acc + p_drop @ v
             v_off = seqtab[b, desc.V_OFF] + n2 * gp[desc.V_HS] + j0 * gp[desc.V_RS]
-            gemm(TRANS_N, TRANS_N, m_len, dv, n_len, np.float32(1.0), s, OFF0, n_len, v, v_off,
-                 gp[desc.V_RS], np.float32(1.0), acc, OFF0, dv, ab)
+            if careful_on and any_bad(bad, gp[desc.BAD_V], v_off, gp[desc.V_RS], dv, n_len):
+                # a NaN/inf row of v: masked p = 0 must not meet it (0 * NaN)
+                computed_tile(seqtab, gp, mask, b, h, i0, m_len, j0, n_len, cls, cm)
+                gemm_guard(TRANS_N, m_len, n_len, dv, s, n_len, v, v_off, gp[desc.V_RS], acc,
+                           OFF0, dv, bad, gp[desc.BAD_V], cm, gbuf, ab)
+            else:
+                gemm(TRANS_N, TRANS_N, m_len, dv, n_len, np.float32(1.0), s, OFF0, n_len, v,
+                     v_off, gp[desc.V_RS], np.float32(1.0), acc, OFF0, dv, ab)
         st = seqtab[b, desc.ST_OFF] + h * seqtab[b, desc.ST_HS]
         o_off = seqtab[b, desc.DY_OFF] + h * gp[desc.DY_HS]
         for r in range(m_len):
             i = i0 + r
             row = st + i * gp[desc.ST_RS]
             oo = o_off + i * gp[desc.DY_RS]
-            if mrun[r] == NEG_INF:
+            if mrun[r] == NEG_INF and vrow[r] != 0:
+                # computed elements, all scores -inf: m = -inf, l = exp(-inf + inf) = NaN
+                mrow[row] = NEG_INF
+                lrow[row] = np.float32(np.nan)
+                for e in range(dv):
+                    out[oo + e] = np.float32(np.nan)
+            elif mrun[r] == NEG_INF:
                 # invalid row (SPEC §3): out 0, m = -FLT_MAX, l = +FLT_MAX
                 mrow[row] = -_FLT_MAX
                 lrow[row] = _FLT_MAX
@@ -209,22 +234,24 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
 
 @_jit.driver
 def fwd_driver(q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, gp, fp,
-               items, tptr, visits):
+               items, tptr, visits, bad):
     """Forward: ``out = softmax(Z) (dropped) @ v`` and the row statistics m, l (SPEC §3).
 
     items: int64 [n_items, 3] = (b, h, q-block); tptr: int64 [n_chunks + 1]; visits: int64
     [n_chunks], tiles computed per chunk (the debug hook that proves EMPTY tiles are skipped).
-    Invalid rows (no computed element) get out = 0, m = -FLT_MAX, l = +FLT_MAX.
+    Invalid rows (no computed element) get out = 0, m = -FLT_MAX, l = +FLT_MAX; a row with
+    computed elements whose scores are all -inf is not invalid: m = -inf and l, out = NaN (the
+    math; only the mask makes a row invalid).  bad: uint8 non-finite row flags (guard.py).
     """
     for t in prange(tptr.size - 1):
         # np.int64: the gufunc types t as uint64, the driver as int64 (two compiles otherwise)
         _fwd_chunk(np.int64(t), q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, gp, fp,
-                   items, tptr, visits)
+                   items, tptr, visits, bad)
 
 
 @_jit.kernel
 def _bwd_chunk(t, q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slopes, mask,
-               drop_mask, seqtab, gp, fp, items, tptr, visits):
+               drop_mask, seqtab, gp, fp, items, tptr, visits, bad):
     """Backward work of chunk t: items ``items[tptr[t]:tptr[t + 1]]`` (see ``bwd_driver``);
     serial for the same compile-time reason as ``_fwd_chunk``."""
     bm = gp[desc.BLOCK_M]
@@ -238,6 +265,9 @@ def _bwd_chunk(t, q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, sl
     dropping = gp[desc.DROP_KIND] != desc.DROP_NONE
     dpk = gp[desc.DPSE_KIND]
     pk = gp[desc.PSE_KIND]
+    careful_on = gp[desc.NONFINITE] != 0
+    cm = np.empty(bm * bn if careful_on else 1, np.uint8)
+    gbuf = np.empty(max(bm, bn) * max(d, 1) if careful_on else 1, np.float32)
     # scratch: s (p), dp (ds), rb (keep bits, then p_drop): BLOCK_M*BLOCK_N each
     s = np.empty(bm * bn, np.float32)
     dp = np.empty(bm * bn, np.float32)
@@ -276,11 +306,21 @@ def _bwd_chunk(t, q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, sl
                         v_off = seqtab[b, desc.V_OFF] + n2 * gp[desc.V_HS] + j0 * gp[desc.V_RS]
                         q_off = seqtab[b, desc.Q_OFF] + h * gp[desc.Q_HS] + i0 * gp[desc.Q_RS]
                         dy_off = seqtab[b, desc.DY_OFF] + h * gp[desc.DY_HS] + i0 * gp[desc.DY_RS]
+                        careful = careful_on and (
+                            any_bad(bad, gp[desc.BAD_Q], q_off, gp[desc.Q_RS], d, m_len)
+                            or any_bad(bad, gp[desc.BAD_DY], dy_off, gp[desc.DY_RS], dvd, m_len)
+                            or any_bad(bad, gp[desc.BAD_DSUM], st + i0 * gp[desc.ST_RS],
+                                       gp[desc.ST_RS], np.int64(1), m_len)
+                            or any_bad(bad, gp[desc.BAD_K], k_off, gp[desc.K_RS], d, n_len)
+                            or any_bad(bad, gp[desc.BAD_V], v_off, gp[desc.V_RS], dvd, n_len))
                         # s <- z;  p <- exp(s - lse)
                         score_tile(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len,
                                    j0, n_len, cls, s, ab)
                         for r in range(m_len):
                             exp_sub(s, r * n_len, lse[st + (i0 + r) * gp[desc.ST_RS]], n_len, ibuf)
+                        if careful:
+                            computed_tile(seqtab, gp, mask, b, h, i0, m_len, j0, n_len, cls, cm)
+                            p_guard(s, cm, lse, st, gp[desc.ST_RS], i0, m_len, n_len)
                         # dp <- dy @ v.T
                         gemm(TRANS_N, TRANS_T, m_len, n_len, dvd, np.float32(1.0), dy, dy_off,
                              gp[desc.DY_RS], v, v_off, gp[desc.V_RS], np.float32(0.0), dp, OFF0,
@@ -293,9 +333,10 @@ def _bwd_chunk(t, q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, sl
                             rb_ = rb[:mn]
                             s_ = s[:mn]
                             for x in range(mn):
-                                kx = rb_[x] * inv_keep
-                                dp_[x] = dp_[x] * kx
-                                rb_[x] = s_[x] * kx
+                                # selects (R ? x / keep : 0): exactly 0 when dropped
+                                kept = rb_[x] != 0.0
+                                dp_[x] = dp_[x] * inv_keep if kept else np.float32(0.0)
+                                rb_[x] = s_[x] * inv_keep if kept else np.float32(0.0)
                         # ds <- p * (dp_drop - dsum)   (in place in dp)
                         for r in range(m_len):
                             ds_r = dsum[st + (i0 + r) * gp[desc.ST_RS]]
@@ -304,18 +345,32 @@ def _bwd_chunk(t, q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, sl
                             for cc in range(n_len):
                                 dpr[cc] = sr[cc] * (dpr[cc] - ds_r)
                         pd = rb if dropping else s
-                        # dv <- dv + p_drop.T @ dy
-                        gemm(TRANS_T, TRANS_N, n_len, dvd, m_len, np.float32(1.0), pd, OFF0, n_len,
-                             dy, dy_off, gp[desc.DY_RS], np.float32(1.0), dv, v_off,
-                             gp[desc.V_RS], ab)
-                        # dk <- dk + ds.T @ q      (times scale later)
-                        gemm(TRANS_T, TRANS_N, n_len, d, m_len, np.float32(1.0), dp, OFF0, n_len,
-                             q, q_off, gp[desc.Q_RS], np.float32(1.0), dk, k_off,
-                             gp[desc.K_RS], ab)
-                        # dq <- dq + ds @ k        (times scale later)
-                        gemm(TRANS_N, TRANS_N, m_len, d, n_len, np.float32(1.0), dp, OFF0, n_len,
-                             k, k_off, gp[desc.K_RS], np.float32(1.0), dqbuf, q_off,
-                             gp[desc.Q_RS], ab)
+                        if careful:
+                            # non-finite rows meet this tile: masked ds exactly 0, and the three
+                            # products exclude masked elements exactly (guard.py)
+                            ds_guard(dp, cm, mn)
+                            gemm_guard(TRANS_T, n_len, m_len, dvd, pd, n_len, dy, dy_off,
+                                       gp[desc.DY_RS], dv, v_off, gp[desc.V_RS], bad,
+                                       gp[desc.BAD_DY], cm, gbuf, ab)
+                            gemm_guard(TRANS_T, n_len, m_len, d, dp, n_len, q, q_off,
+                                       gp[desc.Q_RS], dk, k_off, gp[desc.K_RS], bad,
+                                       gp[desc.BAD_Q], cm, gbuf, ab)
+                            gemm_guard(TRANS_N, m_len, n_len, d, dp, n_len, k, k_off,
+                                       gp[desc.K_RS], dqbuf, q_off, gp[desc.Q_RS], bad,
+                                       gp[desc.BAD_K], cm, gbuf, ab)
+                        else:
+                            # dv <- dv + p_drop.T @ dy
+                            gemm(TRANS_T, TRANS_N, n_len, dvd, m_len, np.float32(1.0), pd, OFF0,
+                                 n_len, dy, dy_off, gp[desc.DY_RS], np.float32(1.0), dv, v_off,
+                                 gp[desc.V_RS], ab)
+                            # dk <- dk + ds.T @ q      (times scale later)
+                            gemm(TRANS_T, TRANS_N, n_len, d, m_len, np.float32(1.0), dp, OFF0,
+                                 n_len, q, q_off, gp[desc.Q_RS], np.float32(1.0), dk, k_off,
+                                 gp[desc.K_RS], ab)
+                            # dq <- dq + ds @ k        (times scale later)
+                            gemm(TRANS_N, TRANS_N, m_len, d, n_len, np.float32(1.0), dp, OFF0,
+                                 n_len, k, k_off, gp[desc.K_RS], np.float32(1.0), dqbuf, q_off,
+                                 gp[desc.Q_RS], ab)
                         if dpk != 0:
                             _dpse_tile(dp, m_len, n_len, b, h, i0, j0, c, pk, dpk, scale,
                                        seqtab, dpse, dslope)
@@ -323,17 +378,18 @@ def _bwd_chunk(t, q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, sl
 
 @_jit.driver
 def bwd_driver(q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slopes, mask,
-               drop_mask, seqtab, gp, fp, items, tptr, visits):
+               drop_mask, seqtab, gp, fp, items, tptr, visits, bad):
     """Backward: accumulate unscaled dq, dk and dv (the caller multiplies dq, dk by scale).
 
     items: int64 [n_items, 4] = (b_lo, b_hi, n2, split).  Split 0 writes dq, split c > 0 its
     partial ``dqp[c - 1]`` (same offsets), reduced by the caller in a fixed order.
     dpse: flat float32 with the pse offsets (DPSE_KIND 1/2), dslope: float32 [B, N1, NSPLIT];
-    visits: int64 [n_chunks], tiles computed per chunk (debug hook).
+    visits: int64 [n_chunks], tiles computed per chunk (debug hook).  bad: uint8 non-finite
+    row flags; tiles touching a flagged row of q/k/v/dy/stats take guard.py's careful path.
     """
     for t in prange(tptr.size - 1):
         _bwd_chunk(np.int64(t), q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slopes, mask,
-                   drop_mask, seqtab, gp, fp, items, tptr, visits)
+                   drop_mask, seqtab, gp, fp, items, tptr, visits, bad)
 
 
 @_jit.kernel
