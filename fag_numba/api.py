@@ -410,13 +410,15 @@ def _run_forward(P, q, k, v):
         if gp[desc.NONFINITE]:
             kind = None                  # the careful path lives in the BLAS drivers
         with blas_single_thread():
-            drv = fwd_driver
-            if kind is not None:
+            if kind is None:
+                fwd_driver(q, k, v, out, m, l, P.pse.flat, P.pse.slopes, P.mask.dense,
+                           P.drop_flat, st, gp, fp, items, tptr, visits, bad)
+            else:
                 from .kernels import native
-                drv = native.driver("fwd", kind == "bf16")
                 q, k, v = arrays[:3]
-            drv(q, k, v, out, m, l, P.pse.flat, P.pse.slopes, P.mask.dense, P.drop_flat, st, gp,
-                fp, items, tptr, visits, bad)
+                native.driver("fwd", kind == "bf16")(
+                    q, k, v, out, m, l, P.pse.flat, P.pse.slopes, P.mask.dense, P.drop_flat, st,
+                    gp, fp, items, tptr, visits)
     last_tile_count["forward"] = int(visits.sum())
     return out, m, l
 
