@@ -159,14 +159,16 @@ def env_info() -> dict:
 # inputs
 # ---------------------------------------------------------------------------------------------
 def np_dtype(name: str):
-    """``"fp32"`` -> float32, ``"bf16"`` -> ml_dtypes.bfloat16."""
+    """``"fp32"`` -> float32, ``"bf16"`` -> ml_dtypes.bfloat16, ``"fp16"`` -> float16."""
     if name == "fp32":
         return np.dtype(np.float32)
+    if name == "fp16":
+        return np.dtype(np.float16)
     if name == "bf16":
         import ml_dtypes
 
         return np.dtype(ml_dtypes.bfloat16)
-    raise ValueError(f"unknown dtype {name!r} (fp32 or bf16)")
+    raise ValueError(f"unknown dtype {name!r} (fp32, bf16 or fp16)")
 
 
 def to_layout(x: np.ndarray, layout: str) -> np.ndarray:
@@ -317,7 +319,7 @@ def torch_tensor(x: np.ndarray):
     """numpy float32 / ml_dtypes.bfloat16 -> torch tensor with identical values (no copy)."""
     torch = import_torch()
     x = np.ascontiguousarray(x)
-    if x.dtype == np.float32:
+    if x.dtype in (np.float32, np.float16):
         return torch.from_numpy(x)
     if x.dtype == np_dtype("bf16"):
         return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)

@@ -150,6 +150,11 @@ ROWS: tuple[Row, ...] = (
     # Band smoke: mode 4, window 64 each side over 1024 tokens.
     _row(1, 1, 1, 1024, 1024, 64, "BNSD", 4, "smoke-band-s1024w64", pre_tokens=64,
          next_tokens=64, peer=None, rounds=20, tags=frozenset({"smoke", "band"})),
+    # ---- sequence-length sweep for ``compare.py --plot`` (not in ``all``) ----------------------
+    # 8 heads of 64 (a 512-wide attention block) at S = 512 .. 4096, dense and causal.
+    *(_row(1, 8, 8, s, s, 64, "BNSD", mode, f"sweep-b1n8s{s}d64" + ("-causal" if mode else ""),
+           dtypes=("fp32", "bf16"), rounds=3, tags=frozenset({"sweep"}))
+      for mode in (0, 3) for s in (512, 1024, 2048, 4096)),
 )
 
 BY_NAME = {row.name: row for row in ROWS}
@@ -158,13 +163,13 @@ assert len(BY_NAME) == len(ROWS), "row names must be unique"
 
 def select(specs) -> list[Row]:
     """Rows matching any of ``specs``: a row name, a tag (``issue``, ``causal``, ``smoke``, ...)
-    or ``all``.  Order follows the table; unknown specs raise ``KeyError`` listing the names."""
+    or ``all`` (every row except the ``sweep`` rows).  Order follows the table; unknown specs raise ``KeyError`` listing the names."""
     if isinstance(specs, str):
         specs = [specs]
     chosen = []
     for spec in specs:
-        if spec == "all":
-            hits = list(ROWS)
+        if spec == "all":             # the sweep is for plots only: opt in with --shapes sweep
+            hits = [row for row in ROWS if "sweep" not in row.tags]
         elif spec in BY_NAME:
             hits = [BY_NAME[spec]]
         else:

@@ -9,9 +9,9 @@ separately from the steady-state benchmarks.  For each case a child process
 * ``steady_fwd_s`` / ``steady_bwd_s``: a second call of each (run only), so the compile part is
   ``first - steady``.
 
-Variants: ``nocache`` (``FAG_NUMBA_CACHE=0``) and ``cached`` (``FAG_NUMBA_CACHE=1`` with a
-temporary ``NUMBA_CACHE_DIR``: an untimed first child fills the cache, the timed second child
-loads it; the filling child's numbers are recorded too as ``fill_*``).  The benchmark time is
+Variants: ``nocache`` (``FAG_NUMBA_CACHE=0``: the cold compile) and ``cached`` (the default
+cache in a temporary ``FAG_NUMBA_CACHE_DIR``: an untimed first child fills the empty cache,
+the timed second child loads it; the filling child's numbers are recorded too as ``fill_*``).  The benchmark time is
 the child's whole wall time (interpreter start included); the breakdown is in ``extra_info``.
 
 Run alone: ``python -m pytest benchmarks/test_bench_compile.py --benchmark-only``
@@ -123,7 +123,7 @@ def test_first_call(benchmark, case, cache, tmp_path):
     fill = None
     if cache == "cached":
         env = {"FAG_NUMBA_CACHE": "1",
-               "NUMBA_CACHE_DIR": tempfile.mkdtemp(prefix="numba-cache-", dir=tmp_path)}
+               "FAG_NUMBA_CACHE_DIR": tempfile.mkdtemp(prefix="fag-cache-", dir=tmp_path)}
         fill = run_child(case, env)              # untimed: populates the cache
         if "skip" in fill:
             pytest.skip(fill["skip"])
