@@ -5,7 +5,8 @@ work items ``items[tptr[t]:tptr[t+1]]``.  Every output element has exactly one w
 result does not depend on which thread runs an item: bitwise identical across thread counts.
 
 - ``fwd_driver``: items (b, h, q-block); online softmax over the key blocks (FA-2 forward).
-- ``rowstats_driver``: items (b, h); ``lse = m + log(l)`` and ``dsum = rowsum(dy * o)``.
+- ``rowstats_driver`` (serial, cheap): rows (b, h, i); ``lse = m + log(l)`` and
+  ``dsum = rowsum(dy * o)``.
 - ``bwd_driver``: items (b_lo, b_hi, n2, split); the item owns dk/dv of the key blocks
   ``split, split + NSPLIT, ...`` of kv head n2 for sequences ``[b_lo, b_hi)``, the partial dq
   of its split for the G query heads, and the dpse elements of those tiles.
@@ -72,17 +73,19 @@ def q_block_range(lo, hi, prefix, s1, j0, j1, bm):
     return ilo // bm, (ihi + bm - 1) // bm
 
 
-@_jit.driver
+@_jit.kernel
 def rowstats_driver(dy, o, m, l, seqtab, gp, lse, dsum):
     """``lse[row] = m[row] + log(l[row])`` and ``dsum[row] = sum_e dy[row, e] * o[row, e]``.
 
     Rows are (b, h, i) addressed through the statistics columns of ``seqtab``; dy and o share
-    the query layout with last dim Dv.
+    the query layout with last dim Dv.  Serial (despite the name, kept for its callers): it is
+    O(S1 * Dv) per head next to the backward's O(S1 * S2 * D), and a parallel function costs
+    ~1.3 s of extra cold compile (its own gufunc and parfor passes).
     """
     n1 = gp[desc.N1]
     nb = seqtab.shape[0]
     dv = gp[desc.DV]
-    for bh in prange(nb * n1):
+    for bh in range(nb * n1):
         b = bh // n1
         h = bh - b * n1
         s1 = seqtab[b, desc.S1]
