@@ -28,6 +28,7 @@ from typing import NamedTuple
 from . import _jit, api, config, dtypes, validation
 from .api import FlashAttentionGrads, FlashAttentionOutput
 from .errors import FagTypeError, FagValueError
+from .masks import MaskPlan
 from .pse import _start_idx
 
 _FLT_MAX = np.float32(3.4028234663852886e38)
@@ -119,16 +120,6 @@ CHUNKED_OPTIONS = ("scale_value", "keep_prob", "seed", "offset", "atten_mask", "
                    "pre_tokens", "next_tokens", "pse", "pse_type", "q_start_idx", "kv_start_idx",
                    "inner_precise")
 _SEQ_AXIS = {"BNSD": 2, "BSND": 1, "BSH": 1, "SBH": 0}
-_TRI = []
-
-
-def _tri():
-    """The compressed causal mask ``triu(ones(2048, 2048), 1)`` the partial pairs pass (once)."""
-    if not _TRI:
-        t = np.triu(np.ones((2048, 2048), bool), 1)
-        t.flags.writeable = False
-        _TRI.append(t)
-    return _TRI[0]
 
 
 class Pair(NamedTuple):
@@ -212,7 +203,7 @@ class PairRunner:
     ``kvstart``: the problem's own ALiBi start indices; ``options``: ``scale_value``,
     ``keep_prob``, ``seed``, ``offset``, ``pse`` (slopes), ``pse_type`` as for the unchunked
     call.  Each pair call goes through ``api._prepare`` (validation, descriptors) with the pair's
-    mask (none for a full pair, sparse mode 4 with local tokens for a partial one), ALiBi start
+    mask (none for a full pair, the local band for a partial one), ALiBi start
     indices ``qstart + i0`` / ``kvstart + j0`` and the global dropout element geometry.
     """
 
@@ -230,18 +221,23 @@ class PairRunner:
 
     def _prepare(self, pair, q, k, v, dy):
         i0, i1, j0, j1, full = pair
-        if full:
-            mask, mode, pre, nxt = None, 0, api.INT32_MAX, api.INT32_MAX
-        else:
+        P = api._prepare(self.fn, q, k, v, dy, self.head_num, self.layout, self.pse, None, None,
+                         self.scale, self.keep_prob, api.INT32_MAX, api.INT32_MAX, 0, None, None,
+                         None, 0, self.pse_type, self.qstart + i0, self.kvstart + j0, "",
+                         self.seed, self.offset, {}, None)
+        if not full:
+            # the pair's band in local coordinates j' - i' (what sparse mode 4 with
+            # pre = s2 - s1 - lo', next = hi' - (s2 - s1) would plan, built directly: checking
+            # the compressed mask costs ~10 ms per pair), canonical like masks.plan_masks
             s1l, s2l, d = i1 - i0, j1 - j0, j0 - i0
-            lo_l = max(self.lo - d, -s1l)          # local band of j' - i', clipped to the block
-            hi_l = min(self.hi - d, s2l)
-            dl = s2l - s1l                         # sparse mode 4 is bottom-right aligned
-            mask, mode, pre, nxt = _tri(), 4, dl - lo_l, hi_l - dl
-        P = api._prepare(self.fn, q, k, v, dy, self.head_num, self.layout, self.pse, None, mask,
-                         self.scale, self.keep_prob, pre, nxt, 0, None, None, None, mode,
-                         self.pse_type, self.qstart + i0, self.kvstart + j0, "", self.seed,
-                         self.offset, {}, None)
+            lo_l = -_INF if self.lo - d <= 1 - s1l else self.lo - d
+            hi_l = _INF if self.hi - d >= s2l - 1 else self.hi - d
+            nb = P.dims.B
+            z = np.zeros(nb, np.int64)
+            P.mask = MaskPlan(lo=np.full(nb, lo_l, np.int64), hi=np.full(nb, hi_l, np.int64),
+                              prefix=z, has_dense=False, dense=np.zeros(1, np.uint8),
+                              dense_boff=z.copy(), dense_hs=0, dense_rs=0, sparse_mode=4,
+                              full=False)
         P.drop_geom = (self.s1, self.s2, i0, j0)
         return P
 

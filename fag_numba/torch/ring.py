@@ -63,7 +63,7 @@ _FN = "ring_attention"
 
 #: Timing and volume of the last ring_attention forward / backward on this rank: ``steps``,
 #: ``bytes_sent`` (per step, list), ``compute_s`` (per step), ``wait_s`` (per step: time blocked
-#: in ``wait()`` after the compute, i.e. communication not hidden by compute).
+#: in ``wait()`` after the compute, i.e. communication not hidden by compute), ``total_s``.
 last_ring_stats = {"forward": {}, "backward": {}}
 
 
@@ -347,6 +347,7 @@ def _pairs(P, rank, src):
 
 def _ring_forward(P, query, key, value):
     """float32 merged (out in the query layout with last dim Dv, lse [B, N1, s])."""
+    t_start = time.perf_counter()
     lay, run = P.layout, P.run
     q = P.np[0]
     dims = P.dims
@@ -388,12 +389,14 @@ def _ring_forward(P, query, key, value):
     lse = np.empty(m.shape, np.float32)
     if lse.size:
         _lse_rows(m.reshape(-1), l.reshape(-1), lse.reshape(-1))
+    stats["total_s"] = time.perf_counter() - t_start
     last_ring_stats["forward"] = stats
     return out, lse
 
 
 def _ring_backward(P, key, value, dy, out32, lse):
     """float32 (dq, dk, dv) of this rank's shards."""
+    t_start = time.perf_counter()
     lay, run, dims = P.layout, P.run, P.dims
     q = P.np[0]
     dq = np.zeros(q.shape, np.float32)
@@ -451,6 +454,7 @@ def _ring_backward(P, key, value, dy, out32, lse):
         dk, dv = acc_in[0].numpy(), acc_in[1].numpy()
     else:
         dk, dv = acc[0].numpy(), acc[1].numpy()
+    stats["total_s"] = time.perf_counter() - t_start
     last_ring_stats["backward"] = stats
     return dq, dk, dv
 
