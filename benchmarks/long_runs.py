@@ -190,7 +190,8 @@ def ring_child(args):
 
 def _env(cache, threads):
     env = dict(os.environ)
-    env.update(NUMBA_CACHE_DIR=str(cache), FAG_NUMBA_CACHE="1", NUMBA_NUM_THREADS=str(threads),
+    env.update(NUMBA_CACHE_DIR=str(cache), FAG_NUMBA_CACHE_DIR=str(cache), FAG_NUMBA_CACHE="1",
+               NUMBA_NUM_THREADS=str(threads),
                OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     return env
 
