@@ -26,6 +26,7 @@ def _free_port():
 def test_ring_flash_attn_two_gloo_ranks_bf16(tmp_path):
     # one compile: rank 0 fills a private on-disk kernel cache that rank 1 then loads
     env = dict(os.environ, FAG_NUMBA_CACHE="1", NUMBA_CACHE_DIR=str(tmp_path),
+               FAG_NUMBA_CACHE_DIR=str(tmp_path),
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     # hard timeout: a hung collective must fail the test, not the CI run
     r = subprocess.run([sys.executable, str(ROOT / "tests" / "clients" / "ring_client.py"),
