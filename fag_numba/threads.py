@@ -6,19 +6,22 @@
   the drivers call BLAS from inside ``prange`` (nested threading oversubscribes the cores).
 - ``runtime_info()``: versions, threading layer, thread count, BLAS, for reports.
 
-Calling fag_numba from several Python threads at once needs a thread-safe numba threading
-layer (``NUMBA_THREADING_LAYER=tbb`` or ``omp``); the default workqueue layer aborts on
-concurrent use (numba#8563).
+Calling fag_numba from several Python threads at once works on every machine: with numba's
+``omp`` or ``tbb`` layer the calls run concurrently; on the ``workqueue`` fallback (which aborts
+on concurrent use, numba#8563) they are serialised by a lock.  A process forked after a call
+(``omp`` layer: GNU OpenMP is not fork-safe) raises FagError at its first call instead of being killed or
+hanging; ``tbb`` is fork-safe.
 """
 import contextlib
 import functools
 import os
 import platform
+import threading
 
 import numba
 
 from . import _jit
-from .errors import FagTypeError, FagValueError
+from .errors import FagError, FagTypeError, FagValueError
 from .validation import is_int
 
 
@@ -52,15 +55,85 @@ def _controller():
     return ThreadpoolController()
 
 
+# Concurrent calls from Python threads (issue 13): the BLAS limit is one shared state, so it is
+# taken by the first active call and restored by the last (a refcount under a lock); a plain
+# per-call save/restore interleaved across threads restored the limit of 1 "saved" by another
+# call and left the user's numpy/SciPy at one thread.
+_blas_lock = threading.Lock()
+_blas_depth = 0
+_blas_limiter = None
+# numba's workqueue layer (the fallback where neither TBB nor an OpenMP runtime is found)
+# aborts the process on concurrent parallel launches: calls are serialised there.
+_serial_lock = threading.RLock()
+_parent_pid = os.getpid()
+_forked_after_use = False
+
+
+def _after_fork_in_child():
+    """A forked child of a process whose OpenMP pool already ran cannot launch parallel work
+    (GNU OpenMP is not fork-safe: numba terminates the child); remember that."""
+    global _forked_after_use, _blas_depth, _blas_limiter, _blas_lock, _serial_lock
+    _blas_lock = threading.Lock()        # locks held by other threads at fork time are dead
+    _serial_lock = threading.RLock()
+    _blas_depth = 0
+    _blas_limiter = None
+    if _layer_or_none() == "omp":        # tbb and workqueue are fork-safe
+        _forked_after_use = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _layer_or_none():
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return None
+
+
+def _check_fork():
+    if _forked_after_use:
+        raise FagError(
+            f"fag_numba cannot run in this process: it was forked (os.fork, multiprocessing "
+            f"'fork' start method, ProcessPoolExecutor, DataLoader workers) from a process that "
+            f"had already run fag_numba with numba's {_layer_or_none()!r} threading layer, which "
+            f"is not fork-safe. Use the 'spawn' or 'forkserver' start method "
+            f"(multiprocessing.set_start_method('spawn'), DataLoader(multiprocessing_context="
+            f"'spawn')), or set NUMBA_THREADING_LAYER=tbb (pip install tbb) before the parent "
+            f"imports numba")
+
+
 @contextlib.contextmanager
 def blas_single_thread():
-    """Limit the BLAS libraries to one thread for the duration of a driver call."""
+    """Around every driver call: refuse in an unsafe forked child (FagError, never a hang),
+    serialise calls on numba's workqueue layer, and hold the BLAS libraries at one thread
+    while any call runs (the drivers call BLAS inside prange), restored when the last ends."""
+    global _blas_depth, _blas_limiter
+    _check_fork()
+    layer = _layer_or_none()
+    serial = layer is None or layer == "workqueue"     # None: first launch, layer not chosen yet
     ctl = _controller()
-    if ctl is None:
-        yield
-        return
-    with ctl.limit(limits=1, user_api="blas"):
-        yield
+    if serial:
+        _serial_lock.acquire()
+    try:
+        if ctl is not None:
+            with _blas_lock:
+                if _blas_depth == 0:
+                    _blas_limiter = ctl.limit(limits=1, user_api="blas")
+                _blas_depth += 1
+        try:
+            yield
+        finally:
+            if ctl is not None:
+                with _blas_lock:
+                    _blas_depth -= 1
+                    if _blas_depth == 0 and _blas_limiter is not None:
+                        _blas_limiter.restore_original_limits()
+                        _blas_limiter = None
+    finally:
+        if serial:
+            _serial_lock.release()
 
 
 def runtime_info():

@@ -366,3 +366,22 @@ def test_all_minus_inf_pse_row_is_nan_but_a_masked_row_is_invalid():
     f, g = _check_vs_reference(q, k, v, dy, 1, "BNSD", pse=pse, atten_mask=mask, sparse_mode=1)
     assert np.isnan(f.attention_out[0, 0, 1]).all()
     assert (f.attention_out[0, 0, 2] == 0).all() and f.softmax_max[0, 0, 2, 0] < -3e38
+
+
+# ---- 5, 6. threads and fork (one subprocess with the fork-unsafe omp layer; hard timeout) ------
+
+def test_threads_and_fork_in_a_subprocess():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    worker = Path(__file__).with_name("reliability_threads_worker.py")
+    env = dict(os.environ, NUMBA_THREADING_LAYER="omp",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    r = subprocess.run([sys.executable, str(worker)], env=env, capture_output=True, text=True,
+                       timeout=600)
+    out = r.stdout
+    assert r.returncode == 0, (out, r.stderr[-2000:])
+    assert "errs []" in out                        # 4 concurrent threads, results bitwise equal
+    assert "fork child exit 7" in out              # FagError naming 'spawn', not SIGTERM
+    assert "pool FagError ok" in out and "ppe FagError ok" in out   # no hang
