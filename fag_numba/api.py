@@ -556,38 +556,36 @@ def flash_attention_score_grad(query, key, value, dy, head_num, input_layout, *,
         validation.check_array("softmax_lse", softmax_lse, f)
         # (one float32 per row: small next to what _materialize refuses or converts)
         lse = validation.check_lse("softmax_lse", validation.plain(softmax_lse), P.dims, f)
+        stats_given = True
+    else:
+        given = [x is not None for x in (softmax_max, softmax_sum, attention_in)]
+        if any(given) and not all(given):
+            raise FagValueError(
+                f"{f}softmax_max, softmax_sum and attention_in must be given together or not "
+                f"at all, got softmax_max={'set' if given[0] else None}, "
+                f"softmax_sum={'set' if given[1] else None}, "
+                f"attention_in={'set' if given[2] else None}")
+        stats_given = all(given)
+        if stats_given:
+            validation.check_stats("softmax_max", softmax_max, P.dims, f, convert=False)
+            validation.check_stats("softmax_sum", softmax_sum, P.dims, f, convert=False)
+    arrays = {"query": query, "key": key, "value": value, "dy": dy}
+    if stats_given:
         validation.check_like("attention_in", attention_in, P.dy_shape, f,
                               allowed=dtypes.ATTN_IN_DTYPES)
-        _materialize(P, fn, {"query": query, "key": key, "value": value, "dy": dy,
-                             "attention_in": attention_in}, True, True, pse, atten_mask,
-                     drop_mask)
+        arrays["attention_in"] = attention_in
+    _materialize(P, fn, arrays, True, stats_given, pse, atten_mask, drop_mask)
+    if softmax_lse is not None:
         # the kernels take (m, l) and form m + log(l); (lse, 1) gives lse exactly.  An invalid
         # row (-inf) becomes m = +inf: exp(z - inf) = 0 for every element, so its gradients
         # are zero whatever the mask (-inf itself would give exp(z + inf) = inf).
         m = np.where(lse == -np.inf, np.float32(np.inf), lse).astype(np.float32)
         l = np.ones_like(m)
-        q, k, v, y = _inputs(P, query, key, value, dy)
-        o = dtypes.to_f32_flat(attention_in)
-        return _grads_out(P, query, key, value, _run_backward(P, q, k, v, y, o, m, l))
-    given = [x is not None for x in (softmax_max, softmax_sum, attention_in)]
-    if any(given) and not all(given):
-        raise FagValueError(f"{f}softmax_max, softmax_sum and attention_in must be given together "
-                            f"or not at all, got softmax_max={'set' if given[0] else None}, "
-                            f"softmax_sum={'set' if given[1] else None}, "
-                            f"attention_in={'set' if given[2] else None}")
-    arrays = {"query": query, "key": key, "value": value, "dy": dy}
-    if all(given):
-        validation.check_stats("softmax_max", softmax_max, P.dims, f, convert=False)
-        validation.check_stats("softmax_sum", softmax_sum, P.dims, f, convert=False)
-        validation.check_like("attention_in", attention_in, P.dy_shape, f,
-                              allowed=dtypes.ATTN_IN_DTYPES)
-        arrays["attention_in"] = attention_in
-    _materialize(P, fn, arrays, True, all(given), pse, atten_mask, drop_mask)
-    if all(given):
+    elif stats_given:
         m = validation.check_stats("softmax_max", softmax_max, P.dims, f)
         l = validation.check_stats("softmax_sum", softmax_sum, P.dims, f)
     q, k, v, y = _inputs(P, query, key, value, dy)
-    if all(given):
+    if stats_given:
         o = dtypes.to_f32_flat(attention_in)
     else:
         o, m, l = _run_forward(P, q, k, v)
