@@ -130,9 +130,7 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
     mrun = np.empty(bm, np.float32)
     lrun = np.empty(bm, np.float32)
     sub = np.empty(bm, np.float32)
-    ibuf = np.empty(bn, np.int32)
     ab = np.empty(2, np.float32)
-    lanes = np.empty(16, np.float32)
     for it in range(tptr[t], tptr[t + 1]):
         b = items[it, 0]
         h = items[it, 1]
@@ -167,7 +165,7 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
                 # m_new <- max(m, rowmax(s));  p <- exp(s - m_new);  l <- l*exp(m-m_new) + rowsum(p)
                 sr = s[r * n_len:(r + 1) * n_len]
                 # NaN scores make m NaN (SPEC §9: NaN propagates), never an invalid row
-                mx = row_max(sr, n_len, mrun[r], lanes)
+                mx = row_max(sr, n_len, mrun[r])
                 if mx == NEG_INF:
                     # all -inf so far: masked, or computed with -inf scores (inf inputs, pse)
                     if vrow[r] == 0 and (cls == desc.FULL or row_has_computed(
@@ -179,11 +177,7 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
                     sub[r] = mx
                     corr = np.float32(math.exp(mrun[r] - mx)) if mrun[r] != NEG_INF else np.float32(0.0)
                 mrun[r] = mx
-                exp_sub(s, r * n_len, sub[r], n_len, ibuf)
-                rs = np.float32(0.0)
-                for c in range(n_len):
-                    rs += sr[c]
-                lrun[r] = lrun[r] * corr + rs
+                lrun[r] = lrun[r] * corr + exp_sub(s, r * n_len, sub[r], n_len)
                 if corr != 1.0:
                     ar = acc[r * dv:(r + 1) * dv]
                     for e in range(dv):
@@ -275,7 +269,6 @@ def _bwd_chunk(t, q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, sl
     s = np.empty(bm * bn, np.float32)
     dp = np.empty(bm * bn, np.float32)
     rb = np.empty(bm * bn, np.float32)
-    ibuf = np.empty(bn, np.int32)
     ab = np.empty(2, np.float32)
     for it in range(tptr[t], tptr[t + 1]):
         n2 = items[it, 2]
@@ -320,7 +313,7 @@ def _bwd_chunk(t, q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, sl
                         score_tile(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len,
                                    j0, n_len, cls, s, ab)
                         for r in range(m_len):
-                            exp_sub(s, r * n_len, lse[st + (i0 + r) * gp[desc.ST_RS]], n_len, ibuf)
+                            exp_sub(s, r * n_len, lse[st + (i0 + r) * gp[desc.ST_RS]], n_len)
                         if careful:
                             computed_tile(seqtab, gp, mask, b, h, i0, m_len, j0, n_len, cls, cm)
                             p_guard(s, cm, lse, st, gp[desc.ST_RS], i0, m_len, n_len)

@@ -454,7 +454,6 @@ def _make_bwd(bf):
             s = np.empty(bm * bn, np.float32)
             dp = np.empty(bm * bn, np.float32)
             rb = np.empty(bm * bn, np.float32)
-            ibuf = np.empty(bn, np.int32)
             # P^T and dS^T in 4-column panels (float32, or bf16 pairs of rows)
             pt = np.empty(((bn + 3) // 4) * pstr, np.uint32)
             dt = np.empty(((bn + 3) // 4) * pstr, np.uint32)
@@ -528,7 +527,7 @@ def _make_bwd(bf):
                                               j0, n_len, cls, s)
                                 for r in range(m_len):
                                     exp_sub(s, r * n_len, lse[st + (i0 + r) * gp[desc.ST_RS]],
-                                            n_len, ibuf)
+                                            n_len)
                                 # dp <- dy @ v.T
                                 prod(dp, 0, n_len, m_len, n_len, y32, dy_off // W,
                                      gp[desc.DY_RS] // W, 1, 4 * gp[desc.DY_RS] // W, vt, jo,
@@ -615,8 +614,6 @@ def _make_fwd(bf):
             acc = np.empty(bm * max(dv, 1), np.float32)
             mrun = np.empty(bm, np.float32)
             lrun = np.empty(bm, np.float32)
-            ibuf = np.empty(bn, np.int32)
-            lanes = np.empty(16, np.float32)
             kt = np.empty(max(dw, 1) * bn, np.uint32)
             vp = np.empty(max(BF * hn * dv, 1), np.uint32)       # bf16: V rows in pairs
             p16 = np.empty(max(BF * bm * hn, 1), np.uint32)      # bf16: P rows
@@ -663,7 +660,7 @@ def _make_fwd(bf):
                                   cls, s)
                     for r in range(m_len):
                         sr = s[r * n_len:(r + 1) * n_len]
-                        mx = row_max(sr, n_len, mrun[r], lanes)
+                        mx = row_max(sr, n_len, mrun[r])
                         if mx == NEG_INF:
                             sub = np.float32(0.0)
                             corr = np.float32(1.0)
@@ -672,11 +669,7 @@ def _make_fwd(bf):
                             corr = (np.float32(math.exp(mrun[r] - mx)) if mrun[r] != NEG_INF
                                     else np.float32(0.0))
                         mrun[r] = mx
-                        exp_sub(s, r * n_len, sub, n_len, ibuf)
-                        rs = np.float32(0.0)
-                        for c in range(n_len):
-                            rs += sr[c]
-                        lrun[r] = lrun[r] * corr + rs
+                        lrun[r] = lrun[r] * corr + exp_sub(s, r * n_len, sub, n_len)
                         if corr != 1.0:
                             ar = acc[r * dv:(r + 1) * dv]
                             for e in range(dv):

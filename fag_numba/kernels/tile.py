@@ -6,7 +6,9 @@ product of rows ``[i0, i0 + m_len)`` of one query head and rows ``[j0, j0 + n_le
 key head of sequence b.
 """
 import numpy as np
+from llvmlite import ir
 from numba import types
+from numba.extending import intrinsic
 from numba.np.linalg import _BLAS
 
 from .. import _jit
@@ -69,20 +71,47 @@ _INF = np.float32(np.inf)
 NEG_INF = np.float32(-np.inf)
 
 
+@intrinsic
+def _bits_f32(typingctx, i):
+    """The float32 whose bits are int32 ``i`` (a register bitcast: vectorises, unlike a view)."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return sig, codegen
+
+
+@intrinsic
+def _fmaximum(typingctx, a, b):
+    """IEEE-754 2019 ``maximum`` of two float32 (LLVM ``llvm.maximum``): NaN if either is NaN.
+
+    An exact, associative operation, so LLVM vectorises a running max built from it without
+    ``nnan`` (which we never enable); a select-based NaN-propagating max stays scalar."""
+    sig = types.float32(types.float32, types.float32)
+
+    def codegen(context, builder, sig, args):
+        f32 = ir.FloatType()
+        fn = builder.module.declare_intrinsic("llvm.maximum", [f32], ir.FunctionType(f32, [f32, f32]))
+        return builder.call(fn, args)
+    return sig, codegen
+
+
 @_jit.kernel
-def exp_sub(buf, off, sub, n, ibuf):
-    """In place ``buf[off + q] = exp(buf[off + q] - sub)`` for q < n.
+def exp_sub(buf, off, sub, n):
+    """In place ``buf[off + q] = exp(buf[off + q] - sub)`` for q < n; returns their sum.
 
     Vectorised (PERF.md: a scalar libm exp per score costs as much as the GEMMs at D = 64):
     range reduction x = n*ln2 + t, a degree-6 polynomial for exp(t), and 2**n built from integer
-    bits in ``ibuf`` (int32 scratch of at least n) read back through a float32 view.  Max relative
-    error ~6e-7.  x < -87.34 (and -inf) give exactly 0, x > 88.72 gives inf, NaN propagates;
-    arguments in (88, 88.72] are clamped to 88 (softmax arguments are <= 0).
+    bits (``_bits_f32``).  One pass that also sums the row (the forward's l): the former
+    two-pass form (2**n through an int32 scratch) plus a separate row-sum pass measured 0.67
+    vs 0.49 ns per element.  Max relative error ~6e-7.  x < -87.34 (and -inf) give exactly 0,
+    x > 88.72 gives inf, NaN propagates; arguments in (88, 88.72] are clamped to 88 (softmax
+    arguments are <= 0).
     """
     # a row view indexed by the loop counter: numba then knows every index is >= 0, drops the
     # negative-index wrap-around and LLVM vectorises the loop (8x faster than buf[off + q])
     b = buf[off:off + n]
-    fbuf = ibuf.view(np.float32)
+    rs = _ZERO
     for q in range(n):
         src = b[q]
         x = src - sub
@@ -91,37 +120,27 @@ def exp_sub(buf, off, sub, n, ibuf):
         t = xc - fx * _LN2_HI - fx * _LN2_LO
         y = ((((_P0 * t + _P1) * t + _P2) * t + _P3) * t + _P4) * t + _P5
         y = y * (t * t) + t + _ONE
-        ibuf[q] = (np.int32(fx) + np.int32(127)) << np.int32(23)
+        y = y * _bits_f32((np.int32(fx) + np.int32(127)) << np.int32(23))
         v = y if x >= _XMIN else _ZERO
         v = _INF if x > _XOVF else v
         v = x if x != x else v
         # a masked score (-inf) gives exactly 0 whatever sub is (even -inf or NaN statistics)
-        b[q] = _ZERO if src == NEG_INF else v
-    for q in range(n):
-        b[q] = b[q] * fbuf[q]
+        v = _ZERO if src == NEG_INF else v
+        b[q] = v
+        rs += v
+    return rs
 
 
 @_jit.kernel(inline="always")
-def row_max(x, n, init, lanes):
-    """``max(init, x[0:n])``, NaN-propagating (SPEC §9), vectorised through 16 lanes.
+def row_max(x, n, init):
+    """``max(init, x[0:n])``, NaN-propagating (SPEC §9), vectorised.
 
-    A plain running max is a loop-carried select that LLVM cannot reorder without ``nnan``
-    (which we never enable), so it runs scalar; 16 lanes make it SIMD.  lanes: float32 [16].
+    ``_fmaximum`` in place of a select chain: 0.05 vs 0.30 ns per element (the former 16-lane
+    scratch array form), a quarter of the forward's elementwise time at D = 128.
     """
-    for t in range(16):
-        lanes[t] = init
-    nv = n - n % 16
-    for c0 in range(0, nv, 16):
-        xr = x[c0:c0 + 16]
-        for t in range(16):
-            v = xr[t]
-            lanes[t] = v if (v > lanes[t] or v != v) else lanes[t]
     mx = init
-    for t in range(16):
-        mx = lanes[t] if (lanes[t] > mx or lanes[t] != lanes[t]) else mx
-    for c in range(nv, n):
-        v = x[c]
-        mx = v if (v > mx or v != v) else mx
+    for c in range(n):
+        mx = _fmaximum(mx, x[c])
     return mx
 
 
