@@ -26,9 +26,13 @@ DEFAULTS = {
     # (S=32768, N=1, D=64) and measured as fast as 4 on 2 cores.
     "SPLIT_TARGET": 2,
     # Forward work items are (b, h, q-block).  A/B medians vs 128 x 256 (2 threads, fp32):
-    # (1,8,2048,128) 107 vs 123 ms, (1,4,4096,64) 121 vs 133 ms (torch: 96 / 106); 512 rows
-    # gained 2-3% more but leaves a single item per head at S1 <= 512.
-    "FWD_BLOCK_M": 384,
+    # (1,8,2048,128) 107 vs 123 ms, (1,4,4096,64) 121 vs 133 ms (torch: 96 / 106).  512 vs
+    # 384 rows (A/B, 7 rounds, 2 threads, loaded machine): (2,16,512,64) 0.88 (384 split each
+    # head 384 + 128: unequal items and a small, inefficient one), (1,8,2048,128) 0.945, the
+    # causal (1,8,2048,128) / (1,4,4096,64) 0.985 / 0.98, (1,1,8192,64) 1.00: OpenBLAS packs
+    # the key and value blocks (its expensive A-side copy) once per item, so fewer, taller
+    # items pack them less often.  A single head with S1 <= 512 is one item (one thread).
+    "FWD_BLOCK_M": 512,
     "FWD_BLOCK_N": 256,
     # Native tile products (kernels/native.py: a 4 x 64 AVX-512 register-block micro-kernel in
     # place of OpenBLAS sgemm), used when numba's target has AVX-512 and the inputs are finite.
