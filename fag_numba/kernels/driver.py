@@ -130,6 +130,7 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
     mrun = np.empty(bm, np.float32)
     lrun = np.empty(bm, np.float32)
     sub = np.empty(bm, np.float32)
+    cor = np.empty(bm, np.float32)
     ab = np.empty(2, np.float32)
     for it in range(tptr[t], tptr[t + 1]):
         b = items[it, 0]
@@ -162,7 +163,7 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
             score_tile(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0, n_len,
                        cls, s, ab)
             for r in range(m_len):
-                # m_new <- max(m, rowmax(s));  p <- exp(s - m_new);  l <- l*exp(m-m_new) + rowsum(p)
+                # m_new <- max(m, rowmax(s));  corr <- exp(m - m_new)  (exp below, one pass)
                 sr = s[r * n_len:(r + 1) * n_len]
                 # NaN scores make m NaN (SPEC §9: NaN propagates), never an invalid row
                 mx = row_max(sr, n_len, mrun[r])
@@ -172,11 +173,18 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
                             seqtab, gp, mask, b, h, i0 + r, j0, n_len)):
                         vrow[r] = 1
                     sub[r] = np.float32(0.0)   # nothing computed yet: exp(-inf - 0) = 0
-                    corr = np.float32(1.0)
+                    cor[r] = np.float32(0.0)   # corr 1
                 else:
                     sub[r] = mx
-                    corr = np.float32(math.exp(mrun[r] - mx)) if mrun[r] != NEG_INF else np.float32(0.0)
+                    # first computed block: corr 0 (exp_sub maps -inf to exactly 0)
+                    cor[r] = mrun[r] - mx if mrun[r] != NEG_INF else NEG_INF
                 mrun[r] = mx
+            # the corrections of all rows as one vector pass (a libm exp per row and tile was
+            # 2% of a D = 64 forward); exp(0) is exactly 1, so unchanged maxima skip the rescale
+            exp_sub(cor, OFF0, np.float32(0.0), m_len)
+            for r in range(m_len):
+                # p <- exp(s - m_new);  l <- l * corr + rowsum(p);  acc <- acc * corr
+                corr = cor[r]
                 lrun[r] = lrun[r] * corr + exp_sub(s, r * n_len, sub[r], n_len)
                 if corr != 1.0:
                     ar = acc[r * dv:(r + 1) * dv]
