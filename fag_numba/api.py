@@ -604,7 +604,7 @@ def _grads_out(P, query, key, value, res):
 def _run_backward(P, q, k, v, y, o, m, l):
     """Row statistics pass, then the backward driver; dq/dk scaled once at the end (as the NPU)."""
     from .kernels.driver import bwd_driver, rowstats_driver
-    from .planning import backward_blocks, plan_backward
+    from .planning import backward_blocks, backward_group, plan_backward
 
     d = P.dims
     bm, bn = backward_blocks(d.D)
@@ -620,6 +620,7 @@ def _run_backward(P, q, k, v, y, o, m, l):
     pp = P.pse
     items, tptr, nsplit = plan_backward(st, d.N2, d.G, bm, bn, pp.merge_b)
     gp[desc.NSPLIT] = nsplit
+    gp[desc.BWD_GROUP] = backward_group(bm)
     gp[desc.DPSE_KIND] = pp.dpse_kind
     dqp = np.zeros((nsplit - 1, dq.size) if nsplit > 1 else (1, 1), np.float32)
     dpse = np.zeros(pp.flat.size if pp.dpse_kind == 1 else 1, np.float32)

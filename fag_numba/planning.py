@@ -131,6 +131,12 @@ def backward_blocks(d):
     return config.BLOCK_M, config.BLOCK_N
 
 
+def backward_group(bm):
+    """Whole backward tiles of consecutive query blocks that share one score product and one
+    dy v^T product: ``BWD_SCORE_ROWS // bm`` (at least 1).  Shape-only, as every plan choice."""
+    return max(1, int(config.BWD_SCORE_ROWS) // max(int(bm), 1))
+
+
 def split_count(n_groups, n2, max_kv_blocks):
     """Number of S2 splits of the backward: shape-only, so results do not depend on threads.
 

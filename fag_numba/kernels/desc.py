@@ -70,7 +70,10 @@ BAD_K = 30
 BAD_V = 31
 BAD_DY = 32
 BAD_DSUM = 33     # statistics rows (dsum non-finite, lse NaN or -inf), indexed by statistics row
-NGP = 34
+# backward: up to this many whole tiles of consecutive query blocks share one score product
+# and one dy v^T product (0 or 1: tile by tile); planning.backward_group
+BWD_GROUP = 34
+NGP = 35
 
 # ---- fp entries (global float32) ----
 SCALE = 0

@@ -273,9 +273,11 @@ def _bwd_chunk(t, q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, sl
     careful_on = gp[desc.NONFINITE] != 0
     cm = np.empty(bm * bn if careful_on else 1, np.uint8)
     gbuf = np.empty(max(bm, bn) * max(d, 1) if careful_on else 1, np.float32)
-    # scratch: s (p), dp (ds), rb (keep bits, then p_drop): BLOCK_M*BLOCK_N each
-    s = np.empty(bm * bn, np.float32)
-    dp = np.empty(bm * bn, np.float32)
+    # tiles per run sharing the score and dy v^T products (1 when gp leaves it 0)
+    grp = max(gp[desc.BWD_GROUP], 1)
+    # scratch: s (p), dp (ds): a run of tiles; rb (keep bits, then p_drop): one tile
+    s = np.empty(grp * bm * bn, np.float32)
+    dp = np.empty(grp * bm * bn, np.float32)
     rb = np.empty(bm * bn, np.float32)
     ab = np.empty(2, np.float32)
     for it in range(tptr[t], tptr[t + 1]):
@@ -296,20 +298,41 @@ def _bwd_chunk(t, q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, sl
                 for gg in range(g):
                     h = n2 * g + gg
                     st = seqtab[b, desc.ST_OFF] + h * seqtab[b, desc.ST_HS]
-                    for ib in range(ib_lo, ib_hi):
+                    ib = ib_lo
+                    while ib < ib_hi:
                         # the tile, trimmed to the rows/columns the band can reach
                         i0, m_len, j0, n_len = trim_tile(lo, hi, pre, ib * bm,
                                                          min(bm, s1 - ib * bm), jb0, jb_len)
                         if m_len == 0:
+                            ib += 1
                             continue
                         cls = tile_class(seqtab, gp, mask, b, h, i0, m_len, j0, n_len)
                         if cls == desc.EMPTY:
+                            ib += 1
                             continue
-                        visits[t] += 1
+                        # a run of up to ``grp`` whole (untrimmed, FULL) tiles shares one score
+                        # product and one dy v^T product: taller products run faster in OpenBLAS
+                        # (its packed path; the inner dimension is only D)
+                        ng = 1
+                        rows = m_len
+                        if (grp > 1 and not careful_on and cls == desc.FULL and m_len == bm
+                                and n_len == jb_len and i0 == ib * bm and j0 == jb0):
+                            while ng < grp and ib + ng < ib_hi:
+                                x0 = (ib + ng) * bm
+                                xl = min(bm, s1 - x0)
+                                a0, am, c0, cn = trim_tile(lo, hi, pre, x0, xl, jb0, jb_len)
+                                if (a0 != x0 or am != xl or c0 != jb0 or cn != jb_len
+                                        or tile_class(seqtab, gp, mask, b, h, x0, xl, jb0,
+                                                      jb_len) != desc.FULL):
+                                    break
+                                ng += 1
+                                rows += xl
+                        visits[t] += ng
                         k_off = seqtab[b, desc.K_OFF] + n2 * gp[desc.K_HS] + j0 * gp[desc.K_RS]
                         v_off = seqtab[b, desc.V_OFF] + n2 * gp[desc.V_HS] + j0 * gp[desc.V_RS]
                         q_off = seqtab[b, desc.Q_OFF] + h * gp[desc.Q_HS] + i0 * gp[desc.Q_RS]
                         dy_off = seqtab[b, desc.DY_OFF] + h * gp[desc.DY_HS] + i0 * gp[desc.DY_RS]
+                        # (a run has ng = 1 whenever careful_on)
                         careful = careful_on and (
                             any_bad(bad, gp[desc.BAD_Q], q_off, gp[desc.Q_RS], d, m_len)
                             or any_bad(bad, gp[desc.BAD_DY], dy_off, gp[desc.DY_RS], dvd, m_len)
@@ -317,67 +340,76 @@ def _bwd_chunk(t, q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, sl
                                        gp[desc.ST_RS], np.int64(1), m_len)
                             or any_bad(bad, gp[desc.BAD_K], k_off, gp[desc.K_RS], d, n_len)
                             or any_bad(bad, gp[desc.BAD_V], v_off, gp[desc.V_RS], dvd, n_len))
-                        # s <- z;  p <- exp(s - lse)
-                        score_tile(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len,
+                        # s <- z;  p <- exp(s - lse)   (all rows of the run)
+                        score_tile(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, i0, rows,
                                    j0, n_len, cls, s, ab)
-                        for r in range(m_len):
+                        for r in range(rows):
                             exp_sub(s, r * n_len, lse[st + (i0 + r) * gp[desc.ST_RS]], n_len)
                         if careful:
                             computed_tile(seqtab, gp, mask, b, h, i0, m_len, j0, n_len, cls, cm)
                             p_guard(s, cm, lse, st, gp[desc.ST_RS], i0, m_len, n_len)
                         # dp <- dy @ v.T
-                        gemm(TRANS_N, TRANS_T, m_len, n_len, dvd, np.float32(1.0), dy, dy_off,
+                        gemm(TRANS_N, TRANS_T, rows, n_len, dvd, np.float32(1.0), dy, dy_off,
                              gp[desc.DY_RS], v, v_off, gp[desc.V_RS], np.float32(0.0), dp, OFF0,
                              n_len, ab)
-                        mn = m_len * n_len
-                        if dropping:
-                            # dp_drop <- r * dp / keep;  p_drop <- r * p / keep  (into rb)
-                            keep_tile(seqtab, gp, drop_mask, b, h, i0, m_len, j0, n_len, rb)
-                            dp_ = dp[:mn]
-                            rb_ = rb[:mn]
-                            s_ = s[:mn]
-                            for x in range(mn):
-                                # selects (R ? x / keep : 0): exactly 0 when dropped
-                                kept = rb_[x] != 0.0
-                                dp_[x] = dp_[x] * inv_keep if kept else np.float32(0.0)
-                                rb_[x] = s_[x] * inv_keep if kept else np.float32(0.0)
-                        # ds <- p * (dp_drop - dsum)   (in place in dp)
-                        for r in range(m_len):
-                            ds_r = dsum[st + (i0 + r) * gp[desc.ST_RS]]
-                            dpr = dp[r * n_len:(r + 1) * n_len]
-                            sr = s[r * n_len:(r + 1) * n_len]
-                            for cc in range(n_len):
-                                dpr[cc] = sr[cc] * (dpr[cc] - ds_r)
-                        pd = rb if dropping else s
-                        if careful:
-                            # non-finite rows meet this tile: masked ds exactly 0, and the three
-                            # products exclude masked elements exactly (guard.py)
-                            ds_guard(dp, cm, mn)
-                            gemm_guard(TRANS_T, n_len, m_len, dvd, pd, n_len, dy, dy_off,
-                                       gp[desc.DY_RS], dv, v_off, gp[desc.V_RS], bad,
-                                       gp[desc.BAD_DY], cm, gbuf, ab)
-                            gemm_guard(TRANS_T, n_len, m_len, d, dp, n_len, q, q_off,
-                                       gp[desc.Q_RS], dk, k_off, gp[desc.K_RS], bad,
-                                       gp[desc.BAD_Q], cm, gbuf, ab)
-                            gemm_guard(TRANS_N, m_len, n_len, d, dp, n_len, k, k_off,
-                                       gp[desc.K_RS], dqbuf, q_off, gp[desc.Q_RS], bad,
-                                       gp[desc.BAD_K], cm, gbuf, ab)
-                        else:
-                            # dv <- dv + p_drop.T @ dy
-                            gemm(TRANS_T, TRANS_N, n_len, dvd, m_len, np.float32(1.0), pd, OFF0,
-                                 n_len, dy, dy_off, gp[desc.DY_RS], np.float32(1.0), dv, v_off,
-                                 gp[desc.V_RS], ab)
-                            # dk <- dk + ds.T @ q      (times scale later)
-                            gemm(TRANS_T, TRANS_N, n_len, d, m_len, np.float32(1.0), dp, OFF0,
-                                 n_len, q, q_off, gp[desc.Q_RS], np.float32(1.0), dk, k_off,
-                                 gp[desc.K_RS], ab)
-                            # dq <- dq + ds @ k        (times scale later)
-                            gemm(TRANS_N, TRANS_N, m_len, d, n_len, np.float32(1.0), dp, OFF0,
-                                 n_len, k, k_off, gp[desc.K_RS], np.float32(1.0), dqbuf, q_off,
-                                 gp[desc.Q_RS], ab)
-                        if dpk != 0:
-                            _dpse_tile(dp, m_len, n_len, b, h, i0, j0, c, pk, dpk, scale,
-                                       seqtab, dpse, dslope)
+                        for x in range(ng):
+                            # tile x of the run: rows [ti0, ti0 + tm), at element so of s / dp
+                            ti0 = i0 + x * bm
+                            tm = min(bm, i0 + rows - ti0)
+                            so = x * bm * n_len
+                            tq_off = q_off + x * bm * gp[desc.Q_RS]
+                            tdy_off = dy_off + x * bm * gp[desc.DY_RS]
+                            mn = tm * n_len
+                            if dropping:
+                                # dp_drop <- r * dp / keep;  p_drop <- r * p / keep  (into rb)
+                                keep_tile(seqtab, gp, drop_mask, b, h, ti0, tm, j0, n_len, rb)
+                                dp_ = dp[so:so + mn]
+                                rb_ = rb[:mn]
+                                s_ = s[so:so + mn]
+                                for e in range(mn):
+                                    # selects (R ? x / keep : 0): exactly 0 when dropped
+                                    kept = rb_[e] != 0.0
+                                    dp_[e] = dp_[e] * inv_keep if kept else np.float32(0.0)
+                                    rb_[e] = s_[e] * inv_keep if kept else np.float32(0.0)
+                            # ds <- p * (dp_drop - dsum)   (in place in dp)
+                            for r in range(tm):
+                                ds_r = dsum[st + (ti0 + r) * gp[desc.ST_RS]]
+                                dpr = dp[so + r * n_len:so + (r + 1) * n_len]
+                                sr = s[so + r * n_len:so + (r + 1) * n_len]
+                                for cc in range(n_len):
+                                    dpr[cc] = sr[cc] * (dpr[cc] - ds_r)
+                            pd = rb if dropping else s
+                            pd_off = OFF0 if dropping else so
+                            if careful:
+                                # non-finite rows meet this tile: masked ds exactly 0, and the
+                                # three products exclude masked elements exactly (guard.py)
+                                ds_guard(dp, cm, mn)
+                                gemm_guard(TRANS_T, n_len, tm, dvd, pd, n_len, dy, tdy_off,
+                                           gp[desc.DY_RS], dv, v_off, gp[desc.V_RS], bad,
+                                           gp[desc.BAD_DY], cm, gbuf, ab)
+                                gemm_guard(TRANS_T, n_len, tm, d, dp, n_len, q, tq_off,
+                                           gp[desc.Q_RS], dk, k_off, gp[desc.K_RS], bad,
+                                           gp[desc.BAD_Q], cm, gbuf, ab)
+                                gemm_guard(TRANS_N, tm, n_len, d, dp, n_len, k, k_off,
+                                           gp[desc.K_RS], dqbuf, tq_off, gp[desc.Q_RS], bad,
+                                           gp[desc.BAD_K], cm, gbuf, ab)
+                            else:
+                                # dv <- dv + p_drop.T @ dy
+                                gemm(TRANS_T, TRANS_N, n_len, dvd, tm, np.float32(1.0), pd,
+                                     pd_off, n_len, dy, tdy_off, gp[desc.DY_RS], np.float32(1.0),
+                                     dv, v_off, gp[desc.V_RS], ab)
+                                # dk <- dk + ds.T @ q      (times scale later)
+                                gemm(TRANS_T, TRANS_N, n_len, d, tm, np.float32(1.0), dp, so,
+                                     n_len, q, tq_off, gp[desc.Q_RS], np.float32(1.0), dk, k_off,
+                                     gp[desc.K_RS], ab)
+                                # dq <- dq + ds @ k        (times scale later)
+                                gemm(TRANS_N, TRANS_N, tm, d, n_len, np.float32(1.0), dp, so,
+                                     n_len, k, k_off, gp[desc.K_RS], np.float32(1.0), dqbuf,
+                                     tq_off, gp[desc.Q_RS], ab)
+                            if dpk != 0:
+                                _dpse_tile(dp[so:], tm, n_len, b, h, ti0, j0, c, pk, dpk, scale,
+                                           seqtab, dpse, dslope)
+                        ib += ng
 
 
 @_jit.driver
