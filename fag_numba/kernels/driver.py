@@ -19,8 +19,8 @@ from numba import prange
 from .. import _jit
 from . import desc
 from .guard import any_bad, computed_tile, ds_guard, gemm_guard, p_guard, row_has_computed
-from .tile import (NEG_INF, OFF0, TRANS_N, TRANS_T, exp_sub, gemm, keep_tile, row_max, score_tile,
-                   tile_class)
+from .tile import (NEG_INF, OFF0, TRANS_N, TRANS_T, exp_sub, exp_sub_le, gemm, keep_tile, row_max,
+                   score_tile, tile_class)
 
 _FLT_MAX = np.float32(3.4028234663852886e38)
 
@@ -185,7 +185,12 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
             for r in range(m_len):
                 # p <- exp(s - m_new);  l <- l * corr + rowsum(p);  acc <- acc * corr
                 corr = cor[r]
-                lrun[r] = lrun[r] * corr + exp_sub(s, r * n_len, sub[r], n_len)
+                if math.isfinite(sub[r]):
+                    # every score <= sub (the row max): no NaN/overflow cases to test for
+                    rs = exp_sub_le(s, r * n_len, sub[r], n_len)
+                else:
+                    rs = exp_sub(s, r * n_len, sub[r], n_len)
+                lrun[r] = lrun[r] * corr + rs
                 if corr != 1.0:
                     ar = acc[r * dv:(r + 1) * dv]
                     for e in range(dv):

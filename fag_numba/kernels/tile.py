@@ -82,7 +82,8 @@ def _fmaximum(typingctx, a, b):
 
     def codegen(context, builder, sig, args):
         f32 = ir.FloatType()
-        fn = builder.module.declare_intrinsic("llvm.maximum", [f32], ir.FunctionType(f32, [f32, f32]))
+        fn = builder.module.declare_intrinsic("llvm.maximum", [f32],
+                                              ir.FunctionType(f32, [f32, f32]))
         return builder.call(fn, args)
     return sig, codegen
 
@@ -103,14 +104,16 @@ def _vc(x):
     return ir.Constant(_VF, [float(np.float32(x))] * 16)
 
 
-def _exp16(builder, x, subv):
-    """IR: 16 lanes of ``exp(x - sub)`` with the special cases of ``exp_sub``."""
+def _exp16(builder, x, subv, full):
+    """IR: 16 lanes of ``exp(x - sub)`` with the special cases of ``exp_sub`` (``full``), or
+    only the underflow-to-0 one (``exp_sub_le``: the caller guarantees x <= sub, finite sub)."""
     mod = builder.module
     fma = _llvm_fn(mod, "llvm.fma.v16f32", _VF, [_VF, _VF, _VF])
     floor = _llvm_fn(mod, "llvm.floor.v16f32", _VF, [_VF])
     d = builder.fsub(x, subv)
     xc = builder.select(builder.fcmp_ordered(">", d, _vc(_XMIN)), d, _vc(_XMIN))
-    xc = builder.select(builder.fcmp_ordered("<", xc, _vc(_XCLAMP)), xc, _vc(_XCLAMP))
+    if full:
+        xc = builder.select(builder.fcmp_ordered("<", xc, _vc(_XCLAMP)), xc, _vc(_XCLAMP))
     fx = builder.call(floor, [builder.call(fma, [xc, _vc(_LOG2E), _vc(_HALF)])])
     nfx = builder.fneg(fx)
     t = builder.call(fma, [nfx, _vc(_LN2_HI), xc])
@@ -124,6 +127,8 @@ def _exp16(builder, x, subv):
                        ir.Constant(_VI, [23] * 16))
     y = builder.fmul(y, builder.bitcast(bits, _VF))
     v = builder.select(builder.fcmp_ordered(">=", d, _vc(_XMIN)), y, _vc(_ZERO))
+    if not full:
+        return v
     v = builder.select(builder.fcmp_ordered(">", d, _vc(_XOVF)), _vc(_INF), v)
     v = builder.select(builder.fcmp_unordered("uno", d, d), d, v)
     # a masked score (-inf) gives exactly 0 whatever sub is (even -inf or NaN statistics)
@@ -135,75 +140,82 @@ def _splat(builder, val, vty):
     return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), ir.Constant(_VI, [0] * 16))
 
 
-@intrinsic
-def _exp_row(typingctx, buf, off, sub, n):
-    """``buf[off:off+n] = exp(buf[off:off+n] - sub)`` in 16-lane vectors; returns their sum.
+def _make_exp_row(full):
+    """The row intrinsic of ``exp_sub`` (``full``) or of ``exp_sub_le``."""
+    @intrinsic
+    def _exp_row(typingctx, buf, off, sub, n):
+        """``buf[off:off+n] = exp(buf[off:off+n] - sub)`` in 16-lane vectors; returns their sum.
 
-    Explicit <16 x float> IR, not a numba loop: LLVM's vectoriser keeps to 256-bit vectors on
-    this target ("prefer-vector-width" 256), explicit 512-bit vectors compile to zmm: 0.27 vs
-    0.36 ns per element.  The tail is a masked load/store.  The sum adds lane-wise, then halves
-    the vector 16 -> 8 -> 4 -> 2 -> 1: a fixed order, so the same on every run and thread.
-    """
-    sig = types.float32(buf, types.int64, types.float32, types.int64)
+        Explicit <16 x float> IR, not a numba loop: LLVM's vectoriser keeps to 256-bit vectors on
+        this target ("prefer-vector-width" 256), explicit 512-bit vectors compile to zmm: 0.27 vs
+        0.36 ns per element.  The tail is a masked load/store.  The sum adds lane-wise, then halves
+        the vector 16 -> 8 -> 4 -> 2 -> 1: a fixed order, so the same on every run and thread.
+        """
+        sig = types.float32(buf, types.int64, types.float32, types.int64)
 
-    def codegen(context, builder, sig, args):
-        bufv, off, sub, n = args
-        mod = builder.module
-        base = builder.gep(context.make_array(sig.args[0])(context, builder, bufv).data, [off])
-        subv = _splat(builder, sub, _VF)
-        zero = _vc(_ZERO)
-        nvec = builder.and_(n, ir.Constant(_I64, -16))
-        entry = builder.block
-        loop = builder.append_basic_block("exprow.loop")
-        tail = builder.append_basic_block("exprow.tail")
-        tdo = builder.append_basic_block("exprow.tdo")
-        done = builder.append_basic_block("exprow.done")
-        builder.cbranch(builder.icmp_signed(">", nvec, ir.Constant(_I64, 0)), loop, tail)
-        builder.position_at_end(loop)
-        i = builder.phi(_I64)
-        acc = builder.phi(_VF)
-        p = builder.bitcast(builder.gep(base, [i]), _VF.as_pointer())
-        v = _exp16(builder, builder.load(p, align=4), subv)
-        builder.store(v, p, align=4)
-        acc_n = builder.fadd(acc, v)
-        i_n = builder.add(i, ir.Constant(_I64, 16))
-        i.add_incoming(ir.Constant(_I64, 0), entry)
-        i.add_incoming(i_n, loop)
-        acc.add_incoming(zero, entry)
-        acc.add_incoming(acc_n, loop)
-        builder.cbranch(builder.icmp_signed("<", i_n, nvec), loop, tail)
-        builder.position_at_end(tail)
-        acc_t = builder.phi(_VF)
-        acc_t.add_incoming(zero, entry)
-        acc_t.add_incoming(acc_n, loop)
-        rem = builder.sub(n, nvec)
-        builder.cbranch(builder.icmp_signed(">", rem, ir.Constant(_I64, 0)), tdo, done)
-        builder.position_at_end(tdo)
-        mask = builder.icmp_signed("<", ir.Constant(_VI, list(range(16))),
-                                   _splat(builder, builder.trunc(rem, _I32), _VI))
-        pt = builder.bitcast(builder.gep(base, [nvec]), _VF.as_pointer())
-        mload = _llvm_fn(mod, "llvm.masked.load.v16f32.p0", _VF, [pt.type, _I32, _VM, _VF])
-        mstore = _llvm_fn(mod, "llvm.masked.store.v16f32.p0", ir.VoidType(),
-                          [_VF, pt.type, _I32, _VM])
-        vt = _exp16(builder, builder.call(mload, [pt, ir.Constant(_I32, 4), mask, _vc(NEG_INF)]),
-                    subv)
-        builder.call(mstore, [vt, pt, ir.Constant(_I32, 4), mask])
-        acc_d = builder.fadd(acc_t, builder.select(mask, vt, zero))
-        builder.branch(done)
-        builder.position_at_end(done)
-        a = builder.phi(_VF)
-        a.add_incoming(acc_t, tail)
-        a.add_incoming(acc_d, tdo)
-        w = 16
-        while w > 1:
-            w //= 2
-            und = ir.Constant(a.type, ir.Undefined)
-            lo = builder.shuffle_vector(a, und, ir.Constant(ir.VectorType(_I32, w), list(range(w))))
-            hi = builder.shuffle_vector(a, und, ir.Constant(ir.VectorType(_I32, w),
-                                                            list(range(w, 2 * w))))
-            a = builder.fadd(lo, hi)
-        return builder.extract_element(a, ir.Constant(_I32, 0))
-    return sig, codegen
+        def codegen(context, builder, sig, args):
+            bufv, off, sub, n = args
+            mod = builder.module
+            base = builder.gep(context.make_array(sig.args[0])(context, builder, bufv).data, [off])
+            subv = _splat(builder, sub, _VF)
+            zero = _vc(_ZERO)
+            nvec = builder.and_(n, ir.Constant(_I64, -16))
+            entry = builder.block
+            loop = builder.append_basic_block("exprow.loop")
+            tail = builder.append_basic_block("exprow.tail")
+            tdo = builder.append_basic_block("exprow.tdo")
+            done = builder.append_basic_block("exprow.done")
+            builder.cbranch(builder.icmp_signed(">", nvec, ir.Constant(_I64, 0)), loop, tail)
+            builder.position_at_end(loop)
+            i = builder.phi(_I64)
+            acc = builder.phi(_VF)
+            p = builder.bitcast(builder.gep(base, [i]), _VF.as_pointer())
+            v = _exp16(builder, builder.load(p, align=4), subv, full)
+            builder.store(v, p, align=4)
+            acc_n = builder.fadd(acc, v)
+            i_n = builder.add(i, ir.Constant(_I64, 16))
+            i.add_incoming(ir.Constant(_I64, 0), entry)
+            i.add_incoming(i_n, loop)
+            acc.add_incoming(zero, entry)
+            acc.add_incoming(acc_n, loop)
+            builder.cbranch(builder.icmp_signed("<", i_n, nvec), loop, tail)
+            builder.position_at_end(tail)
+            acc_t = builder.phi(_VF)
+            acc_t.add_incoming(zero, entry)
+            acc_t.add_incoming(acc_n, loop)
+            rem = builder.sub(n, nvec)
+            builder.cbranch(builder.icmp_signed(">", rem, ir.Constant(_I64, 0)), tdo, done)
+            builder.position_at_end(tdo)
+            mask = builder.icmp_signed("<", ir.Constant(_VI, list(range(16))),
+                                       _splat(builder, builder.trunc(rem, _I32), _VI))
+            pt = builder.bitcast(builder.gep(base, [nvec]), _VF.as_pointer())
+            mload = _llvm_fn(mod, "llvm.masked.load.v16f32.p0", _VF, [pt.type, _I32, _VM, _VF])
+            mstore = _llvm_fn(mod, "llvm.masked.store.v16f32.p0", ir.VoidType(),
+                              [_VF, pt.type, _I32, _VM])
+            xt = builder.call(mload, [pt, ir.Constant(_I32, 4), mask, _vc(NEG_INF)])
+            vt = _exp16(builder, xt, subv, full)
+            builder.call(mstore, [vt, pt, ir.Constant(_I32, 4), mask])
+            acc_d = builder.fadd(acc_t, builder.select(mask, vt, zero))
+            builder.branch(done)
+            builder.position_at_end(done)
+            a = builder.phi(_VF)
+            a.add_incoming(acc_t, tail)
+            a.add_incoming(acc_d, tdo)
+            w = 16
+            while w > 1:
+                w //= 2
+                und = ir.Constant(a.type, ir.Undefined)
+                vw = ir.VectorType(_I32, w)
+                lo = builder.shuffle_vector(a, und, ir.Constant(vw, list(range(w))))
+                hi = builder.shuffle_vector(a, und, ir.Constant(vw, list(range(w, 2 * w))))
+                a = builder.fadd(lo, hi)
+            return builder.extract_element(a, ir.Constant(_I32, 0))
+        return sig, codegen
+    return _exp_row
+
+
+_exp_row = _make_exp_row(True)
+_exp_row_le = _make_exp_row(False)
 
 
 @_jit.kernel
@@ -218,6 +230,15 @@ def exp_sub(buf, off, sub, n):
     propagates; arguments in (88, 88.72] are clamped to 88 (softmax arguments are <= 0).
     """
     return _exp_row(buf, off, sub, n)
+
+
+@_jit.kernel
+def exp_sub_le(buf, off, sub, n):
+    """``exp_sub`` for rows the caller knows satisfy ``buf[off + q] <= sub`` (or -inf) with a
+    finite ``sub``: no NaN and no overflow can occur, so only the underflow-to-0 test remains
+    (the forward with a finite row max).  7 of ~27 vector operations fewer per 16 elements.
+    """
+    return _exp_row_le(buf, off, sub, n)
 
 
 @_jit.kernel(inline="always")
