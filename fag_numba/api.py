@@ -392,7 +392,7 @@ def _bad_rows(gp, parts):
 def _run_forward(P, q, k, v):
     """Run the forward driver; returns (out float32 flat in the dy layout, m, l row arrays)."""
     from .kernels.driver import fwd_driver
-    from .planning import plan_forward
+    from .planning import forward_pv_split, plan_forward
 
     bm, bn = config.FWD_BLOCK_M, config.FWD_BLOCK_N
     kind, arrays = _native_inputs(P, q, k, v, None)
@@ -403,6 +403,7 @@ def _run_forward(P, q, k, v):
     m = np.full(nrows, -_FLT_MAX, np.float32)
     l = np.full(nrows, _FLT_MAX, np.float32)
     items, tptr = plan_forward(st, P.dims.N1, bm, bn)
+    gp[desc.PV_ROWS], gp[desc.PV_KEYS] = forward_pv_split(P.dims.Dv)
     visits = np.zeros(tptr.size - 1, np.int64)
     if items.shape[0]:
         # only v rows can leak in the forward (P @ V); masked scores overwrite q/k garbage

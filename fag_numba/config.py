@@ -39,6 +39,14 @@ DEFAULTS = {
     # items pack them less often.  A single head with S1 <= 512 is one item (one thread).
     "FWD_BLOCK_M": 512,
     "FWD_BLOCK_N": 256,
+    # Forward P @ V split into sub-products that OpenBLAS runs through its small-matrix kernel
+    # (SkylakeX and later: M*N*K <= 100**3, no packing): PV_KEYS keys and as many rows (a
+    # multiple of 16) as fit FWD_PV_MNK, when that is at least FWD_PV_MIN_ROWS
+    # (planning.forward_pv_split).  1 thread, 512 x 256 tiles, Dv = 64: sub-products of
+    # 112 x 128 keys ran at 190 GFLOP/s vs 163 for one product; at Dv = 128 (48 rows) slower.
+    "FWD_PV_KEYS": 128,
+    "FWD_PV_MNK": 1000000,
+    "FWD_PV_MIN_ROWS": 96,
     # Native tile products (kernels/native.py: a 4 x 64 AVX-512 register-block micro-kernel in
     # place of OpenBLAS sgemm), used when numba's target has AVX-512 and the inputs are finite.
     # "auto": where measured to help, i.e. the bf16 dot products chosen by BF16_PRODUCTS;
@@ -62,6 +70,9 @@ SPLIT_TARGET = DEFAULTS["SPLIT_TARGET"]
 BWD_SCORE_ROWS = DEFAULTS["BWD_SCORE_ROWS"]
 FWD_BLOCK_M = DEFAULTS["FWD_BLOCK_M"]
 FWD_BLOCK_N = DEFAULTS["FWD_BLOCK_N"]
+FWD_PV_KEYS = DEFAULTS["FWD_PV_KEYS"]
+FWD_PV_MNK = DEFAULTS["FWD_PV_MNK"]
+FWD_PV_MIN_ROWS = DEFAULTS["FWD_PV_MIN_ROWS"]
 NATIVE = DEFAULTS["NATIVE"]
 BF16_PRODUCTS = DEFAULTS["BF16_PRODUCTS"]
 

@@ -131,6 +131,25 @@ def backward_blocks(d):
     return config.BLOCK_M, config.BLOCK_N
 
 
+def forward_pv_split(dv):
+    """(rows, keys) of the sub-products the forward splits ``P @ V`` into, or (0, 0) for one
+    product per tile.
+
+    OpenBLAS's small-matrix kernel (no packing) takes products with M*N*K <= FWD_PV_MNK; at
+    Dv = 64 a 112 x 64 x 128 sub-product runs at ~190 GFLOP/s vs ~163 for the whole
+    512 x 64 x 256 one (1 thread, A/B).  The split is used only when it leaves at least
+    FWD_PV_MIN_ROWS rows (at Dv = 128 the 48-row products measured slower than one call).
+    Shape-only, so results stay bitwise identical across thread counts.
+    """
+    keys = int(config.FWD_PV_KEYS)
+    if dv <= 0 or keys <= 0:
+        return 0, 0
+    rows = (int(config.FWD_PV_MNK) // (dv * keys)) // 16 * 16
+    if rows < int(config.FWD_PV_MIN_ROWS):
+        return 0, 0
+    return rows, keys
+
+
 def backward_group(bm):
     """Whole backward tiles of consecutive query blocks that share one score product and one
     dy v^T product: ``BWD_SCORE_ROWS // bm`` (at least 1).  Shape-only, as every plan choice."""

@@ -249,6 +249,25 @@ def test_default_block_sizes_multi_tile(blocks):
         assert_close(a, r_, tolerance(np.float32, "bwd"), name)
 
 
+def test_forward_pv_sub_products_match_reference(blocks, monkeypatch):
+    """P @ V as sub-products (planning.forward_pv_split) of 16 rows x 5 keys with ragged edges,
+    with and without a causal band, matches the reference; the split really happens."""
+    from fag_numba import planning
+    blocks(fbm=40, fbn=24)
+    monkeypatch.setattr(config, "FWD_PV_KEYS", 5)
+    monkeypatch.setattr(config, "FWD_PV_MNK", 24 * 16 * 5 + 7)   # Dv = 24 -> 16 rows
+    monkeypatch.setattr(config, "FWD_PV_MIN_ROWS", 16)
+    assert planning.forward_pv_split(24) == (16, 5)
+    rng = np.random.default_rng(11)
+    q, k, v, _ = make_qkv("BNSD", 2, 2, 1, 53, 61, 32, 24, np.float32, rng)
+    for kw in ({}, {"sparse_mode": 3, "atten_mask": np.triu(np.ones((2048, 2048), bool), 1)}):
+        out = fwd(q, k, v, 2, "BNSD", scale_value=0.17, **kw)
+        r = ref_forward(q, k, v, 2, "BNSD", scale_value=0.17, **kw)
+        for name, a, e, tol in zip(("attention_out", "softmax_max", "softmax_sum"), out, r,
+                                   (tolerance(np.float32, "fwd"), STATS, STATS)):
+            assert_close(a, e, tol, name)
+
+
 # ------------------------------------------------------------------------------------------------
 # 3. statistics given vs internal; the accepted statistics shapes
 # ------------------------------------------------------------------------------------------------

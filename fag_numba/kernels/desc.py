@@ -73,7 +73,11 @@ BAD_DSUM = 33     # statistics rows (dsum non-finite, lse NaN or -inf), indexed 
 # backward: up to this many whole tiles of consecutive query blocks share one score product
 # and one dy v^T product (0 or 1: tile by tile); planning.backward_group
 BWD_GROUP = 34
-NGP = 35
+# forward: P @ V as sub-products of PV_ROWS query rows x PV_KEYS keys when PV_ROWS > 0
+# (planning.forward_pv_split), else one product per tile
+PV_ROWS = 35
+PV_KEYS = 36
+NGP = 37
 
 # ---- fp entries (global float32) ----
 SCALE = 0

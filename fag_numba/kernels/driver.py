@@ -119,6 +119,8 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
     inv_keep = fp[desc.INV_KEEP]
     dropping = gp[desc.DROP_KIND] != desc.DROP_NONE
     careful_on = gp[desc.NONFINITE] != 0
+    pv_rows = gp[desc.PV_ROWS]     # > 0: P @ V as sub-products of PV_ROWS x PV_KEYS
+    pv_keys = max(gp[desc.PV_KEYS], 1)
     # careful path scratch (guard.py), 1 element when every input is finite
     cm = np.empty(bm * bn if careful_on else 1, np.uint8)
     gbuf = np.empty(bn * max(dv, 1) if careful_on else 1, np.float32)
@@ -211,6 +213,16 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
                 computed_tile(seqtab, gp, mask, b, h, i0, m_len, j0, n_len, cls, cm)
                 gemm_guard(TRANS_N, m_len, n_len, dv, s, n_len, v, v_off, gp[desc.V_RS], acc,
                            OFF0, dv, bad, gp[desc.BAD_V], cm, gbuf, ab)
+            elif pv_rows > 0:
+                # sub-products small enough for OpenBLAS's unpacked small-matrix kernel
+                # (planning.forward_pv_split), in a fixed order
+                for r0 in range(0, m_len, pv_rows):
+                    mr = min(pv_rows, m_len - r0)
+                    for c0 in range(0, n_len, pv_keys):
+                        nc = min(pv_keys, n_len - c0)
+                        gemm(TRANS_N, TRANS_N, mr, dv, nc, np.float32(1.0), s, r0 * n_len + c0,
+                             n_len, v, v_off + c0 * gp[desc.V_RS], gp[desc.V_RS],
+                             np.float32(1.0), acc, r0 * dv, dv, ab)
             else:
                 gemm(TRANS_N, TRANS_N, m_len, dv, n_len, np.float32(1.0), s, OFF0, n_len, v,
                      v_off, gp[desc.V_RS], np.float32(1.0), acc, OFF0, dv, ab)
