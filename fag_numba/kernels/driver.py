@@ -151,58 +151,63 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
         jb_lo, jb_hi = kv_block_range(seqtab[b, desc.LO], seqtab[b, desc.HI],
                                       seqtab[b, desc.PREFIX], s2, i0, i0 + m_len, bn)
         for jb in range(jb_lo, jb_hi):
-            # columns of the key block the band can reach from rows [i0, i0 + m_len)
-            _i, _m, j0, n_len = trim_tile(seqtab[b, desc.LO], seqtab[b, desc.HI],
-                                          seqtab[b, desc.PREFIX], i0, m_len, jb * bn,
-                                          min(bn, s2 - jb * bn))
+            # the rows [ti0, ti0 + tm) and columns of the key block the band can reach: the
+            # other rows of the item have nothing computed in this block and keep their m, l,
+            # acc (a causal diagonal block of 512 x 256 needs only half its rows)
+            ti0, tm, j0, n_len = trim_tile(seqtab[b, desc.LO], seqtab[b, desc.HI],
+                                           seqtab[b, desc.PREFIX], i0, m_len, jb * bn,
+                                           min(bn, s2 - jb * bn))
             if n_len == 0:
                 continue
-            cls = tile_class(seqtab, gp, mask, b, h, i0, m_len, j0, n_len)
+            ro = ti0 - i0                  # the tile's first row within the item
+            cls = tile_class(seqtab, gp, mask, b, h, ti0, tm, j0, n_len)
             if cls == desc.EMPTY:
                 continue
             visits[t] += 1
             # s <- z (scaled, biased, masked)
-            score_tile(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0, n_len,
+            score_tile(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, ti0, tm, j0, n_len,
                        cls, s, ab)
-            for r in range(m_len):
+            for r in range(tm):
                 # m_new <- max(m, rowmax(s));  corr <- exp(m - m_new)  (exp below, one pass)
+                ri = ro + r
                 sr = s[r * n_len:(r + 1) * n_len]
                 # NaN scores make m NaN (SPEC §9: NaN propagates), never an invalid row
-                mx = row_max(sr, n_len, mrun[r])
+                mx = row_max(sr, n_len, mrun[ri])
                 if mx == NEG_INF:
                     # all -inf so far: masked, or computed with -inf scores (inf inputs, pse)
-                    if vrow[r] == 0 and (cls == desc.FULL or row_has_computed(
-                            seqtab, gp, mask, b, h, i0 + r, j0, n_len)):
-                        vrow[r] = 1
+                    if vrow[ri] == 0 and (cls == desc.FULL or row_has_computed(
+                            seqtab, gp, mask, b, h, ti0 + r, j0, n_len)):
+                        vrow[ri] = 1
                     sub[r] = np.float32(0.0)   # nothing computed yet: exp(-inf - 0) = 0
                     cor[r] = np.float32(0.0)   # corr 1
                 else:
                     sub[r] = mx
                     # first computed block: corr 0 (exp_sub maps -inf to exactly 0)
-                    cor[r] = mrun[r] - mx if mrun[r] != NEG_INF else NEG_INF
-                mrun[r] = mx
+                    cor[r] = mrun[ri] - mx if mrun[ri] != NEG_INF else NEG_INF
+                mrun[ri] = mx
             # the corrections of all rows as one vector pass (a libm exp per row and tile was
             # 2% of a D = 64 forward); exp(0) is exactly 1, so unchanged maxima skip the rescale
-            exp_sub(cor, OFF0, np.float32(0.0), m_len)
-            for r in range(m_len):
+            exp_sub(cor, OFF0, np.float32(0.0), tm)
+            for r in range(tm):
                 # p <- exp(s - m_new);  l <- l * corr + rowsum(p);  acc <- acc * corr
+                ri = ro + r
                 corr = cor[r]
                 if math.isfinite(sub[r]):
                     # every score <= sub (the row max): no NaN/overflow cases to test for
                     rs = exp_sub_le(s, r * n_len, sub[r], n_len)
                 else:
                     rs = exp_sub(s, r * n_len, sub[r], n_len)
-                lrun[r] = lrun[r] * corr + rs
+                lrun[ri] = lrun[ri] * corr + rs
                 if corr != 1.0:
-                    ar = acc[r * dv:(r + 1) * dv]
+                    ar = acc[ri * dv:(ri + 1) * dv]
                     for e in range(dv):
                         ar[e] *= corr
             if dropping:
                 # p_drop <- r * p / keep_prob
-                keep_tile(seqtab, gp, drop_mask, b, h, i0, m_len, j0, n_len, rb)
-                st_ = s[:m_len * n_len]
-                rb_ = rb[:m_len * n_len]
-                for x in range(m_len * n_len):
+                keep_tile(seqtab, gp, drop_mask, b, h, ti0, tm, j0, n_len, rb)
+                st_ = s[:tm * n_len]
+                rb_ = rb[:tm * n_len]
+                for x in range(tm * n_len):
                     # a select, not a product: a dropped element is exactly 0 (SPEC §3
                     # Pd = R ? P / keep : 0), even when P is NaN
                     st_[x] = st_[x] * inv_keep if rb_[x] != 0.0 else np.float32(0.0)
@@ -210,22 +215,22 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
             v_off = seqtab[b, desc.V_OFF] + n2 * gp[desc.V_HS] + j0 * gp[desc.V_RS]
             if careful_on and any_bad(bad, gp[desc.BAD_V], v_off, gp[desc.V_RS], dv, n_len):
                 # a NaN/inf row of v: masked p = 0 must not meet it (0 * NaN)
-                computed_tile(seqtab, gp, mask, b, h, i0, m_len, j0, n_len, cls, cm)
-                gemm_guard(TRANS_N, m_len, n_len, dv, s, n_len, v, v_off, gp[desc.V_RS], acc,
-                           OFF0, dv, bad, gp[desc.BAD_V], cm, gbuf, ab)
+                computed_tile(seqtab, gp, mask, b, h, ti0, tm, j0, n_len, cls, cm)
+                gemm_guard(TRANS_N, tm, n_len, dv, s, n_len, v, v_off, gp[desc.V_RS], acc,
+                           ro * dv, dv, bad, gp[desc.BAD_V], cm, gbuf, ab)
             elif pv_rows > 0:
                 # sub-products small enough for OpenBLAS's unpacked small-matrix kernel
                 # (planning.forward_pv_split), in a fixed order
-                for r0 in range(0, m_len, pv_rows):
-                    mr = min(pv_rows, m_len - r0)
+                for r0 in range(0, tm, pv_rows):
+                    mr = min(pv_rows, tm - r0)
                     for c0 in range(0, n_len, pv_keys):
                         nc = min(pv_keys, n_len - c0)
                         gemm(TRANS_N, TRANS_N, mr, dv, nc, np.float32(1.0), s, r0 * n_len + c0,
                              n_len, v, v_off + c0 * gp[desc.V_RS], gp[desc.V_RS],
-                             np.float32(1.0), acc, r0 * dv, dv, ab)
+                             np.float32(1.0), acc, (ro + r0) * dv, dv, ab)
             else:
-                gemm(TRANS_N, TRANS_N, m_len, dv, n_len, np.float32(1.0), s, OFF0, n_len, v,
-                     v_off, gp[desc.V_RS], np.float32(1.0), acc, OFF0, dv, ab)
+                gemm(TRANS_N, TRANS_N, tm, dv, n_len, np.float32(1.0), s, OFF0, n_len, v,
+                     v_off, gp[desc.V_RS], np.float32(1.0), acc, ro * dv, dv, ab)
         st = seqtab[b, desc.ST_OFF] + h * seqtab[b, desc.ST_HS]
         o_off = seqtab[b, desc.DY_OFF] + h * gp[desc.DY_HS]
         for r in range(m_len):
