@@ -131,6 +131,11 @@ def backward_blocks(d):
     return config.BLOCK_M, config.BLOCK_N
 
 
+def _host_has_avx512():
+    from .isa import _features
+    return "avx512f" in _features()[1]
+
+
 def forward_pv_split(dv):
     """(rows, keys) of the sub-products the forward splits ``P @ V`` into, or (0, 0) for one
     product per tile.
@@ -142,7 +147,9 @@ def forward_pv_split(dv):
     Shape-only, so results stay bitwise identical across thread counts.
     """
     keys = int(config.FWD_PV_KEYS)
-    if dv <= 0 or keys <= 0:
+    # OpenBLAS has its small-matrix kernels on the AVX-512 CPUs (SkylakeX kernels and later);
+    # elsewhere the sub-products would only repack V more often
+    if dv <= 0 or keys <= 0 or not _host_has_avx512():
         return 0, 0
     rows = (int(config.FWD_PV_MNK) // (dv * keys)) // 16 * 16
     if rows < int(config.FWD_PV_MIN_ROWS):

@@ -257,6 +257,7 @@ def test_forward_pv_sub_products_match_reference(blocks, monkeypatch):
     monkeypatch.setattr(config, "FWD_PV_KEYS", 5)
     monkeypatch.setattr(config, "FWD_PV_MNK", 24 * 16 * 5 + 7)   # Dv = 24 -> 16 rows
     monkeypatch.setattr(config, "FWD_PV_MIN_ROWS", 16)
+    monkeypatch.setattr(planning, "_host_has_avx512", lambda: True)   # split on any CPU
     assert planning.forward_pv_split(24) == (16, 5)
     rng = np.random.default_rng(11)
     q, k, v, _ = make_qkv("BNSD", 2, 2, 1, 53, 61, 32, 24, np.float32, rng)
