@@ -108,7 +108,9 @@ def _exp16(builder, x, subv, full):
     """IR: 16 lanes of ``exp(x - sub)`` with the special cases of ``exp_sub`` (``full``), or
     only the underflow-to-0 one (``exp_sub_le``: the caller guarantees x <= sub, finite sub)."""
     mod = builder.module
-    fma = _llvm_fn(mod, "llvm.fma.v16f32", _VF, [_VF, _VF, _VF])
+    # fmuladd, not fma: fused where the target has FMA, a multiply and an add elsewhere (an
+    # fma on a target without it is a libm call per lane)
+    fma = _llvm_fn(mod, "llvm.fmuladd.v16f32", _VF, [_VF, _VF, _VF])
     floor = _llvm_fn(mod, "llvm.floor.v16f32", _VF, [_VF])
     d = builder.fsub(x, subv)
     xc = builder.select(builder.fcmp_ordered(">", d, _vc(_XMIN)), d, _vc(_XMIN))
