@@ -1,14 +1,14 @@
 """Work plans: work items, their costs, and a cost-balanced split over the threads.
 
 Items are balanced by their count of non-empty tiles, not by index (STYLE b3.3; stumpy's
-``_get_array_ranges``): greedy longest-processing-time assignment to ``numba.get_num_threads()``
+``_get_array_ranges``): greedy longest-processing-time assignment to ``threads.num_threads()``
 chunks.  Which thread runs an item never changes its result (single ownership), so plans may
 depend on the thread count while results stay bitwise identical.
 
 The backward's S2 split count depends on the shape only (``config.SPLIT_TARGET``): it decides
 how dq partials are summed, so it must not depend on the thread count (SPEC §9b).
 """
-import numba
+from .threads import num_threads
 import numpy as np
 
 from . import _jit, config
@@ -120,7 +120,7 @@ def _by_cost(cost):
 def plan_forward(seqtab, n1, bm, bn):
     """Items int64 [n, 3] ordered by thread chunk, and tptr int64 [threads + 1]."""
     items, cost = _fwd_items(seqtab, n1, bm, bn)
-    order, tptr = _assign(cost, _by_cost(cost), max(1, numba.get_num_threads()))
+    order, tptr = _assign(cost, _by_cost(cost), max(1, num_threads()))
     return np.ascontiguousarray(items[order]), tptr
 
 
@@ -148,5 +148,5 @@ def plan_backward(seqtab, n2, g, bm, bn, merge_b):
     max_s2 = int(seqtab[:, desc.S2].max()) if nb else 0
     nsplit = split_count(1 if merge_b else nb, n2, -(-max_s2 // bn))
     items, cost = _bwd_items(seqtab, n2, g, bm, bn, nsplit, merge_b)
-    order, tptr = _assign(cost, _by_cost(cost), max(1, numba.get_num_threads()))
+    order, tptr = _assign(cost, _by_cost(cost), max(1, num_threads()))
     return np.ascontiguousarray(items[order]), tptr, nsplit

@@ -64,7 +64,7 @@ def _no_numba_cache():
     FAG_NUMBA_CACHE=1 in the environment)."""
     assert config.CACHE is False, "the test process must import fag_numba with FAG_NUMBA_CACHE=0"
     from fag_numba.kernels import driver
-    assert not isinstance(driver.fwd_driver._cache, _jit._KernelCache)
+    assert not isinstance(driver._fwd_chunk._cache, _jit._KernelCache)
     yield
 
 

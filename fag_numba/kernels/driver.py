@@ -1,6 +1,8 @@
-"""Parallel drivers: the only ``parallel=True`` functions of fag_numba (STYLE b3, b4).
+"""Drivers: the parallel level of fag_numba (STYLE b3, b4).
 
-Each driver runs ``prange`` over the thread chunks of a plan (``planning.py``): chunk t owns
+Each driver runs its serial chunk kernel once per thread chunk of a plan (``planning.py``)
+through ``threads.run_chunks`` (Python threads over ``nogil`` kernels; why not numba's
+``prange``: see ``run_chunks``): chunk t owns
 work items ``items[tptr[t]:tptr[t+1]]``.  Every output element has exactly one writer, so the
 result does not depend on which thread runs an item: bitwise identical across thread counts.
 
@@ -14,9 +16,9 @@ result does not depend on which thread runs an item: bitwise identical across th
 import math
 
 import numpy as np
-from numba import prange
 
 from .. import _jit
+from ..threads import run_chunks
 from . import desc
 from .guard import any_bad, computed_tile, ds_guard, gemm_guard, p_guard, row_has_computed
 from .tile import (NEG_INF, OFF0, TRANS_N, TRANS_T, exp_sub, gemm, keep_tile, row_max, score_tile,
@@ -108,9 +110,8 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
                items, tptr, visits, bad):
     """Forward work of chunk t: items ``items[tptr[t]:tptr[t + 1]]`` (see ``fwd_driver``).
 
-    Serial, so that the parallel driver around it stays a one-line ``prange``: numba's parfor
-    passes and the outlined gufunc then handle a tiny body (the cold compile of a parallel
-    function grows with the size of its prange body; a serial kernel compiles once).
+    Serial and ``nogil``: ``threads.run_chunks`` runs one call per chunk, each on its own
+    thread.
     """
     bm = gp[desc.BLOCK_M]
     bn = gp[desc.BLOCK_N]
@@ -235,7 +236,6 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
                     orow[e] = ar[e] * inv_l
 
 
-@_jit.driver
 def fwd_driver(q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, gp, fp,
                items, tptr, visits, bad):
     """Forward: ``out = softmax(Z) (dropped) @ v`` and the row statistics m, l (SPEC §3).
@@ -246,10 +246,8 @@ def fwd_driver(q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, g
     computed elements whose scores are all -inf is not invalid: m = -inf and l, out = NaN (the
     math; only the mask makes a row invalid).  bad: uint8 non-finite row flags (guard.py).
     """
-    for t in prange(tptr.size - 1):
-        # np.int64: the gufunc types t as uint64, the driver as int64 (two compiles otherwise)
-        _fwd_chunk(np.int64(t), q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, gp, fp,
-                   items, tptr, visits, bad)
+    run_chunks(_fwd_chunk, tptr.size - 1, (q, k, v, out, mrow, lrow, pse, slopes, mask,
+                                          drop_mask, seqtab, gp, fp, items, tptr, visits, bad))
 
 
 @_jit.kernel
@@ -379,7 +377,6 @@ def _bwd_chunk(t, q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, sl
                                        seqtab, dpse, dslope)
 
 
-@_jit.driver
 def bwd_driver(q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slopes, mask,
                drop_mask, seqtab, gp, fp, items, tptr, visits, bad):
     """Backward: accumulate unscaled dq, dk and dv (the caller multiplies dq, dk by scale).
@@ -390,9 +387,9 @@ def bwd_driver(q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slope
     visits: int64 [n_chunks], tiles computed per chunk (debug hook).  bad: uint8 non-finite
     row flags; tiles touching a flagged row of q/k/v/dy/stats take guard.py's careful path.
     """
-    for t in prange(tptr.size - 1):
-        _bwd_chunk(np.int64(t), q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slopes, mask,
-                   drop_mask, seqtab, gp, fp, items, tptr, visits, bad)
+    run_chunks(_bwd_chunk, tptr.size - 1, (q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope,
+                                          pse, slopes, mask, drop_mask, seqtab, gp, fp, items,
+                                          tptr, visits, bad))
 
 
 @_jit.kernel

@@ -24,11 +24,12 @@ Operand layouts (dwords):
 """
 import llvmlite.ir as ir
 import numpy as np
-from numba import prange, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import _jit
+from ..threads import run_chunks
 from . import desc
 import math
 
@@ -426,8 +427,8 @@ def _make_bwd(bf):
     W = 2 if bf else 1        # elements per dword
     BF = 1 if bf else 0
 
-    @_jit.driver
-    def bwd(q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slopes, mask,
+    @_jit.kernel
+    def bwd(tc, q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slopes, mask,
             drop_mask, seqtab, gp, fp, items, tptr, visits):
         bm = gp[desc.BLOCK_M]
         bn = gp[desc.BLOCK_N]
@@ -450,7 +451,7 @@ def _make_bwd(bf):
         hm = (bm + 1) // 2
         hn = (bn + 1) // 2
         pstr = 4 * (hm if BF else bm)
-        for t in prange(tptr.size - 1):
+        for t in range(tc, tc + 1):     # chunk tc only (one call per chunk: threads.run_chunks)
             s = np.empty(bm * bn, np.float32)
             dp = np.empty(bm * bn, np.float32)
             rb = np.empty(bm * bn, np.float32)
@@ -593,8 +594,8 @@ def _make_fwd(bf):
     W = 2 if bf else 1
     BF = 1 if bf else 0
 
-    @_jit.driver
-    def fwd(q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, gp, fp, items, tptr,
+    @_jit.kernel
+    def fwd(tc, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, gp, fp, items, tptr,
             visits):
         bm = gp[desc.BLOCK_M]
         bn = gp[desc.BLOCK_N]
@@ -609,7 +610,7 @@ def _make_fwd(bf):
         k32 = k.view(np.uint32)
         v32 = v.view(np.uint32)
         hn = (bn + 1) // 2
-        for t in prange(tptr.size - 1):
+        for t in range(tc, tc + 1):     # chunk tc only (one call per chunk: threads.run_chunks)
             s = np.empty(bm * bn, np.float32)
             rb = np.empty(bm * bn, np.float32)
             acc = np.empty(bm * max(dv, 1), np.float32)
@@ -723,8 +724,16 @@ _DRIVERS = {}
 
 
 def driver(name, bf):
-    """The compiled-on-first-call native driver ``name`` ("fwd", "bwd") of one kind."""
+    """The native driver ``name`` ("fwd", "bwd") of one kind: its chunk kernel (compiled on
+    first call) run once per chunk of the plan by ``threads.run_chunks``; the arguments are
+    those of ``driver.fwd_driver`` / ``driver.bwd_driver`` without ``bad``."""
     key = (name, bool(bf))
     if key not in _DRIVERS:
-        _DRIVERS[key] = {"bwd": _make_bwd, "fwd": _make_fwd}[name](bool(bf))
+        chunk = {"bwd": _make_bwd, "fwd": _make_fwd}[name](bool(bf))
+
+        def run(*args):
+            tptr = args[-2]                  # (..., items, tptr, visits)
+            run_chunks(chunk, tptr.size - 1, args)
+
+        _DRIVERS[key] = run
     return _DRIVERS[key]

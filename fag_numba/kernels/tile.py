@@ -15,7 +15,7 @@ from ..masks import _band_tile_class, _dense_tile_class
 from . import desc
 
 # numba's own BLAS entry (it calls SciPy's cython_blas sgemm): single-threaded here because the
-# drivers run it inside prange and hold OpenBLAS to one thread (threads.py).
+# chunk kernels run it on several threads at once and hold OpenBLAS to one thread (threads.py).
 _xxgemm = _BLAS().numba_xxgemm(types.float32)
 _KIND_S = ord("s")
 # int64 scalars, not Python ints: a Python-int global (or a literal 0) reaches ``gemm`` as a
