@@ -198,3 +198,41 @@ def test_config_switches(monkeypatch):
     monkeypatch.setattr(config, "BF16_PRODUCTS", "auto")   # AMX CPUs: the float32 path
     want = None if isa.target_has("amx-bf16") else "bf16"
     assert isa.native_kind(True, 64, 64) == (want if HAS_BF16 else None)
+
+
+@pytest.mark.parametrize("name", ["bf16", "f32", "blas"])
+def test_all_minus_inf_scores_give_nan_rows_on_every_path(name, path, blocks, rng):
+    """Issue 13 item 7 on the native kernels: a row whose computed scores are all -inf (a pse
+    row of -inf; the inputs are finite, so the native products run) is NaN, as the math and
+    the BLAS driver say; only the mask makes a row invalid (zeros, -FLT_MAX / +FLT_MAX)."""
+    used = path(name)
+    blocks(bm=6, bn=10)
+    q, k, v, dy = make_qkv("BNSD", 1, 2, 1, 13, 22, 8, 8, BF16, rng)
+    pse = np.zeros((1, 2, 13, 22), np.float32)
+    pse[0, 0, 4] = -np.inf                    # head 0, row 4: every score -inf
+    pse[0, 1, 11, :12] = -np.inf              # head 1, row 11: the rest masked below
+    mask = np.zeros((13, 22), bool)
+    mask[7] = True                            # row 7: invalid by the mask
+    mask[11, 12:] = True
+    kw = dict(pse=pse, atten_mask=mask, sparse_mode=1, scale_value=0.5)
+    with np.errstate(all="ignore"):
+        out = fag_numba.flash_attention_score(q, k, v, 2, "BNSD", **kw)
+        g = fag_numba.flash_attention_score_grad(
+            q, k, v, dy, 2, "BNSD", softmax_max=out.softmax_max, softmax_sum=out.softmax_sum,
+            attention_in=out.attention_out, **kw)
+        ro, rm, rl = ref_forward(q, k, v, 2, "BNSD", **kw)
+        r = ref_backward(q, k, v, dy, 2, "BNSD", softmax_max=out.softmax_max,
+                         softmax_sum=out.softmax_sum, attention_in=out.attention_out, **kw)
+    # the forward ran on the forced path (the backward then sees NaN statistics, which send
+    # it to the careful BLAS driver after the spy has seen the native choice)
+    assert used[0] == name
+    o = out.attention_out.astype(np.float32)
+    assert np.isnan(o[0, 0, 4]).all() and np.isnan(o[0, 1, 11]).all()
+    assert out.softmax_max[0, 0, 4, 0] == -np.inf and np.isnan(out.softmax_sum[0, 0, 4, 0])
+    assert (o[0, :, 7] == 0).all() and (out.softmax_max[0, :, 7] < -3e38).all()
+    assert np.isfinite(np.delete(o, [4, 7, 11], axis=2)).all()
+    assert_close(out.attention_out, ro, tolerance(BF16, "fwd"), "attention_out")
+    assert_close(out.softmax_max, rm, tolerance(np.float32, "stats"), "softmax_max")
+    assert_close(out.softmax_sum, rl, tolerance(np.float32, "stats"), "softmax_sum")
+    for a, e, nm in zip(g[:3], r[:3], ("dq", "dk", "dv")):
+        assert_close(a, e, tolerance(BF16, "bwd"), nm)

@@ -34,6 +34,7 @@ from . import desc
 import math
 
 from .driver import _dpse_tile, kv_block_range, q_block_range, trim_tile
+from .guard import row_has_computed
 from .tile import (NEG_INF, adjust_scores, exp_sub, keep_tile, row_max, score_alpha,
                    tile_class)
 
@@ -540,9 +541,11 @@ def _make_bwd(bf):
                                     rb_ = rb[:mn]
                                     s_ = s[:mn]
                                     for x in range(mn):
-                                        kx = rb_[x] * inv_keep
-                                        dp_[x] = dp_[x] * kx
-                                        rb_[x] = s_[x] * kx
+                                        # selects (R ? x / keep : 0), as the BLAS driver: a
+                                        # dropped element is exactly 0 even when P is NaN
+                                        kept = rb_[x] != 0.0
+                                        dp_[x] = dp_[x] * inv_keep if kept else np.float32(0.0)
+                                        rb_[x] = s_[x] * inv_keep if kept else np.float32(0.0)
                                 # ds <- p * (dp_drop - dsum)   (in place in dp)
                                 for r in range(m_len):
                                     ds_r = dsum[st + (i0 + r) * gp[desc.ST_RS]]
@@ -616,6 +619,7 @@ def _make_fwd(bf):
             acc = np.empty(bm * max(dv, 1), np.float32)
             mrun = np.empty(bm, np.float32)
             lrun = np.empty(bm, np.float32)
+            vrow = np.empty(bm, np.uint8)   # row has a computed element (driver._fwd_chunk)
             ibuf = np.empty(bn, np.int32)
             lanes = np.empty(16, np.float32)
             kt = np.empty(max(dw, 1) * bn, np.uint32)
@@ -632,6 +636,7 @@ def _make_fwd(bf):
                 for r in range(m_len):
                     mrun[r] = NEG_INF
                     lrun[r] = 0.0
+                    vrow[r] = 0
                 for x in range(m_len * dv):
                     acc[x] = 0.0
                 q_off = seqtab[b, desc.Q_OFF] + h * gp[desc.Q_HS] + i0 * gp[desc.Q_RS]
@@ -666,6 +671,11 @@ def _make_fwd(bf):
                         sr = s[r * n_len:(r + 1) * n_len]
                         mx = row_max(sr, n_len, mrun[r], lanes)
                         if mx == NEG_INF:
+                            # masked, or computed with -inf scores (a -inf pse row, overflow):
+                            # only the mask makes a row invalid (SPEC §3)
+                            if vrow[r] == 0 and (cls == desc.FULL or row_has_computed(
+                                    seqtab, gp, mask, b, h, i0 + r, j0, n_len)):
+                                vrow[r] = 1
                             sub = np.float32(0.0)
                             corr = np.float32(1.0)
                         else:
@@ -687,7 +697,7 @@ def _make_fwd(bf):
                         st_ = s[:mn]
                         rb_ = rb[:mn]
                         for x in range(mn):
-                            st_[x] = st_[x] * rb_[x] * inv_keep
+                            st_[x] = st_[x] * inv_keep if rb_[x] != 0.0 else np.float32(0.0)
                     # acc <- acc + p_drop @ v
                     if BF:
                         to_bf16_rows(s, m_len, n_len, n_len, p16.view(np.uint16), 2 * hn)
@@ -703,7 +713,13 @@ def _make_fwd(bf):
                     i = i0 + r
                     row = st + i * gp[desc.ST_RS]
                     oo = o_off + i * gp[desc.DY_RS]
-                    if mrun[r] == NEG_INF:
+                    if mrun[r] == NEG_INF and vrow[r] != 0:
+                        # computed elements, all scores -inf: m = -inf, l = NaN (the math)
+                        mrow[row] = NEG_INF
+                        lrow[row] = np.float32(np.nan)
+                        for e in range(dv):
+                            out[oo + e] = np.float32(np.nan)
+                    elif mrun[r] == NEG_INF:
                         mrow[row] = -_FLT_MAX
                         lrow[row] = _FLT_MAX
                         for e in range(dv):
