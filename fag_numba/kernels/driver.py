@@ -15,16 +15,30 @@ result does not depend on which thread runs an item: bitwise identical across th
 """
 import math
 
+import numba
 import numpy as np
 
 from .. import _jit
 from ..threads import run_chunks
 from . import desc
-from .guard import any_bad, computed_tile, ds_guard, gemm_guard, p_guard, row_has_computed
+from .guard import (any_bad, computed_tile, dropped_nan_row_out, ds_guard, gemm_guard, p_guard,
+                    row_has_computed)
 from .tile import (NEG_INF, OFF0, TRANS_N, TRANS_T, exp_sub, gemm, keep_tile, row_max, score_tile,
                    tile_class)
 
 _FLT_MAX = np.float32(3.4028234663852886e38)
+
+
+@_jit.kernel(inline="always")
+def _log(x):
+    """``math.log`` of a float32 statistic (numba: -inf for 0, NaN below)."""
+    return math.log(x)
+
+
+if numba.config.DISABLE_JIT:
+    def _log(x):  # noqa: F811  (NUMBA_DISABLE_JIT=1: Python's math.log raises on 0 and below)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.log(np.float64(x))
 
 
 @_jit.kernel
@@ -95,7 +109,7 @@ def rowstats_driver(dy, o, m, l, seqtab, gp, lse, dsum):
         base = seqtab[b, desc.DY_OFF] + h * gp[desc.DY_HS]
         for i in range(s1):
             row = st + i * gp[desc.ST_RS]
-            lse[row] = m[row] + np.float32(math.log(l[row]))
+            lse[row] = m[row] + np.float32(_log(l[row]))
             off = base + i * gp[desc.DY_RS]
             yr = dy[off:off + dv]
             orr = o[off:off + dv]
@@ -215,11 +229,15 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
             row = st + i * gp[desc.ST_RS]
             oo = o_off + i * gp[desc.DY_RS]
             if mrun[r] == NEG_INF and vrow[r] != 0:
-                # computed elements, all scores -inf: m = -inf, l = exp(-inf + inf) = NaN
+                # computed elements, all scores -inf: m = -inf, l = exp(-inf + inf) = NaN;
+                # out NaN unless dropout removed every computed element (dropped_nan_row_out)
                 mrow[row] = NEG_INF
                 lrow[row] = np.float32(np.nan)
-                for e in range(dv):
-                    out[oo + e] = np.float32(np.nan)
+                if dropping:
+                    dropped_nan_row_out(seqtab, gp, mask, drop_mask, v, b, h, i, rb, out, oo)
+                else:
+                    for e in range(dv):
+                        out[oo + e] = np.float32(np.nan)
             elif mrun[r] == NEG_INF:
                 # invalid row (SPEC §3): out 0, m = -FLT_MAX, l = +FLT_MAX
                 mrow[row] = -_FLT_MAX
@@ -232,8 +250,13 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
                 inv_l = np.float32(1.0) / lrun[r]
                 orow = out[oo:oo + dv]
                 ar = acc[r * dv:(r + 1) * dv]
-                for e in range(dv):
-                    orow[e] = ar[e] * inv_l
+                if dropping and inv_l != inv_l:
+                    # every computed P is NaN: out from the keep bits (acc may hold NaN from
+                    # an exp(inf - inf) rescale even when all of them were dropped)
+                    dropped_nan_row_out(seqtab, gp, mask, drop_mask, v, b, h, i, rb, out, oo)
+                else:
+                    for e in range(dv):
+                        orow[e] = ar[e] * inv_l
 
 
 def fwd_driver(q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, gp, fp,

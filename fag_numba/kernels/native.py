@@ -34,7 +34,7 @@ from . import desc
 import math
 
 from .driver import _dpse_tile, kv_block_range, q_block_range, trim_tile
-from .guard import row_has_computed
+from .guard import row_has_computed, row_keeps_computed
 from .tile import (NEG_INF, adjust_scores, exp_sub, keep_tile, row_max, score_alpha,
                    tile_class)
 
@@ -714,11 +714,16 @@ def _make_fwd(bf):
                     row = st + i * gp[desc.ST_RS]
                     oo = o_off + i * gp[desc.DY_RS]
                     if mrun[r] == NEG_INF and vrow[r] != 0:
-                        # computed elements, all scores -inf: m = -inf, l = NaN (the math)
+                        # computed elements, all scores -inf: m = -inf, l = NaN (the math);
+                        # out 0 only when dropout removed every computed element
                         mrow[row] = NEG_INF
                         lrow[row] = np.float32(np.nan)
+                        fill = np.float32(np.nan)
+                        if dropping and not row_keeps_computed(seqtab, gp, mask, drop_mask, b,
+                                                               h, i, rb):
+                            fill = np.float32(0.0)
                         for e in range(dv):
-                            out[oo + e] = np.float32(np.nan)
+                            out[oo + e] = fill
                     elif mrun[r] == NEG_INF:
                         mrow[row] = -_FLT_MAX
                         lrow[row] = _FLT_MAX
@@ -730,8 +735,13 @@ def _make_fwd(bf):
                         inv_l = np.float32(1.0) / lrun[r]
                         orow = out[oo:oo + dv]
                         ar = acc[r * dv:(r + 1) * dv]
-                        for e in range(dv):
-                            orow[e] = ar[e] * inv_l
+                        if dropping and inv_l != inv_l and not row_keeps_computed(
+                                seqtab, gp, mask, drop_mask, b, h, i, rb):
+                            for e in range(dv):        # every computed (NaN) P dropped
+                                orow[e] = 0.0
+                        else:
+                            for e in range(dv):
+                                orow[e] = ar[e] * inv_l
 
     return fwd
 
