@@ -217,7 +217,8 @@ class _KernelCache(caching._Cache):
 
 
 def _attach_cache(disp):
-    if config.CACHE:
+    # under NUMBA_DISABLE_JIT=1 njit returns the plain function: nothing to cache
+    if config.CACHE and hasattr(disp, "py_func"):
         disp._cache = _KernelCache(disp.py_func)
     return disp
 

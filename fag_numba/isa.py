@@ -42,8 +42,14 @@ def native_kind(dtype_is_bf16, d, dv):
     "float32" forces the float32 path (inputs converted on the host, P and dS never rounded),
     "auto" is "bf16" on CPUs without AMX and "float32" on those with it (measured below).
     """
+    from numba.core import config as nconfig
+
     from . import config
 
+    # NUMBA_DISABLE_JIT=1 (the coverage lane): the micro-kernels are @intrinsic LLVM code,
+    # which pure Python cannot run; the BLAS drivers run with a numpy ``gemm`` there
+    if nconfig.DISABLE_JIT:
+        return None
     if config.NATIVE == "off" or not target_has("avx512f", "avx512bw", "fma"):
         return None
     mode = config.BF16_PRODUCTS

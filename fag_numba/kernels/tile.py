@@ -5,6 +5,7 @@ flat float32 buffers addressed through the descriptor tables of ``desc.py``; a t
 product of rows ``[i0, i0 + m_len)`` of one query head and rows ``[j0, j0 + n_len)`` of one
 key head of sequence b.
 """
+import numba
 import numpy as np
 from numba import types
 from numba.np.linalg import _BLAS
@@ -47,6 +48,31 @@ def gemm(ta, tb, m, n, k, alpha, a, a_off, lda, b, b_off, ldb, beta, c, c_off, l
     ab[1] = beta
     _xxgemm(_KIND_S, tb, ta, n, m, k, ab[0:1].ctypes, b[b_off:].ctypes, max(ldb, 1),
             a[a_off:].ctypes, max(lda, 1), ab[1:2].ctypes, c[c_off:].ctypes, max(ldc, 1))
+
+
+def _gemm_numpy(ta, tb, m, n, k, alpha, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc, ab):
+    """``gemm`` in numpy, for ``NUMBA_DISABLE_JIT=1`` only (the coverage lane): pure Python
+    cannot call numba's BLAS external function (calling it there silently returns its type).
+    Same operands, offsets and strides; ``beta == 0`` never reads C (as BLAS)."""
+    if m <= 0 or n <= 0:
+        return
+    r = np.arange(m)[:, None]
+    q = np.arange(n)[None, :]
+    if k <= 0:
+        if beta == 0.0:
+            c[c_off + r * ldc + q] = 0.0
+        return
+    p = np.arange(k)
+    # op(A)[r, p] and op(B)[p, q] gathered from the flat buffers
+    ia = a_off + (r * lda + p[None, :] if ta == TRANS_N else p[None, :] * lda + r)
+    ib = b_off + (p[:, None] * ldb + q if tb == TRANS_N else q * ldb + p[:, None])
+    prod = np.float32(alpha) * (a[ia] @ b[ib])
+    ic = c_off + r * ldc + q
+    c[ic] = prod if beta == 0.0 else prod + np.float32(beta) * c[ic]
+
+
+if numba.config.DISABLE_JIT:
+    gemm = _gemm_numpy     # noqa: F811  (chosen at import; the kernels call ``gemm`` by name)
 
 
 # ---- exp: Cephes expf range reduction + degree-6 polynomial, written so LLVM vectorises it ----
