@@ -236,3 +236,30 @@ def test_all_minus_inf_scores_give_nan_rows_on_every_path(name, path, blocks, rn
     assert_close(out.softmax_sum, rl, tolerance(np.float32, "stats"), "softmax_sum")
     for a, e, nm in zip(g[:3], r[:3], ("dq", "dk", "dv")):
         assert_close(a, e, tolerance(BF16, "bwd"), nm)
+
+
+@pytest.mark.parametrize("name", ["bf16", "f32", "blas"])
+def test_nan_row_with_every_element_dropped_is_zero_on_every_path(name, path, blocks, rng):
+    """A -inf pse row has NaN P for every computed element; when dropout removes them all,
+    O = Pd @ V is exactly 0 (SPEC §3), not the NaN of the deferred ``acc / l``; a row keeping
+    one of them is NaN (fuzz find, tests/test_fuzz.py)."""
+    used = path(name)
+    blocks(bm=6, bn=10)
+    S1, S2 = 9, 14
+    q, k, v, dy = make_qkv("BNSD", 1, 1, 1, S1, S2, 8, 8, BF16, rng)
+    pse = np.zeros((1, 1, S1, S2), np.float32)
+    pse[0, 0, 2] = -np.inf
+    pse[0, 0, 5] = -np.inf
+    keep = rng.random((1, 1, S1, S2)) < 0.7
+    keep[0, 0, 2] = False                  # row 2: every element dropped -> 0
+    keep[0, 0, 5, 3] = True                # row 5: one kept -> NaN
+    drop = np.packbits(keep.reshape(-1), bitorder="little")
+    kw = dict(pse=pse, keep_prob=0.7, scale_value=0.5)
+    with np.errstate(all="ignore"):
+        out = fag_numba.flash_attention_score(q, k, v, 1, "BNSD", drop_mask=drop, **kw)
+        ro, rm, rl = ref_forward(q, k, v, 1, "BNSD", keep=keep.reshape(-1), **kw)
+    assert used[0] == name
+    o = out.attention_out.astype(np.float32)
+    assert (o[0, 0, 2] == 0).all() and np.isnan(o[0, 0, 5]).all()
+    assert_close(out.attention_out, ro, tolerance(BF16, "fwd"), "attention_out")
+    assert_close(out.softmax_sum, rl, tolerance(np.float32, "stats"), "softmax_sum")
