@@ -28,7 +28,9 @@ examples); ``test_fuzz_long`` (marker ``fuzz``) runs on demand with ``pytest -m 
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 import warnings
 
@@ -58,7 +60,8 @@ FUZZ_BOUNDED = 250          # default lane: ~45 s on the loaded 2-core machine, 
 OUT_SPELLINGS = [(None, F16), ("float16", F16), (0, F16), ("bfloat16", BF16), (1, BF16),
                  (BF16, BF16), (np.float32, F32), ("float32", F32)]
 FORMS = ["c", "c", "c", "strided", "negstride", "fortran", "readonly", "misaligned", "memmap"]
-_TMP = tempfile.mkdtemp(prefix="fag_fuzz_")
+_TMP = tempfile.mkdtemp(prefix="fag_fuzz_")          # memmap files, removed at exit
+atexit.register(shutil.rmtree, _TMP, True)
 
 
 # ------------------------------------------------------------------------------------------------
