@@ -63,3 +63,38 @@ def native_kind(dtype_is_bf16, d, dv):
             and target_has("avx512bf16")):
         return "bf16"
     return "f32" if config.NATIVE == "all" else None
+
+
+_ARCH_GET_XCOMP_PERM = 0x1022
+_ARCH_REQ_XCOMP_PERM = 0x1023
+_XFEATURE_XTILEDATA = 18
+_SYS_ARCH_PRCTL = 158          # x86_64
+
+
+@functools.lru_cache(maxsize=None)
+def _amx_permission():
+    """Ask Linux for the AMX tile-data state (once per process; threads and forked children
+    inherit it).  Without it the first tile instruction raises SIGILL.  False where the
+    request is refused or the OS is not x86_64 Linux."""
+    import ctypes
+    import platform
+    import sys
+
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) != 0:
+            return False
+        perm = ctypes.c_uint64(0)
+        if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_GET_XCOMP_PERM, ctypes.byref(perm)) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    return bool(perm.value >> _XFEATURE_XTILEDATA & 1)
+
+
+def amx_available():
+    """Whether the AMX bf16 products (kernels/amx.py) may be compiled and run: numba's target
+    and the host have amx-tile and amx-bf16, and the OS granted the tile-data permission."""
+    return target_has("amx-tile", "amx-bf16") and _amx_permission()
