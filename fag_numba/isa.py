@@ -33,14 +33,16 @@ def target_has(*names):
 
 
 def native_kind(dtype_is_bf16, d, dv):
-    """The native product kind for one call: "bf16", "f32" or None (the BLAS drivers).
+    """The native product kind for one call: "amx", "bf16", "f32" or None (the BLAS drivers).
 
-    config.NATIVE: "auto" uses native products where they were measured to help (the bf16 dot
+    config.NATIVE: "auto" uses native products where they were measured to help (the bf16
     products of BF16_PRODUCTS), "all" also runs every other dtype through the float32
-    micro-kernel, "off" keeps the BLAS drivers.  config.BF16_PRODUCTS for bfloat16 inputs:
-    "bf16" takes the bf16 dot products when the target has AVX512_BF16 and D, Dv are even,
-    "float32" forces the float32 path (inputs converted on the host, P and dS never rounded),
-    "auto" is "bf16" on CPUs without AMX and "float32" on those with it (measured below).
+    micro-kernel, "off" keeps the BLAS drivers.  config.BF16_PRODUCTS for bfloat16 inputs
+    (D, Dv even): "amx" takes AMX tiles (``amx_available``), "bf16" the AVX512_BF16 dot
+    products, "float32" forces the float32 path (inputs converted on the host, P and dS never
+    rounded); "auto" is "amx" where AMX is available, else "bf16" on CPUs without AMX, else
+    (AMX present but not granted) "float32" (measured below).  A kind the CPU lacks falls back
+    to the float32 path.
     """
     from numba.core import config as nconfig
 
@@ -54,16 +56,21 @@ def native_kind(dtype_is_bf16, d, dv):
         return None
     mode = config.BF16_PRODUCTS
     if mode == "auto":
-        # Measured (4 x 64 block, 1 thread): on AMD Zen 4 vdpbf16ps runs at 2x the float32 FMA
-        # rate (197-217 vs 85-110 GFLOP/s sgemm); on Intel Sapphire Rapids (the CPUs with AMX)
-        # at half of it (66-72 vs 119-149 GFLOP/s for the float32 micro-kernel), so "auto"
-        # takes the bf16 products only where AMX is absent.
-        mode = "float32" if target_has("amx-bf16") else "bf16"
-    if (dtype_is_bf16 and mode == "bf16" and d % 2 == 0 and dv % 2 == 0
-            and target_has("avx512bf16")):
-        return "bf16"
+        # Measured (1 thread, tile shapes 96x128x64 .. 384x256x64): AMX tiles 620-700 GFLOP/s;
+        # vdpbf16ps (4 x 64 block) on AMD Zen 4 runs at 2x the float32 FMA rate (197-217 vs
+        # 85-110 GFLOP/s sgemm), on Intel Sapphire Rapids (the CPUs with AMX) at half of it
+        # (66-72 vs 119-149 GFLOP/s for the float32 micro-kernel), so without AMX tiles "auto"
+        # takes the bf16 dot products only where AMX is absent.
+        if amx_available():
+            mode = "amx"
+        else:
+            mode = "float32" if target_has("amx-bf16") else "bf16"
+    if dtype_is_bf16 and d % 2 == 0 and dv % 2 == 0:
+        if mode == "amx" and target_has("avx512bf16") and amx_available():
+            return "amx"
+        if mode == "bf16" and target_has("avx512bf16"):
+            return "bf16"
     return "f32" if config.NATIVE == "all" else None
-
 
 _ARCH_GET_XCOMP_PERM = 0x1022
 _ARCH_REQ_XCOMP_PERM = 0x1023

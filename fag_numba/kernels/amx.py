@@ -265,3 +265,121 @@ def product_amx(c, c_off, ldc, m, n, a, a_off, lda, b, b_off, ldb, kp, accum, cf
         _blocks(c, c_off, ldc, mf, m, nf, n, a, a_off, lda, b, b_off, ldb, nch, kc, accum,
                 2 if mr > 16 else 1, 2 if nr > 16 else 1)
     tile_release()
+
+
+_F32 = ir.FloatType()
+_I1 = ir.IntType(1)
+_I32 = ir.IntType(32)
+_VF = ir.VectorType(_F32, 16)
+_VI = ir.VectorType(_I32, 16)
+_VM = ir.VectorType(_I1, 16)
+
+
+class _BFloat(ir.Type):
+    """LLVM's ``bfloat`` (no llvmlite class; the IR is text, so the name suffices)."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BFloat)
+
+    def __hash__(self):
+        return hash("bfloat")
+
+
+_VB16 = ir.VectorType(_BFloat(), 16)
+
+
+def _splat(builder, val, vty):
+    n = vty.count
+    v = builder.insert_element(ir.Constant(vty, ir.Undefined), val, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined),
+                                  ir.Constant(ir.VectorType(_I32, n), [0] * n))
+
+
+@intrinsic
+def _tpairs16(typingctx, src, s_off, ld, nrows, ncols, dst, d_off, ldd):
+    """One 32-row x 16-column block of float32 ``src`` (rows ``ld`` apart from ``s_off``) as
+    transposed bf16 pairs: ``dst[d_off + j * ldd + p] = (bf16(src[2p, j]), bf16(src[2p+1, j]))``
+    for p < 16, j < min(16, ncols); rows >= ``nrows`` read as zero and are never loaded, nor
+    columns >= ``ncols``.  16 x 16 dword transpose in 4 shuffle stages (64 two-source shuffles).
+    """
+    sig = types.void(src, s_off, ld, nrows, ncols, dst, d_off, ldd)
+
+    def codegen(context, builder, sig, args):
+        sv, s_off, ld, nrows, ncols, dv, d_off, ldd = args
+        mod = builder.module
+        sbase = context.make_array(sig.args[0])(context, builder, sv).data
+        dbase = context.make_array(sig.args[5])(context, builder, dv).data
+        mload = _fn(mod, "llvm.masked.load.v16f32.p0", _VF, [sbase.type, _I32, _VM, _VF])
+        mstore = _fn(mod, "llvm.masked.store.v16i32.p0", _VOID, [_VI, dbase.type, _I32, _VM])
+        zero = ir.Constant(_VF, [0.0] * 16)
+        ncols32 = builder.trunc(ncols, _I32)
+        colmask = builder.icmp_signed("<", ir.Constant(_VI, list(range(16))),
+                                      _splat(builder, ncols32, _VI))
+        last = builder.sub(nrows, ir.Constant(_I64, 1))
+        last = builder.select(builder.icmp_signed("<", last, ir.Constant(_I64, 0)),
+                              ir.Constant(_I64, 0), last)
+        rows = []
+        for r in range(32):
+            rc = ir.Constant(_I64, r)
+            ok = builder.icmp_signed("<", rc, nrows)
+            rr = builder.select(ok, rc, last)
+            p = builder.gep(sbase, [builder.add(s_off, builder.mul(rr, ld))])
+            m = builder.and_(colmask, _splat(builder, ok, _VM))
+            rows.append(builder.call(mload, [p, ir.Constant(_I32, 4), m, zero]))
+        idx = []
+        for c in range(16):
+            idx += [c, 16 + c]
+        vec = []
+        for p in range(16):
+            z = builder.shuffle_vector(builder.fptrunc(rows[2 * p], _VB16),
+                                       builder.fptrunc(rows[2 * p + 1], _VB16),
+                                       ir.Constant(ir.VectorType(_I32, 32), idx))
+            vec.append(builder.bitcast(z, _VI))
+        # vec[p][j] -> vec[j][p]: stage b swaps bit b of the row index with bit b of the lane
+        for b in (8, 4, 2, 1):
+            for i in range(16):
+                if i & b:
+                    continue
+                x, y = vec[i], vec[i + b]
+                lo = [l if not l & b else 16 + l - b for l in range(16)]
+                hi = [l + b if not l & b else 16 + l for l in range(16)]
+                vec[i] = builder.shuffle_vector(x, y, ir.Constant(_VI, lo))
+                vec[i + b] = builder.shuffle_vector(x, y, ir.Constant(_VI, hi))
+        allm = _splat(builder, ir.Constant(_I1, 1), _VM)
+        for j in range(16):
+            ok = builder.icmp_signed("<", ir.Constant(_I64, j), ncols)
+            p = builder.gep(dbase, [builder.add(d_off, builder.mul(ir.Constant(_I64, j), ldd))])
+            builder.call(mstore, [vec[j], p, ir.Constant(_I32, 4),
+                                  builder.and_(allm, _splat(builder, ok, _VM))])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@_jit.kernel
+def t_pairs(src, m, n, ld, dst, ldd, kp):
+    """Transposed bf16 pairs of rows, the A operand of ``P^T dY`` and ``dS^T Q``:
+    ``dst[j * ldd + p] = (bf16(src[2p, j]), bf16(src[2p + 1, j]))`` (uint32) for j < n,
+    p < kp; rows >= m are zero (so pairs past (m + 1) // 2 are zero padding).  ``ldd`` >= kp
+    rounded up to 16."""
+    for p0 in range(0, kp, 16):
+        for j0 in range(0, n, 16):
+            _tpairs16(src, 2 * p0 * ld + j0, ld, m - 2 * p0, n - j0, dst, j0 * ldd + p0, ldd)
+
+
+@_jit.kernel(inline="always")
+def kpad(kp):
+    """Pairs a packed operand is padded to: full 16-pair chunks past one chunk (``product_amx``
+    cuts the contraction in equal chunks, so 47 pairs would run as 47 one-pair chunks)."""
+    return kp if kp <= 16 else (kp + 15) // 16 * 16
+
+
+@_jit.kernel(inline="always")
+def zero_cols(a, m, lda, k0, k1):
+    """``a[r * lda + x] = 0`` for r < m, k0 <= x < k1: the padding pairs of a row operand."""
+    for r in range(m):
+        for x in range(k0, k1):
+            a[r * lda + x] = 0
