@@ -34,7 +34,12 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .. import _jit
+from .. import _jit, isa
+
+# the tile-data permission, asked at import so a direct user of these kernels (a benchmark, a
+# test) cannot run a tile instruction without it (SIGILL); the drivers ask through
+# isa.native_kind before they compile anything
+isa.amx_available()
 
 _I8 = ir.IntType(8)
 _I64 = ir.IntType(64)
