@@ -231,7 +231,19 @@ def product_amx(c, c_off, ldc, m, n, a, a_off, lda, b, b_off, ldb, kp, accum, cf
     ``m`` rows of ``kp`` bf16 pairs (uint32 dwords, rows ``lda`` apart from ``a_off``); B
     ``kp`` pair-rows of ``n`` dwords (``ldb`` apart from ``b_off``).  ``cfg``: a uint8[64]
     scratch for the tile configuration.  Only elements inside these bounds are read or written.
+
+    An inlined entry that strips literal types (numba compiles a called function once per
+    literal argument: the drivers' constant offsets and flags made 5 copies of the product,
+    20 of its blocks, +160 s of cold compile) before the one compiled ``_product``.
     """
+    _product(c, np.int64(c_off), np.int64(ldc), np.int64(m), np.int64(n), a, np.int64(a_off),
+             np.int64(lda), b, np.int64(b_off), np.int64(ldb), np.int64(kp), accum != 0, cfg)
+
+
+@_jit.kernel
+def _product(c, c_off, ldc, m, n, a, a_off, lda, b, b_off, ldb, kp, accum, cfg):
+    """``product_amx`` (a call, not inlined: each inlined copy costs compile time and the work
+    per call is microseconds)."""
     if m <= 0 or n <= 0:
         return
     if kp <= 0:
