@@ -26,11 +26,11 @@ import numpy as np
 import pytest
 
 import fag_numba
-from fag_numba import api, isa
+from fag_numba import api
 from fag_numba.errors import FagTypeError, FagValueError
 from reference import FLT_MAX, ref_backward, ref_computed, ref_forward
 from tolerances import tolerance
-from utils import assert_close, make_id, make_qkv, to_bnsd
+from utils import assert_close, fwd_block_n, make_id, make_qkv, to_bnsd
 
 F32 = np.dtype(np.float32)
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -42,13 +42,6 @@ BM, BN, FBM, FBN = 4, 8, 5, 7          # backward / forward tile sizes used by e
 def _small_tiles(blocks):
     blocks(bm=BM, bn=BN, fbm=FBM, fbn=FBN, split=3)
 
-
-def _fwd_bn(dtype, d, dv):
-    """The forward tile width a call runs: the bf16-pair native kinds ("bf16", "amx", chosen by
-    ``isa.native_kind`` for bf16 inputs with even D, Dv) start pairs on even keys, so the API
-    rounds FWD_BLOCK_N up to even; every other path uses FBN as given."""
-    kind = isa.native_kind(np.dtype(dtype) == BF16, d, dv)
-    return FBN + FBN % 2 if kind in ("bf16", "amx") else FBN
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,7 +216,7 @@ def test_full_mask_modes(kw, s1, s2, layout, gqa, dtype, seed):
     np.testing.assert_array_equal(mask, keep)
     # the tiles computed are exactly the non-EMPTY ones (dense x band intersections included)
     c = predicates(B_, N1_, s1, s2, **kw)
-    assert api.last_tile_count["forward"] == tile_census(c, FBM, _fwd_bn(dtype, 8, dv))[0]
+    assert api.last_tile_count["forward"] == tile_census(c, FBM, fwd_block_n(FBN, dtype, 8, dv))[0]
 
 
 def test_full_mask_per_head_differs():
@@ -272,7 +265,7 @@ def test_compressed_modes(kw, s1, s2, layout, gqa, dtype, seed):
                internal_fwd=(seed % 4 == 0 and kw["sparse_mode"] != 6), **kw)
     c = predicates(B_, N1_, s1, s2, **kw)
     # compressed modes have no dense part: the classification is exact
-    assert api.last_tile_count["forward"] == tile_census(c, FBM, _fwd_bn(dtype, 8, 7))[0]
+    assert api.last_tile_count["forward"] == tile_census(c, FBM, fwd_block_n(FBN, dtype, 8, 7))[0]
 
 
 @pytest.mark.parametrize("mode", [5, 6])
