@@ -103,5 +103,10 @@ def _amx_permission():
 
 def amx_available():
     """Whether the AMX bf16 products (kernels/amx.py) may be compiled and run: numba's target
-    and the host have amx-tile and amx-bf16, and the OS granted the tile-data permission."""
+    and the host have amx-tile and amx-bf16, and the OS granted the tile-data permission.
+    False under NUMBA_DISABLE_JIT=1 (the kernels are @intrinsic code pure Python cannot run)."""
+    from numba.core import config as nconfig
+
+    if nconfig.DISABLE_JIT:
+        return False
     return target_has("amx-tile", "amx-bf16") and _amx_permission()

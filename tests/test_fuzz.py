@@ -263,7 +263,8 @@ def cases(draw, native=False):
     forms = {name: draw(st.sampled_from(FORMS))
              for name in ("q", "k", "v", "dy", "pse", "mask", "stats")}
 
-    products = draw(st.sampled_from(["off", "off", "float32", "bf16"])) if native else "off"
+    products = (draw(st.sampled_from(["off", "off", "float32", "bf16", "amx"])) if native
+                else "off")
     call = dict(layout=layout, dtype=dtype, out_dt=out_dt, N1=N1, q=q, k=k, v=v, dy=dy, kw=kw,
                 keep=keep, scales=scales, stats=stats, o_nan=o_nan, blocks=blocks, forms=forms,
                 products=products, D=D, Dv=Dv)
@@ -432,11 +433,12 @@ def run_case(call, expect):
                                             **rst, **rkw)
     out_dt = call["out_dt"]
     tol_dt = out_dt
-    bf16_products = call["dtype"] == BF16 and isa.native_kind(True, call["D"], call["Dv"]) == "bf16"
+    bf16_products = (call["dtype"] == BF16
+                     and isa.native_kind(True, call["D"], call["Dv"]) in ("bf16", "amx"))
     if bf16_products:
         # the bf16 products round P and dS to bf16 (SPEC §3 allows it for bf16 inputs): the
         # bf16 tolerance, also for out_dtype=float32 (seen with products "bf16"; "auto" takes
-        # them on CPUs with AVX512_BF16 and without AMX)
+        # them on CPUs with AVX512_BF16 and without AMX, and the amx kind on CPUs with AMX)
         tol_dt = BF16
     assert fo.attention_out.dtype == out_dt and fo.attention_out.shape == ro.shape
     assert fo.softmax_max.dtype == F32 and fo.softmax_sum.dtype == F32

@@ -221,6 +221,20 @@ def row_max(x, n, init, lanes):
     return _vmax(x, np.int64(0), np.int64(n), np.float32(init))
 
 
+def _row_max_python(x, n, init, lanes):
+    """``row_max`` for ``NUMBA_DISABLE_JIT=1`` only (the coverage lane): pure Python cannot run
+    the ``_vmax`` intrinsic.  Same result: NaN if any element (or init) is NaN, else the max."""
+    mx = init
+    for c in range(n):
+        v = x[c]
+        mx = v if (v > mx or v != v) else mx
+    return mx
+
+
+if numba.config.DISABLE_JIT:
+    row_max = _row_max_python     # noqa: F811  (chosen at import, as gemm above)
+
+
 @_jit.kernel
 def tile_class(seqtab, gp, mask, b, h, i0, m_len, j0, n_len):
     """Classify a tile: ``desc.EMPTY`` (skip), ``desc.FULL`` (no test), ``desc.PARTIAL``.
