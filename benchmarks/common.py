@@ -102,13 +102,11 @@ def cpu_model() -> str:
 
 
 def threading_layer() -> str:
-    """numba's active threading layer, known only once a parallel function has run."""
-    import numba
+    """How fag_numba runs in parallel (Python threads over nogil kernels: numba's threading
+    layer is not used)."""
+    from fag_numba.threads import _threading_layer
 
-    try:
-        return numba.threading_layer()
-    except ValueError:
-        return "not initialised"
+    return _threading_layer()
 
 
 def torch_own_libgomp() -> bool | None:

@@ -63,11 +63,8 @@ try:
 except NotImplementedError as exc:
     res["skip"] = f"NotImplementedError: {{exc}}"
 import numba
-try:
-    res["threading_layer"] = numba.threading_layer()
-except ValueError:
-    res["threading_layer"] = "not initialised"
-res["numba_threads"] = numba.get_num_threads()
+res["threading_layer"] = fag_numba.runtime_info()["threading_layer"]
+res["numba_threads"] = fag_numba.num_threads()
 res["numba"] = numba.__version__
 res["total_s"] = time.perf_counter() - t0
 print("RESULT " + json.dumps(res))

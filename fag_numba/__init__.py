@@ -14,7 +14,7 @@ from .chunks import chunked_attention_score, chunked_attention_score_grad, softm
 from .dropout import dropout_mask
 from .errors import FagError, FagMemoryError, FagTypeError, FagValueError
 from .merge import merge_attention_outputs
-from .threads import runtime_info, set_num_threads, threads
+from .threads import num_threads, runtime_info, set_num_threads, threads
 
 try:
     __version__ = _version("fag_numba")
@@ -27,5 +27,5 @@ __all__ = [
     "chunked_attention_score_grad", "warmup",
     "FlashAttentionOutput", "FlashAttentionGrads", "FagError", "FagTypeError", "FagValueError",
     "FagMemoryError",
-    "set_num_threads", "threads", "runtime_info", "__version__",
+    "set_num_threads", "num_threads", "threads", "runtime_info", "__version__",
 ]

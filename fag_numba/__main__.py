@@ -55,7 +55,7 @@ def demo(args):
         import ml_dtypes
         dtype = ml_dtypes.bfloat16
     print(f"fag_numba {fag_numba.__version__}: FlashAttentionScore + Grad on the CPU "
-          f"({numba.get_num_threads()} threads, numba {numba.__version__})")
+          f"({fag_numba.num_threads()} threads, numba {numba.__version__})")
     t = time.perf_counter()
     worst = _check_small()
     print(f"check vs dense float64 (BNSD, GQA, causal): max relative error {worst:.1e} "
@@ -162,7 +162,7 @@ def bench(args):
     mf, mb = float(np.median(tf)), float(np.median(tb))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"fag_numba {args.layout} {args.dtype} B={b} N1={n1} N2={n2} S={s} D={d} "
-          f"sparse_mode={args.sparse_mode} threads={numba.get_num_threads()}")
+          f"sparse_mode={args.sparse_mode} threads={fag_numba.num_threads()}")
     print(f"forward  median {mf * 1e3:9.1f} ms  {flops / mf / 1e9:7.1f} GFLOP/s")
     print(f"backward median {mb * 1e3:9.1f} ms  {2.5 * flops / mb / 1e9:7.1f} GFLOP/s")
     print(f"peak RSS of the process {peak:.0f} MB")
@@ -176,7 +176,7 @@ def bench(args):
             print("torch peer: only BNSD, N1 == N2, sparse_mode 0/2/3 (torch has no band/GQA "
                   "flash path)")
             return 0
-        torch.set_num_threads(numba.get_num_threads())
+        torch.set_num_threads(fag_numba.num_threads())
         tt = torch.float32 if args.dtype == "float32" else torch.bfloat16
         tq, tk, tv, tdy = (torch.randn(b, n1, s, d, dtype=tt) for _ in range(4))
         causal = args.sparse_mode in (2, 3)

@@ -1,7 +1,7 @@
 """The only place that calls ``numba.njit`` (STYLE b4), and the on-disk kernel cache.
 
-``kernel`` is for serial kernels and helpers, ``driver`` for the ``parallel=True`` drivers in
-``kernels/driver.py``.  Both use ``error_model="numpy"`` (float division by zero gives inf/nan
+``kernel`` is for every compiled function: all are serial (no ``parallel=True`` anywhere: the
+parallel level is ``threads.run_chunks``, which runs one chunk kernel per Python thread).  Both use ``error_model="numpy"`` (float division by zero gives inf/nan
 instead of raising) and the curated ``config.FASTMATH_FLAGS`` set, never blanket fastmath,
 because ``nnan``/``ninf`` would let LLVM break the ``-inf`` masking and NaN propagation.
 
@@ -217,7 +217,8 @@ class _KernelCache(caching._Cache):
 
 
 def _attach_cache(disp):
-    if config.CACHE:
+    # under NUMBA_DISABLE_JIT=1 njit returns the plain function: nothing to cache
+    if config.CACHE and hasattr(disp, "py_func"):
         disp._cache = _KernelCache(disp.py_func)
     return disp
 
@@ -228,11 +229,6 @@ def kernel(fn=None, **extra):
     if fn is None:
         return lambda f: _attach_cache(numba.njit(**opts)(f))
     return _attach_cache(numba.njit(**opts)(fn))
-
-
-def driver(fn):
-    """Decorate a parallel driver: the only ``parallel=True`` functions of the package."""
-    return _attach_cache(numba.njit(parallel=True, **_COMMON)(fn))
 
 
 def cache_info() -> dict:

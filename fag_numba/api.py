@@ -396,7 +396,7 @@ def _run_forward(P, q, k, v):
 
     bm, bn = config.FWD_BLOCK_M, config.FWD_BLOCK_N
     kind, arrays = _native_inputs(P, q, k, v, None)
-    if kind == "bf16":                   # bf16 pairs of keys start on even columns
+    if kind in ("bf16", "amx"):          # bf16 pairs of keys start on even columns
         bn += bn % 2
     st, gp, fp, nrows = _tables(P, bm, bn)
     out = np.zeros(int(np.prod(P.dy_shape)), np.float32)
@@ -417,7 +417,7 @@ def _run_forward(P, q, k, v):
             else:
                 from .kernels import native
                 q, k, v = arrays[:3]
-                native.driver("fwd", kind == "bf16")(
+                native.driver("fwd", kind)(
                     q, k, v, out, m, l, P.pse.flat, P.pse.slopes, P.mask.dense, P.drop_flat, st,
                     gp, fp, items, tptr, visits)
     last_tile_count["forward"] = int(visits.sum())
@@ -610,7 +610,7 @@ def _run_backward(P, q, k, v, y, o, m, l):
     d = P.dims
     bm, bn = backward_blocks(d.D)
     kind, arrays = _native_inputs(P, q, k, v, y)
-    if kind == "bf16":                   # bf16 pairs start on even rows and columns
+    if kind in ("bf16", "amx"):          # bf16 pairs start on even rows and columns
         bm, bn = bm + bm % 2, bn + bn % 2
     st, gp, fp, nrows = _tables(P, bm, bn)
     lse = np.zeros(nrows, np.float32)
@@ -646,7 +646,7 @@ def _run_backward(P, q, k, v, y, o, m, l):
                            bad)
             else:
                 from .kernels import native
-                native.driver("bwd", kind == "bf16")(
+                native.driver("bwd", kind)(
                     *arrays, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pp.flat, pp.slopes,
                     P.mask.dense, P.drop_flat, st, gp, fp, items, tptr, visits)
     last_tile_count["backward"] = int(visits.sum())
@@ -669,7 +669,7 @@ def _native_inputs(P, q, k, v, y):
     """(kind, (q, k, v, dy)) for the native tile products (kernels/native.py), or (None, None)
     (the forward passes y = None).
 
-    kind "bf16": the inputs' own bf16 bits (uint16 flat); "f32": the float32 arrays.  Only for
+    kind "bf16" / "amx": the inputs' own bf16 bits (uint16 flat); "f32": the float32 arrays.  Only for
     finite inputs: a NaN/inf input takes the BLAS driver, whose handling of non-finite values
     is the reference one (a masked NaN must contribute exactly 0, SPEC §3).
     """
@@ -680,7 +680,7 @@ def _native_inputs(P, q, k, v, y):
         return None, None
     from .kernels import native
 
-    if kind == "bf16":
+    if kind in ("bf16", "amx"):
         raw = [None if x is None else np.ascontiguousarray(x).reshape(-1).view(np.uint16)
                for x in P.raw[:3] + ((P.raw[3],) if y is not None else (None,))]
         if all(x is None or native.all_finite_bf16(x) for x in raw):

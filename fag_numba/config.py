@@ -54,10 +54,14 @@ DEFAULTS = {
     # only (env FAG_NUMBA_NATIVE).  The float32 micro-kernel is not the default: on the shared
     # 2-core Xeon it measured 0.9-1.4x OpenBLAS's time end to end (A/B, 5 rounds, heavy load).
     "NATIVE": os.environ.get("FAG_NUMBA_NATIVE", "auto"),
-    # bfloat16 inputs: "auto" / "bf16" run the tile products as bf16 dot products
-    # (AVX512_BF16 vdpbf16ps, float32 accumulation, P and dS rounded to bf16; SPEC §3) when the
-    # target has AVX512_BF16 and D, Dv are even; "float32" (env FAG_NUMBA_BF16=float32) forces
-    # the float32 path (inputs converted on the host, P and dS never rounded).
+    # bfloat16 inputs (D, Dv even), env FAG_NUMBA_BF16: "amx" runs the tile products on Intel
+    # AMX tiles (kernels/amx.py: tdpbf16ps, float32 accumulation, P and dS rounded to bf16;
+    # SPEC §3) when isa.amx_available() (amx-tile/amx-bf16 in numba's target and the host, and
+    # Linux granted the tile-data permission); "bf16" as AVX512_BF16 dot products (vdpbf16ps,
+    # same rounding); "float32" forces the float32 path (inputs converted on the host, P and dS
+    # never rounded; the fallback).  "auto" = "amx" where available, else "bf16" on CPUs
+    # without AMX (Zen 4: vdpbf16ps at 2x the FMA rate), else "float32" (an AMX CPU without the
+    # permission: there vdpbf16ps runs at half the FMA rate).  isa.native_kind decides.
     "BF16_PRODUCTS": os.environ.get("FAG_NUMBA_BF16", "auto"),
 }
 

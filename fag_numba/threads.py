@@ -1,16 +1,18 @@
-"""Thread control and runtime facts.
+"""Thread control, the chunk runner, and runtime facts.
 
-- ``threads(n)``: context manager setting numba's thread count, restored on exit (try/finally).
-- ``set_num_threads(n)``: numba.set_num_threads with validation.
+- ``run_chunks(kernel, n, args)``: the parallel level of fag_numba: chunk t of a plan runs as
+  ``kernel(t, *args)`` on its own Python thread (serial nogil numba kernels, so truly parallel).
+- ``threads(n)``: context manager setting the thread count (numba's), restored on exit.
+- ``set_num_threads(n)``: numba.set_num_threads with validation; ``num_threads()``: the count
+  the plans use (numba's, of the calling thread).
 - ``blas_single_thread()``: holds SciPy's OpenBLAS at one thread while a driver runs, because
-  the drivers call BLAS from inside ``prange`` (nested threading oversubscribes the cores).
-- ``runtime_info()``: versions, threading layer, thread count, BLAS, for reports.
+  the chunk kernels call BLAS from several threads at once (nested threading oversubscribes).
+- ``runtime_info()``: versions, threading model, thread count, BLAS, for reports.
 
-Calling fag_numba from several Python threads at once works on every machine: with numba's
-``omp`` or ``tbb`` layer the calls run concurrently; on the ``workqueue`` fallback (which aborts
-on concurrent use, numba#8563) they are serialised by a lock.  A process forked after a call
-(``omp`` layer: GNU OpenMP is not fork-safe) raises FagError at its first call instead of being killed or
-hanging; ``tbb`` is fork-safe.
+fag_numba does not use numba's threading layers (no ``parallel=True``): calling it from several
+Python threads at once works on every machine, and a forked child (os.fork, multiprocessing's
+'fork' start method, ProcessPoolExecutor, DataLoader workers) computes normally, because the
+only threads involved are Python threads that the child recreates on first use.
 """
 import contextlib
 import functools
@@ -21,8 +23,20 @@ import threading
 import numba
 
 from . import _jit
-from .errors import FagError, FagTypeError, FagValueError
+from .errors import FagTypeError, FagValueError
 from .validation import is_int
+
+
+def num_threads():
+    """The thread count of the calling thread: ``numba.get_num_threads()`` once numba's
+    threading layer runs (``numba.set_num_threads`` / ``fag_numba.set_num_threads`` start it),
+    else ``NUMBA_NUM_THREADS`` (numba's default), read without starting the layer: starting it
+    loads an OpenMP runtime that fag_numba itself never uses (and that would shadow torch's own
+    libgomp when torch is imported later, see the README's import-order note)."""
+    from numba.np.ufunc import parallel as _parallel
+    if getattr(_parallel, "_is_initialized", True):
+        return numba.get_num_threads()
+    return numba.config.NUMBA_NUM_THREADS
 
 
 def set_num_threads(n):
@@ -62,78 +76,91 @@ def _controller():
 _blas_lock = threading.Lock()
 _blas_depth = 0
 _blas_limiter = None
-# numba's workqueue layer (the fallback where neither TBB nor an OpenMP runtime is found)
-# aborts the process on concurrent parallel launches: calls are serialised there.
-_serial_lock = threading.RLock()
-_parent_pid = os.getpid()
-_forked_after_use = False
+# The chunk runner's worker threads (created on first use; a forked child starts a new pool:
+# the parent's threads do not exist there).
+_pool_lock = threading.Lock()
+_pool = None
 
 
 def _after_fork_in_child():
-    """A forked child of a process whose OpenMP pool already ran cannot launch parallel work
-    (GNU OpenMP is not fork-safe: numba terminates the child); remember that."""
-    global _forked_after_use, _blas_depth, _blas_limiter, _blas_lock, _serial_lock
-    _blas_lock = threading.Lock()        # locks held by other threads at fork time are dead
-    _serial_lock = threading.RLock()
+    """Locks held by other threads at fork time are dead in the child, and so are the pool's
+    threads: start from scratch (the child then computes normally: no OpenMP runtime is used)."""
+    global _blas_depth, _blas_limiter, _blas_lock, _pool_lock, _pool
+    _blas_lock = threading.Lock()
+    _pool_lock = threading.Lock()
     _blas_depth = 0
     _blas_limiter = None
-    if _layer_or_none() == "omp":        # tbb and workqueue are fork-safe
-        _forked_after_use = True
+    _pool = None
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _layer_or_none():
+def _workers():
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            _pool = ThreadPoolExecutor(max(1, numba.config.NUMBA_NUM_THREADS - 1),
+                                       thread_name_prefix="fag_numba")
+        return _pool
+
+
+def run_chunks(kernel, nchunks, args):
+    """Run ``kernel(t, *args)`` for every chunk t in ``range(nchunks)``, concurrently: chunk 0
+    on the calling thread, the others on the worker pool.  The kernels are serial ``nogil``
+    numba functions, so the chunks run in parallel on separate cores.
+
+    This replaces numba's ``parallel=True``/``prange`` drivers (STYLE b3/b4, deviation written
+    down here and in the README): a parallel function costs ~6 s of extra cold compile (numba
+    outlines the prange body into a gufunc and re-optimises every callee linked into it), and
+    Python threads make calls from several Python threads, and forked children, safe on every
+    machine without choosing a numba threading layer (GNU OpenMP is not fork-safe; the
+    workqueue layer aborts on concurrent use).  The plan has one chunk per thread
+    (``planning.py``), so this costs one task hand-off per extra thread per call.  Every chunk
+    is waited for before returning, even when one raises (they write into the caller's
+    outputs); the first exception is then re-raised.
+    """
+    if nchunks <= 1:
+        if nchunks == 1:
+            kernel(0, *args)
+        return
+    futures = [_workers().submit(kernel, t, *args) for t in range(1, nchunks)]
+    error = None
     try:
-        return numba.threading_layer()
-    except ValueError:
-        return None
-
-
-def _check_fork():
-    if _forked_after_use:
-        raise FagError(
-            f"fag_numba cannot run in this process: it was forked (os.fork, multiprocessing "
-            f"'fork' start method, ProcessPoolExecutor, DataLoader workers) from a process that "
-            f"had already run fag_numba with numba's {_layer_or_none()!r} threading layer, which "
-            f"is not fork-safe. Use the 'spawn' or 'forkserver' start method "
-            f"(multiprocessing.set_start_method('spawn'), DataLoader(multiprocessing_context="
-            f"'spawn')), or set NUMBA_THREADING_LAYER=tbb (pip install tbb) before the parent "
-            f"imports numba")
+        kernel(0, *args)
+    except BaseException as exc:         # noqa: BLE001 - re-raised after the others finish
+        error = exc
+    for f in futures:
+        try:
+            f.result()
+        except BaseException as exc:     # noqa: BLE001
+            error = error or exc
+    if error is not None:
+        raise error
 
 
 @contextlib.contextmanager
 def blas_single_thread():
-    """Around every driver call: refuse in an unsafe forked child (FagError, never a hang),
-    serialise calls on numba's workqueue layer, and hold the BLAS libraries at one thread
-    while any call runs (the drivers call BLAS inside prange), restored when the last ends."""
+    """Around every driver call: hold the BLAS libraries at one thread while any call runs (the
+    chunk kernels call BLAS from several threads at once), restored when the last call ends."""
     global _blas_depth, _blas_limiter
-    _check_fork()
-    layer = _layer_or_none()
-    serial = layer is None or layer == "workqueue"     # None: first launch, layer not chosen yet
     ctl = _controller()
-    if serial:
-        _serial_lock.acquire()
+    if ctl is not None:
+        with _blas_lock:
+            if _blas_depth == 0:
+                _blas_limiter = ctl.limit(limits=1, user_api="blas")
+            _blas_depth += 1
     try:
+        yield
+    finally:
         if ctl is not None:
             with _blas_lock:
-                if _blas_depth == 0:
-                    _blas_limiter = ctl.limit(limits=1, user_api="blas")
-                _blas_depth += 1
-        try:
-            yield
-        finally:
-            if ctl is not None:
-                with _blas_lock:
-                    _blas_depth -= 1
-                    if _blas_depth == 0 and _blas_limiter is not None:
-                        _blas_limiter.restore_original_limits()
-                        _blas_limiter = None
-    finally:
-        if serial:
-            _serial_lock.release()
+                _blas_depth -= 1
+                if _blas_depth == 0 and _blas_limiter is not None:
+                    _blas_limiter.restore_original_limits()
+                    _blas_limiter = None
 
 
 def runtime_info():
@@ -147,7 +174,7 @@ def runtime_info():
         "numpy": numpy.__version__,
         "numba": numba.__version__,
         "scipy": scipy.__version__,
-        "threads": numba.get_num_threads(),
+        "threads": num_threads(),
         "max_threads": numba.config.NUMBA_NUM_THREADS,
         "threading_layer": _threading_layer(),
         "cpu": _cpu_name(),
@@ -169,10 +196,8 @@ def _version():
 
 
 def _threading_layer():
-    try:
-        return numba.threading_layer()
-    except ValueError:
-        return "(not initialised yet: no parallel kernel has run)"
+    """How the kernels run in parallel (kept under this key for reports and tests)."""
+    return "python-threads"
 
 
 def _cpu_features():

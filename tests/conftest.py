@@ -64,7 +64,8 @@ def _no_numba_cache():
     FAG_NUMBA_CACHE=1 in the environment)."""
     assert config.CACHE is False, "the test process must import fag_numba with FAG_NUMBA_CACHE=0"
     from fag_numba.kernels import driver
-    assert not isinstance(driver.fwd_driver._cache, _jit._KernelCache)
+    # (NUMBA_DISABLE_JIT=1, the coverage lane: plain functions, no dispatcher, no cache)
+    assert not isinstance(getattr(driver._fwd_chunk, "_cache", None), _jit._KernelCache)
     yield
 
 

@@ -453,7 +453,10 @@ def ref_forward(query, key, value, head_num, input_layout, *, pse=None, keep=Non
         c = prob.computed(s)
         m, l, valid = _softmax_stats(z, c)
         m_safe = np.where(valid, m, 0.0)
-        p = np.exp(np.where(c, z - m_safe[..., None], -np.inf)) / l[..., None]
+        with np.errstate(invalid="ignore"):
+            # P = C ? exp(Z - m) / l : 0: a masked element is exactly 0 even when l is NaN
+            p = np.where(c, np.exp(np.where(c, z - m_safe[..., None], -np.inf)) / l[..., None],
+                         0.0)
         pd = prob.drop(p, prob.keep_bits(s))
         out[s.qsel] = masked_mm(pd, prob.kv_heads(prob.v[s.ksel]), c)   # invalid rows: out 0
         m_rows[_row_slice(prob, s)] = m

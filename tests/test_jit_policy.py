@@ -2,10 +2,10 @@
 
 - only ``fag_numba/_jit.py`` (and ``fag_numba/dropout.py``) may call ``numba.njit`` /
   ``numba.jit`` directly (``from numba import njit`` counts too); everything else uses
-  ``_jit.kernel`` / ``_jit.driver``;
+  ``_jit.kernel``;
 - ``fastmath=True`` appears nowhere (curated flag set only), neither as a keyword nor in a dict;
-- ``parallel=True`` appears only in ``fag_numba/_jit.py``; every function that uses ``prange`` is
-  decorated with ``_jit.driver``;
+- ``parallel=True`` and ``prange`` appear nowhere: the one parallel level is
+  ``threads.run_chunks`` (Python threads over serial nogil chunk kernels), which the drivers call;
 - ``cache=True`` is never hard-coded (``_jit`` attaches its own cache; ``FAG_NUMBA_CACHE=0``
   turns it off).
 
@@ -24,7 +24,6 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "fag_numba"
 ROOT = PKG.parent
 NJIT_ALLOWED = {"fag_numba/_jit.py", "fag_numba/dropout.py"}
-PARALLEL_ALLOWED = {"fag_numba/_jit.py"}
 JIT_NAMES = {"njit", "jit", "generated_jit", "vectorize", "guvectorize", "cfunc", "stencil"}
 
 
@@ -90,7 +89,7 @@ def test_only_jit_module_calls_numba_jit(name, tree):
         return
     lines = _jit_uses(tree)
     assert not lines, (f"{name} uses numba's jit decorators directly at lines {lines}: use "
-                       f"fag_numba._jit.kernel / _jit.driver (STYLE b4)")
+                       f"fag_numba._jit.kernel (STYLE b4)")
 
 
 @pytest.mark.parametrize("name,tree", MODULES, ids=IDS)
@@ -100,11 +99,9 @@ def test_no_fastmath_true(name, tree):
 
 
 @pytest.mark.parametrize("name,tree", MODULES, ids=IDS)
-def test_parallel_true_only_in_jit_module(name, tree):
-    if name in PARALLEL_ALLOWED:
-        return
+def test_no_parallel_true(name, tree):
     lines = _literal_true_options(tree, "parallel")
-    assert not lines, f"{name}: parallel=True at lines {lines} (decorate drivers with _jit.driver)"
+    assert not lines, f"{name}: parallel=True at lines {lines} (threads.run_chunks is the parallel level)"
 
 
 @pytest.mark.parametrize("name,tree", MODULES, ids=IDS)
@@ -113,56 +110,35 @@ def test_no_hard_coded_cache(name, tree):
     assert not lines, f"{name}: cache=True at lines {lines} (the cache is _jit's, config.CACHE)"
 
 
-def _is_driver_decorator(dec):
-    return (isinstance(dec, ast.Attribute) and dec.attr == "driver"
-            and isinstance(dec.value, ast.Name) and dec.value.id == "_jit")
-
-
 @pytest.mark.parametrize("name,tree", MODULES, ids=IDS)
-def test_prange_only_in_drivers(name, tree):
-    """A ``prange`` outside a ``_jit.driver`` function would silently run serially (or nest
-    parallel regions); STYLE b4 allows exactly one parallel level, in the drivers."""
-    bad = []
-
-    def own_nodes(fn):
-        """Nodes of ``fn`` outside the functions nested in it (a factory such as
-        kernels/native.py's ``_make_bwd`` returns a decorated driver defined inside it)."""
-        stack = list(ast.iter_child_nodes(fn))
-        while stack:
-            n = stack.pop()
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            yield n
-            stack.extend(ast.iter_child_nodes(n))
-
-    for fn in ast.walk(tree):
-        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            continue
-        uses = [n.lineno for n in own_nodes(fn)
-                if (isinstance(n, ast.Name) and n.id == "prange")
-                or (isinstance(n, ast.Attribute) and n.attr == "prange")]
-        if uses and not any(_is_driver_decorator(d) for d in fn.decorator_list):
-            bad.append((fn.name, uses))
-    assert not bad, f"{name}: prange used outside a _jit.driver function: {bad}"
+def test_no_prange(name, tree):
+    """numba's prange would add a second parallel level (and ~6 s of cold compile per parallel
+    function); chunks run in parallel through ``threads.run_chunks`` only."""
+    uses = [n.lineno for n in ast.walk(tree)
+            if (isinstance(n, ast.Name) and n.id == "prange")
+            or (isinstance(n, ast.Attribute) and n.attr == "prange")
+            or (isinstance(n, ast.alias) and n.name == "prange")]
+    assert not uses, f"{name}: prange at lines {uses}"
 
 
-def test_jit_module_is_the_parallel_one():
-    """Sanity of the walk itself: _jit.py does call numba.njit with parallel=True, and some
-    driver uses prange (so the checks above are not vacuous)."""
+def test_drivers_run_chunks_and_the_detectors_work():
+    """Sanity of the walk itself: _jit.py does call numba.njit, the drivers do call
+    ``run_chunks`` (so the checks above are not vacuous), and the detectors flag the forbidden
+    forms."""
     trees = dict(MODULES)
     assert _jit_uses(trees["fag_numba/_jit.py"])
-    assert _literal_true_options(trees["fag_numba/_jit.py"], "parallel")
-    drivers = [fn.name for _, t in MODULES for fn in ast.walk(t)
-               if isinstance(fn, ast.FunctionDef) and any(_is_driver_decorator(d)
-                                                          for d in fn.decorator_list)]
-    assert drivers, "no _jit.driver functions found"
-    # and the detector does flag the forbidden forms
+    for mod in ("fag_numba/kernels/driver.py", "fag_numba/kernels/native.py"):
+        calls = [n for n in ast.walk(trees[mod]) if isinstance(n, ast.Call)
+                 and isinstance(n.func, ast.Name) and n.func.id == "run_chunks"]
+        assert calls, f"{mod} does not call run_chunks"
     probe = ast.parse("import numba as nb\nfrom numba import njit as fast\n"
                       "@nb.njit(fastmath=True, parallel=True)\ndef f(): pass\n"
                       "g = fast(lambda: 0)\nopts = {'fastmath': True}\n")
     assert sorted(_jit_uses(probe)) == [3, 5]
     assert sorted(_literal_true_options(probe, "fastmath")) == [3, 6]
     assert _literal_true_options(probe, "parallel") == [3]
+    with pytest.raises(AssertionError, match="prange at lines"):
+        test_no_prange("probe", ast.parse("from numba import prange\nfor i in prange(3): pass\n"))
 
 
 _IMPORT_PROBE = r"""

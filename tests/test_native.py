@@ -1,7 +1,7 @@
 """Native tile products (kernels/native.py): each path forced, against the float64 reference.
 
-Paths: "bf16" (AVX512_BF16 dot products, P and dS rounded to bf16, SPEC §3), "f32" (float32
-FMA micro-kernel), "blas" (the OpenBLAS driver).  Every test records which path really ran, so
+Paths: "amx" (AMX tiles, P and dS rounded to bf16, SPEC §3), "bf16" (AVX512_BF16 dot products,
+P and dS rounded to bf16), "f32" (float32 FMA micro-kernel), "blas" (the OpenBLAS driver).  Every test records which path really ran, so
 none can pass on a silent fallback.  Determinism across 1 and 2 threads (SPEC §9b), the
 non-finite fallback, and the CPU-feature guard (a target without AVX512_BF16 must never compile
 the bf16 kernels: LLVM would abort the process) are checked too.
@@ -23,8 +23,10 @@ from utils import assert_close, make_qkv, unpack_drop_mask
 BF16 = np.dtype(ml_dtypes.bfloat16)
 HAS_BF16 = isa.target_has("avx512bf16", "avx512f", "avx512bw", "fma")
 HAS_F32 = isa.target_has("avx512f", "avx512bw", "fma")
+HAS_AMX = HAS_BF16 and isa.amx_available()
 # (NATIVE, BF16_PRODUCTS) that select each path
-PATHS = {"bf16": ("all", "bf16"), "f32": ("all", "float32"), "blas": ("off", "auto")}
+PATHS = {"amx": ("all", "amx"), "bf16": ("all", "bf16"), "f32": ("all", "float32"),
+         "blas": ("off", "auto")}
 
 
 @pytest.fixture
@@ -41,6 +43,8 @@ def path(monkeypatch):
     def force(name):
         if name == "bf16" and not HAS_BF16:
             pytest.skip("numba's target has no AVX512_BF16")
+        if name == "amx" and not HAS_AMX:
+            pytest.skip("no AMX tiles (CPU, numba's target or the OS permission)")
         if name == "f32" and not HAS_F32:
             pytest.skip("numba's target has no AVX-512")
         monkeypatch.setattr(config, "NATIVE", PATHS[name][0])
@@ -70,11 +74,11 @@ def _kwargs(kw, n1):
     return kw
 
 
-@pytest.mark.parametrize("name", ["bf16", "f32", "blas"])
+@pytest.mark.parametrize("name", ["amx", "bf16", "f32", "blas"])
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 @pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float32)], ids=["bf16", "fp32"])
 def test_paths_match_reference(name, case, dtype, path, blocks, rng):
-    if name == "bf16" and dtype != BF16:
+    if name in ("amx", "bf16") and dtype != BF16:
         pytest.skip("the bf16 products only serve bfloat16 inputs")
     used = path(name)
     blocks(bm=6, bn=10)           # even (bf16 pairs) and small: many tiles, trimmed edges
@@ -106,7 +110,7 @@ def test_paths_match_reference(name, case, dtype, path, blocks, rng):
         assert_close(g.dpse, r[3], tolerance(np.float32, "dpse"), "dpse")
 
 
-@pytest.mark.parametrize("name", ["bf16", "f32"])
+@pytest.mark.parametrize("name", ["amx", "bf16", "f32"])
 def test_native_bitwise_identical_across_thread_counts(name, path, blocks, rng):
     path(name)
     blocks(bm=6, bn=10, split=2)   # one kv head: dq from 2 partials
@@ -134,10 +138,12 @@ def test_bf16_products_round_p_and_ds(path, blocks, rng):
     kw = dict(softmax_max=out.softmax_max, softmax_sum=out.softmax_sum,
               attention_in=out.attention_out)
     res = {}
-    for name in ("bf16", "f32"):
+    names = [n for n, ok in (("amx", HAS_AMX), ("bf16", HAS_BF16)) if ok] + ["f32"]
+    for name in names:
         path(name)
         res[name] = fag_numba.flash_attention_score_grad(q, k, v, dy, 2, "BNSD", **kw)
-    assert any(not np.array_equal(a, b) for a, b in zip(res["bf16"][:3], res["f32"][:3]))
+    for name in names[:-1]:
+        assert any(not np.array_equal(a, b) for a, b in zip(res[name][:3], res["f32"][:3]))
 
 
 def test_non_finite_input_takes_blas_driver(path, blocks, rng):
@@ -175,6 +181,14 @@ def test_guard_target_without_features(monkeypatch):
         monkeypatch.setattr(nconfig, "CPU_FEATURES", "+avx512f,+avx512bw,+fma,-avx512bf16")
         kind = isa.native_kind(True, 64, 64)
         assert kind == ("f32" if HAS_F32 else None)
+        # AMX forced on a target without amx-tile (host may have it): never the amx kind
+        isa._features.cache_clear()
+        monkeypatch.setattr(config, "BF16_PRODUCTS", "amx")
+        monkeypatch.setattr(nconfig, "CPU_FEATURES",
+                            "+avx512f,+avx512bw,+fma,+avx512bf16,-amx-tile,-amx-bf16")
+        assert not isa.amx_available()
+        kind = isa.native_kind(True, 64, 64)
+        assert kind == ("f32" if HAS_F32 else None)
     finally:
         monkeypatch.undo()
         isa._features.cache_clear()
@@ -194,7 +208,115 @@ def test_config_switches(monkeypatch):
     assert isa.native_kind(True, 64, 64) == ("bf16" if HAS_BF16 else
                                              ("f32" if HAS_F32 else None))
     assert isa.native_kind(True, 63, 64) == ("f32" if HAS_F32 else None)   # odd D
+    monkeypatch.setattr(config, "BF16_PRODUCTS", "amx")
+    assert isa.native_kind(True, 64, 64) == ("amx" if HAS_AMX else
+                                             ("f32" if HAS_F32 else None))
+    assert isa.native_kind(True, 64, 62) == ("amx" if HAS_AMX else
+                                             ("f32" if HAS_F32 else None))
+    assert isa.native_kind(True, 63, 64) == ("f32" if HAS_F32 else None)   # odd D
     monkeypatch.setattr(config, "NATIVE", "auto")
-    monkeypatch.setattr(config, "BF16_PRODUCTS", "auto")   # AMX CPUs: the float32 path
-    want = None if isa.target_has("amx-bf16") else "bf16"
-    assert isa.native_kind(True, 64, 64) == (want if HAS_BF16 else None)
+    monkeypatch.setattr(config, "BF16_PRODUCTS", "auto")
+    # AMX where granted; AMX CPUs without the permission: the float32 path (BLAS drivers)
+    want = ("amx" if HAS_AMX else None if isa.target_has("amx-bf16") else
+            "bf16" if HAS_BF16 else None)
+    assert isa.native_kind(True, 64, 64) == want
+
+
+@pytest.mark.parametrize("name", ["amx", "bf16", "f32", "blas"])
+def test_all_minus_inf_scores_give_nan_rows_on_every_path(name, path, blocks, rng):
+    """Issue 13 item 7 on the native kernels: a row whose computed scores are all -inf (a pse
+    row of -inf; the inputs are finite, so the native products run) is NaN, as the math and
+    the BLAS driver say; only the mask makes a row invalid (zeros, -FLT_MAX / +FLT_MAX)."""
+    used = path(name)
+    blocks(bm=6, bn=10)
+    q, k, v, dy = make_qkv("BNSD", 1, 2, 1, 13, 22, 8, 8, BF16, rng)
+    pse = np.zeros((1, 2, 13, 22), np.float32)
+    pse[0, 0, 4] = -np.inf                    # head 0, row 4: every score -inf
+    pse[0, 1, 11, :12] = -np.inf              # head 1, row 11: the rest masked below
+    mask = np.zeros((13, 22), bool)
+    mask[7] = True                            # row 7: invalid by the mask
+    mask[11, 12:] = True
+    kw = dict(pse=pse, atten_mask=mask, sparse_mode=1, scale_value=0.5)
+    with np.errstate(all="ignore"):
+        out = fag_numba.flash_attention_score(q, k, v, 2, "BNSD", **kw)
+        g = fag_numba.flash_attention_score_grad(
+            q, k, v, dy, 2, "BNSD", softmax_max=out.softmax_max, softmax_sum=out.softmax_sum,
+            attention_in=out.attention_out, **kw)
+        ro, rm, rl = ref_forward(q, k, v, 2, "BNSD", **kw)
+        r = ref_backward(q, k, v, dy, 2, "BNSD", softmax_max=out.softmax_max,
+                         softmax_sum=out.softmax_sum, attention_in=out.attention_out, **kw)
+    # the forward ran on the forced path (the backward then sees NaN statistics, which send
+    # it to the careful BLAS driver after the spy has seen the native choice)
+    assert used[0] == name
+    o = out.attention_out.astype(np.float32)
+    assert np.isnan(o[0, 0, 4]).all() and np.isnan(o[0, 1, 11]).all()
+    assert out.softmax_max[0, 0, 4, 0] == -np.inf and np.isnan(out.softmax_sum[0, 0, 4, 0])
+    assert (o[0, :, 7] == 0).all() and (out.softmax_max[0, :, 7] < -3e38).all()
+    assert np.isfinite(np.delete(o, [4, 7, 11], axis=2)).all()
+    assert_close(out.attention_out, ro, tolerance(BF16, "fwd"), "attention_out")
+    assert_close(out.softmax_max, rm, tolerance(np.float32, "stats"), "softmax_max")
+    assert_close(out.softmax_sum, rl, tolerance(np.float32, "stats"), "softmax_sum")
+    for a, e, nm in zip(g[:3], r[:3], ("dq", "dk", "dv")):
+        assert_close(a, e, tolerance(BF16, "bwd"), nm)
+
+
+@pytest.mark.parametrize("name", ["amx", "bf16", "f32", "blas"])
+def test_nan_row_with_every_element_dropped_is_zero_on_every_path(name, path, blocks, rng):
+    """A -inf pse row has NaN P for every computed element; when dropout removes them all,
+    O = Pd @ V is exactly 0 (SPEC §3), not the NaN of the deferred ``acc / l``; a row keeping
+    one of them is NaN (fuzz find, tests/test_fuzz.py)."""
+    used = path(name)
+    blocks(bm=6, bn=10)
+    S1, S2 = 9, 14
+    q, k, v, dy = make_qkv("BNSD", 1, 1, 1, S1, S2, 8, 8, BF16, rng)
+    pse = np.zeros((1, 1, S1, S2), np.float32)
+    pse[0, 0, 2] = -np.inf
+    pse[0, 0, 5] = -np.inf
+    keep = rng.random((1, 1, S1, S2)) < 0.7
+    keep[0, 0, 2] = False                  # row 2: every element dropped -> 0
+    keep[0, 0, 5, 3] = True                # row 5: one kept -> NaN
+    drop = np.packbits(keep.reshape(-1), bitorder="little")
+    kw = dict(pse=pse, keep_prob=0.7, scale_value=0.5)
+    with np.errstate(all="ignore"):
+        out = fag_numba.flash_attention_score(q, k, v, 1, "BNSD", drop_mask=drop, **kw)
+        ro, rm, rl = ref_forward(q, k, v, 1, "BNSD", keep=keep.reshape(-1), **kw)
+    assert used[0] == name
+    o = out.attention_out.astype(np.float32)
+    assert (o[0, 0, 2] == 0).all() and np.isnan(o[0, 0, 5]).all()
+    assert_close(out.attention_out, ro, tolerance(BF16, "fwd"), "attention_out")
+    assert_close(out.softmax_sum, rl, tolerance(np.float32, "stats"), "softmax_sum")
+
+
+AMX_CASES = [  # layout, B, N1, N2, S1, S2, D, Dv, kwargs: production-like tiles (full 32 x 32
+    # blocks, several 16-pair chunks, 16-pair padding of trimmed diagonal tiles, D = 80 cut in
+    # 10-pair chunks, GQA, dropout)
+    ("BNSD", 1, 2, 1, 203, 261, 64, 64, dict(sparse_mode=3, atten_mask="causal")),
+    ("BSH", 1, 2, 2, 150, 150, 80, 48, {}),
+    ("BSND", 1, 2, 1, 131, 197, 128, 128, dict(keep_prob=0.9, seed=3)),
+]
+
+
+@pytest.mark.parametrize("case", AMX_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(AMX_CASES)])
+def test_amx_production_tiles_match_reference(case, path, rng):
+    """The AMX products at the default block sizes (the tiny blocks of the other tests never
+    fill a 32 x 32 block or a second contraction chunk)."""
+    used = path("amx")
+    lay, B, N1, N2, S1, S2, D, Dv, kw = case
+    kw = _kwargs(kw, N1)
+    q, k, v, dy = make_qkv(lay, B, N1, N2, S1, S2, D, Dv, BF16, rng)
+    out = fag_numba.flash_attention_score(q, k, v, N1, lay, **kw)
+    g = fag_numba.flash_attention_score_grad(
+        q, k, v, dy, N1, lay, softmax_max=out.softmax_max, softmax_sum=out.softmax_sum,
+        attention_in=out.attention_out, **kw)
+    assert used == ["amx", "amx"]
+    ref_kw = dict(kw)
+    if "seed" in ref_kw:
+        numels = B * N1 * S1 * S2
+        bits = fag_numba.dropout_mask(numels, kw["keep_prob"], ref_kw.pop("seed"))
+        ref_kw["keep"] = unpack_drop_mask(bits, numels)
+    r = ref_backward(q, k, v, dy, N1, lay, softmax_max=out.softmax_max,
+                     softmax_sum=out.softmax_sum, attention_in=out.attention_out, **ref_kw)
+    ro, _, _ = ref_forward(q, k, v, N1, lay, **ref_kw)
+    assert_close(out.attention_out, ro, tolerance(BF16, "fwd"), "attention_out")
+    for a, e, nm in zip(g[:3], r[:3], ("dq", "dk", "dv")):
+        assert_close(a, e, tolerance(BF16, "bwd"), nm)

@@ -766,3 +766,22 @@ def test_make_id():
                    b=2, s1=113, s2=203, d=59) == "BNSD-bf16-sm3-gqa4-pse-drop-b2s113x203d59"
     assert make_id(layout="tnd", dtype=np.float16, sm=0, pse=False, b=1, s1=4, s2=4) == \
         "TND-fp16-sm0-b1s4"
+
+
+def test_masked_p_is_exactly_zero_in_a_nan_row():
+    # found by tests/test_fuzz.py: in a row whose l is NaN (an inf score), a masked element's
+    # P was 0 / NaN = NaN, and a kept masked element then leaked NaN into attention_out;
+    # P = C ? exp(Z - m) / l : 0 (SPEC §3), so with the computed key dropped the row is 0
+    q = np.ones((1, 1, 1, 2))
+    k = np.array([[[[np.inf, 1.0], [1.0, 1.0]]]])
+    v = np.ones((1, 1, 2, 1))
+    mask = np.array([[False, True]])                 # key 1 masked
+    keep = np.array([False, True])                   # key 0 (computed) dropped, key 1 kept
+    with np.errstate(all="ignore"):
+        out, m, l = R.ref_forward(q, k, v, 1, "BNSD", atten_mask=mask, sparse_mode=1,
+                                keep_prob=0.5, keep=keep)
+        out_kept, _, _ = R.ref_forward(q, k, v, 1, "BNSD", atten_mask=mask, sparse_mode=1,
+                                     keep_prob=0.5, keep=~keep)
+    assert m[0, 0, 0, 0] == np.inf and np.isnan(l[0, 0, 0, 0])
+    assert out[0, 0, 0, 0] == 0.0
+    assert np.isnan(out_kept[0, 0, 0, 0])            # the computed NaN P, kept, is NaN

@@ -368,7 +368,7 @@ def test_all_minus_inf_pse_row_is_nan_but_a_masked_row_is_invalid():
     assert (f.attention_out[0, 0, 2] == 0).all() and f.softmax_max[0, 0, 2, 0] < -3e38
 
 
-# ---- 5, 6. threads and fork (one subprocess with the fork-unsafe omp layer; hard timeout) ------
+# ---- 5, 6. threads and fork (one subprocess; numba's omp layer loaded, hard timeout) ----------
 
 def test_threads_and_fork_in_a_subprocess():
     import os
@@ -383,5 +383,37 @@ def test_threads_and_fork_in_a_subprocess():
     out = r.stdout
     assert r.returncode == 0, (out, r.stderr[-2000:])
     assert "errs []" in out                        # 4 concurrent threads, results bitwise equal
-    assert "fork child exit 7" in out              # FagError naming 'spawn', not SIGTERM
-    assert "pool FagError ok" in out and "ppe FagError ok" in out   # no hang
+    # a forked child computes the parent's result (Python-thread chunks: nothing fork-unsafe)
+    assert "fork child exit 3" in out
+    assert "pool ok True" in out and "ppe ok True" in out   # no hang, same results
+
+
+# ---- found by tests/test_fuzz.py ----------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["k_inf", "q_nan", "pse_minus_inf", "k_inf_v_inf"])
+def test_nan_row_whose_computed_elements_are_all_dropped_gives_zero_out(kind, blocks):
+    # fuzz find: a row whose l is NaN (an inf key, a NaN query, an all -inf pse row) has NaN P
+    # for every computed element, so O = Pd @ V is NaN iff one is kept; dropout that removes
+    # them all gives exactly 0 (Pd = R ? P / keep : 0), not the NaN of acc / l
+    blocks(bm=1, bn=1, fbm=1, fbn=1)
+    q, k, v, dy = _qkv((1, 1, 3, 2), (1, 1, 4, 2), seed=11)
+    kw = {}
+    if kind.startswith("k_inf"):
+        k[0, 0, 1] = np.inf                # every row attends key 1 (full attention)
+        if kind == "k_inf_v_inf":
+            v[0, 0, 1, 0] = np.inf         # a dropped P still meets V: 0 * inf = NaN there
+    elif kind == "q_nan":
+        q[0, 0, 1, 0] = np.nan
+    else:
+        pse = np.zeros((1, 1, 3, 4), np.float32)
+        pse[0, 0, 1] = -np.inf
+        kw = dict(pse=pse)
+    keep = np.ones((1, 1, 3, 4), bool)
+    keep[0, 0, 1] = False                  # row 1: every element dropped
+    drop = np.packbits(keep.reshape(-1), bitorder="little")
+    f, _ = _check_vs_reference(q, k, v, dy, 1, "BNSD", keep=keep, keep_prob=0.5,
+                               drop_mask=drop, **kw)
+    if kind == "k_inf_v_inf":
+        assert np.isnan(f.attention_out[0, 0, 1, 0]) and f.attention_out[0, 0, 1, 1] == 0
+    else:
+        assert (f.attention_out[0, 0, 1] == 0).all()

@@ -30,7 +30,7 @@ from fag_numba import api
 from fag_numba.errors import FagTypeError, FagValueError
 from reference import FLT_MAX, ref_backward, ref_computed, ref_forward
 from tolerances import tolerance
-from utils import assert_close, make_id, make_qkv, to_bnsd
+from utils import assert_close, fwd_block_n, make_id, make_qkv, to_bnsd
 
 F32 = np.dtype(np.float32)
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -41,6 +41,7 @@ BM, BN, FBM, FBN = 4, 8, 5, 7          # backward / forward tile sizes used by e
 @pytest.fixture(autouse=True)
 def _small_tiles(blocks):
     blocks(bm=BM, bn=BN, fbm=FBM, fbn=FBN, split=3)
+
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,11 +211,12 @@ def _full_cases():
 def test_full_mask_modes(kw, s1, s2, layout, gqa, dtype, seed):
     mask = kw["atten_mask"]
     keep = mask.copy()
-    check_case(layout, B_, N1_, N1_ // gqa, s1, s2, 8, 8 if seed % 3 else 6, dtype, seed, **kw)
+    dv = 8 if seed % 3 else 6
+    check_case(layout, B_, N1_, N1_ // gqa, s1, s2, 8, dv, dtype, seed, **kw)
     np.testing.assert_array_equal(mask, keep)
     # the tiles computed are exactly the non-EMPTY ones (dense x band intersections included)
     c = predicates(B_, N1_, s1, s2, **kw)
-    assert api.last_tile_count["forward"] == tile_census(c, FBM, FBN)[0]
+    assert api.last_tile_count["forward"] == tile_census(c, FBM, fwd_block_n(FBN, dtype, 8, dv))[0]
 
 
 def test_full_mask_per_head_differs():
@@ -263,7 +265,7 @@ def test_compressed_modes(kw, s1, s2, layout, gqa, dtype, seed):
                internal_fwd=(seed % 4 == 0 and kw["sparse_mode"] != 6), **kw)
     c = predicates(B_, N1_, s1, s2, **kw)
     # compressed modes have no dense part: the classification is exact
-    assert api.last_tile_count["forward"] == tile_census(c, FBM, FBN)[0]
+    assert api.last_tile_count["forward"] == tile_census(c, FBM, fwd_block_n(FBN, dtype, 8, 7))[0]
 
 
 @pytest.mark.parametrize("mode", [5, 6])

@@ -257,3 +257,15 @@ def assert_grads_close(grads, ref, out_dtype, dpse_dtype=None):
         assert grads.dpse.shape == np.shape(rdpse)
         dt = grads.dpse.dtype if dpse_dtype is None else dpse_dtype
         assert_close(grads.dpse, rdpse, tolerance(dt, "dpse"), "dpse")
+
+
+def fwd_block_n(fbn, dtype, d, dv):
+    """The forward tile width a call runs for a configured ``FWD_BLOCK_N`` of ``fbn``: the
+    bf16-pair native kinds ("bf16", "amx", chosen by ``isa.native_kind`` for bf16 inputs with
+    even D, Dv) start pairs on even keys, so the API rounds it up to even; every other path
+    uses it as given.  For tests that count tiles."""
+    import ml_dtypes
+    from fag_numba import isa
+
+    kind = isa.native_kind(np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16), d, dv)
+    return fbn + fbn % 2 if kind in ("bf16", "amx") else fbn

@@ -1,6 +1,8 @@
-"""Parallel drivers: the only ``parallel=True`` functions of fag_numba (STYLE b3, b4).
+"""Drivers: the parallel level of fag_numba (STYLE b3, b4).
 
-Each driver runs ``prange`` over the thread chunks of a plan (``planning.py``): chunk t owns
+Each driver runs its serial chunk kernel once per thread chunk of a plan (``planning.py``)
+through ``threads.run_chunks`` (Python threads over ``nogil`` kernels; why not numba's
+``prange``: see ``run_chunks``): chunk t owns
 work items ``items[tptr[t]:tptr[t+1]]``.  Every output element has exactly one writer, so the
 result does not depend on which thread runs an item: bitwise identical across thread counts.
 
@@ -13,16 +15,30 @@ result does not depend on which thread runs an item: bitwise identical across th
 """
 import math
 
+import numba
 import numpy as np
-from numba import prange
 
 from .. import _jit
+from ..threads import run_chunks
 from . import desc
-from .guard import any_bad, computed_tile, ds_guard, gemm_guard, p_guard, row_has_computed
+from .guard import (any_bad, computed_tile, dropped_nan_row_out, ds_guard, gemm_guard, p_guard,
+                    row_has_computed)
 from .tile import (NEG_INF, OFF0, TRANS_N, TRANS_T, exp_sub, exp_sub_le, gemm, keep_tile, row_max,
                    score_tile, tile_class)
 
 _FLT_MAX = np.float32(3.4028234663852886e38)
+
+
+@_jit.kernel(inline="always")
+def _log(x):
+    """``math.log`` of a float32 statistic (numba: -inf for 0, NaN below)."""
+    return math.log(x)
+
+
+if numba.config.DISABLE_JIT:
+    def _log(x):  # noqa: F811  (NUMBA_DISABLE_JIT=1: Python's math.log raises on 0 and below)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.log(np.float64(x))
 
 
 @_jit.kernel
@@ -93,7 +109,7 @@ def rowstats_driver(dy, o, m, l, seqtab, gp, lse, dsum):
         base = seqtab[b, desc.DY_OFF] + h * gp[desc.DY_HS]
         for i in range(s1):
             row = st + i * gp[desc.ST_RS]
-            lse[row] = m[row] + np.float32(math.log(l[row]))
+            lse[row] = m[row] + np.float32(_log(l[row]))
             off = base + i * gp[desc.DY_RS]
             yr = dy[off:off + dv]
             orr = o[off:off + dv]
@@ -108,9 +124,8 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
                items, tptr, visits, bad):
     """Forward work of chunk t: items ``items[tptr[t]:tptr[t + 1]]`` (see ``fwd_driver``).
 
-    Serial, so that the parallel driver around it stays a one-line ``prange``: numba's parfor
-    passes and the outlined gufunc then handle a tiny body (the cold compile of a parallel
-    function grows with the size of its prange body; a serial kernel compiles once).
+    Serial and ``nogil``: ``threads.run_chunks`` runs one call per chunk, each on its own
+    thread.
     """
     bm = gp[desc.BLOCK_M]
     bn = gp[desc.BLOCK_N]
@@ -134,6 +149,7 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
     sub = np.empty(bm, np.float32)
     cor = np.empty(bm, np.float32)
     ab = np.empty(2, np.float32)
+    lanes = np.empty(16, np.float32)   # row_max's (unused) scratch argument
     for it in range(tptr[t], tptr[t + 1]):
         b = items[it, 0]
         h = items[it, 1]
@@ -172,7 +188,7 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
                 ri = ro + r
                 sr = s[r * n_len:(r + 1) * n_len]
                 # NaN scores make m NaN (SPEC §9: NaN propagates), never an invalid row
-                mx = row_max(sr, n_len, mrun[ri])
+                mx = row_max(sr, n_len, mrun[ri], lanes)
                 if mx == NEG_INF:
                     # all -inf so far: masked, or computed with -inf scores (inf inputs, pse)
                     if vrow[ri] == 0 and (cls == desc.FULL or row_has_computed(
@@ -238,11 +254,15 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
             row = st + i * gp[desc.ST_RS]
             oo = o_off + i * gp[desc.DY_RS]
             if mrun[r] == NEG_INF and vrow[r] != 0:
-                # computed elements, all scores -inf: m = -inf, l = exp(-inf + inf) = NaN
+                # computed elements, all scores -inf: m = -inf, l = exp(-inf + inf) = NaN;
+                # out NaN unless dropout removed every computed element (dropped_nan_row_out)
                 mrow[row] = NEG_INF
                 lrow[row] = np.float32(np.nan)
-                for e in range(dv):
-                    out[oo + e] = np.float32(np.nan)
+                if dropping:
+                    dropped_nan_row_out(seqtab, gp, mask, drop_mask, v, b, h, i, rb, out, oo)
+                else:
+                    for e in range(dv):
+                        out[oo + e] = np.float32(np.nan)
             elif mrun[r] == NEG_INF:
                 # invalid row (SPEC §3): out 0, m = -FLT_MAX, l = +FLT_MAX
                 mrow[row] = -_FLT_MAX
@@ -255,11 +275,15 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
                 inv_l = np.float32(1.0) / lrun[r]
                 orow = out[oo:oo + dv]
                 ar = acc[r * dv:(r + 1) * dv]
-                for e in range(dv):
-                    orow[e] = ar[e] * inv_l
+                if dropping and inv_l != inv_l:
+                    # every computed P is NaN: out from the keep bits (acc may hold NaN from
+                    # an exp(inf - inf) rescale even when all of them were dropped)
+                    dropped_nan_row_out(seqtab, gp, mask, drop_mask, v, b, h, i, rb, out, oo)
+                else:
+                    for e in range(dv):
+                        orow[e] = ar[e] * inv_l
 
 
-@_jit.driver
 def fwd_driver(q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, gp, fp,
                items, tptr, visits, bad):
     """Forward: ``out = softmax(Z) (dropped) @ v`` and the row statistics m, l (SPEC §3).
@@ -270,10 +294,8 @@ def fwd_driver(q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, g
     computed elements whose scores are all -inf is not invalid: m = -inf and l, out = NaN (the
     math; only the mask makes a row invalid).  bad: uint8 non-finite row flags (guard.py).
     """
-    for t in prange(tptr.size - 1):
-        # np.int64: the gufunc types t as uint64, the driver as int64 (two compiles otherwise)
-        _fwd_chunk(np.int64(t), q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, gp, fp,
-                   items, tptr, visits, bad)
+    run_chunks(_fwd_chunk, tptr.size - 1, (q, k, v, out, mrow, lrow, pse, slopes, mask,
+                                          drop_mask, seqtab, gp, fp, items, tptr, visits, bad))
 
 
 @_jit.kernel
@@ -434,7 +456,6 @@ def _bwd_chunk(t, q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, sl
                         ib += ng
 
 
-@_jit.driver
 def bwd_driver(q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slopes, mask,
                drop_mask, seqtab, gp, fp, items, tptr, visits, bad):
     """Backward: accumulate unscaled dq, dk and dv (the caller multiplies dq, dk by scale).
@@ -445,9 +466,9 @@ def bwd_driver(q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slope
     visits: int64 [n_chunks], tiles computed per chunk (debug hook).  bad: uint8 non-finite
     row flags; tiles touching a flagged row of q/k/v/dy/stats take guard.py's careful path.
     """
-    for t in prange(tptr.size - 1):
-        _bwd_chunk(np.int64(t), q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slopes, mask,
-                   drop_mask, seqtab, gp, fp, items, tptr, visits, bad)
+    run_chunks(_bwd_chunk, tptr.size - 1, (q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope,
+                                          pse, slopes, mask, drop_mask, seqtab, gp, fp, items,
+                                          tptr, visits, bad))
 
 
 @_jit.kernel

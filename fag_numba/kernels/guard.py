@@ -27,9 +27,10 @@ import numpy as np
 
 from .. import _jit
 from . import desc
-from .tile import NEG_INF, OFF0, TRANS_N, gemm
+from .tile import NEG_INF, OFF0, TRANS_N, gemm, keep_tile
 
 _NAN = np.float32(np.nan)
+_INF = np.float32(np.inf)
 
 
 @_jit.kernel(inline="always")
@@ -52,6 +53,57 @@ def row_has_computed(seqtab, gp, mask, b, h, i, j0, n_len):
         if is_computed(seqtab, gp, mask, b, h, i, j):
             return True
     return False
+
+
+@_jit.kernel
+def row_keeps_computed(seqtab, gp, mask, drop_mask, b, h, i, rb):
+    """True when row i has a computed element whose dropout keep bit is 1 (without dropout:
+    a computed element).  The native forward's form of ``dropped_nan_row_out`` (its inputs are
+    all finite, so a row whose computed NaN P are all dropped is exactly 0).  rb: float32
+    scratch (>= 1 element)."""
+    s2 = seqtab[b, desc.S2]
+    dropping = gp[desc.DROP_KIND] != desc.DROP_NONE
+    n = rb.size
+    for j0 in range(0, s2, n):
+        nl = min(n, s2 - j0)
+        if dropping:
+            keep_tile(seqtab, gp, drop_mask, b, h, i, 1, j0, nl, rb)
+        for c in range(nl):
+            if (not dropping or rb[c] != 0.0) and is_computed(seqtab, gp, mask, b, h, i, j0 + c):
+                return True
+    return False
+
+
+@_jit.kernel
+def dropped_nan_row_out(seqtab, gp, mask, drop_mask, v, b, h, i, rb, out, oo):
+    """Attention output row of a row whose l is NaN, under dropout (BLAS forward driver).
+
+    Every computed P is NaN there, so ``O = Pd @ V`` is NaN if one of them is kept; when
+    dropout removed them all, ``O[e] = sum_j 0 * V[j, e]`` over the computed j: 0, or NaN where
+    such a V element is NaN/inf (a dropped element still meets V in the product, as
+    ``gemm_guard`` computes it; only the mask excludes).  The deferred normalisation
+    ``acc / l`` alone would give NaN everywhere.  v: flat float32; rb: float32 scratch."""
+    s2 = seqtab[b, desc.S2]
+    dv = gp[desc.DV]
+    v0 = seqtab[b, desc.V_OFF] + (h // gp[desc.G]) * gp[desc.V_HS]
+    for e in range(dv):
+        out[oo + e] = np.float32(0.0)
+    n = rb.size
+    for j0 in range(0, s2, n):
+        nl = min(n, s2 - j0)
+        keep_tile(seqtab, gp, drop_mask, b, h, i, 1, j0, nl, rb)
+        for c in range(nl):
+            if not is_computed(seqtab, gp, mask, b, h, i, j0 + c):
+                continue
+            if rb[c] != 0.0:
+                for e in range(dv):
+                    out[oo + e] = _NAN
+                return
+            vr = v0 + (j0 + c) * gp[desc.V_RS]
+            for e in range(dv):
+                x = v[vr + e]
+                if x != x or x == _INF or x == NEG_INF:
+                    out[oo + e] = _NAN
 
 
 @_jit.kernel

@@ -24,15 +24,17 @@ Operand layouts (dwords):
 """
 import llvmlite.ir as ir
 import numpy as np
-from numba import prange, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import _jit
+from ..threads import run_chunks
 from . import desc
 import math
 
 from .driver import _dpse_tile, kv_block_range, q_block_range, trim_tile
+from .guard import row_has_computed, row_keeps_computed
 from .tile import (NEG_INF, adjust_scores, exp_sub, keep_tile, row_max, score_alpha,
                    tile_class)
 
@@ -415,19 +417,28 @@ def all_finite_bf16(x):
     return bad == 0
 
 
-def _make_bwd(bf):
-    """The backward driver with native tile products: bf16 pairs (``bf``) or float32.
+def _make_bwd(kind):
+    """The backward driver with native tile products of ``kind``: "f32", "bf16" (vdpbf16ps
+    pairs) or "amx" (AMX tiles, kernels/amx.py; compiled only after ``isa.amx_available``).
 
     Same items, loops, tile classes and single-writer ownership as ``driver.bwd_driver`` (so
     the same bitwise determinism across thread counts); only the five products differ.  q, k,
-    v, dy: float32 flat, or uint16 flat bf16 bits (``bf``; D and Dv even, BLOCK_M/N even).
+    v, dy: float32 flat, or uint16 flat bf16 bits (bf16, amx; D and Dv even, BLOCK_M/N even).
     """
+    bf = kind != "f32"
     prod = product_bf16 if bf else product_f32
     W = 2 if bf else 1        # elements per dword
     BF = 1 if bf else 0
+    # AMX: branches on this closure constant are pruned by numba before lowering, so the other
+    # kinds never reach LLVM with an AMX intrinsic (which aborts on a target without it)
+    AMX = 1 if kind == "amx" else 0
+    if AMX:
+        from .amx import kpad, product_amx, t_pairs, zero_cols
+    else:
+        kpad = product_amx = t_pairs = zero_cols = None
 
-    @_jit.driver
-    def bwd(q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slopes, mask,
+    @_jit.kernel
+    def bwd(tc, q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slopes, mask,
             drop_mask, seqtab, gp, fp, items, tptr, visits):
         bm = gp[desc.BLOCK_M]
         bn = gp[desc.BLOCK_N]
@@ -450,7 +461,10 @@ def _make_bwd(bf):
         hm = (bm + 1) // 2
         hn = (bn + 1) // 2
         pstr = 4 * (hm if BF else bm)
-        for t in prange(tptr.size - 1):
+        # AMX: pair counts padded to whole 16-pair chunks (amx.kpad), row strides in dwords
+        hm16 = (hm + 15) // 16 * 16
+        hn16 = (hn + 15) // 16 * 16
+        for t in range(tc, tc + 1):     # chunk tc only (one call per chunk: threads.run_chunks)
             s = np.empty(bm * bn, np.float32)
             dp = np.empty(bm * bn, np.float32)
             rb = np.empty(bm * bn, np.float32)
@@ -460,10 +474,15 @@ def _make_bwd(bf):
             kt = np.empty(max(dw, 1) * bn, np.uint32)      # K^T of the key block
             vt = np.empty(max(dvw, 1) * bn, np.uint32)     # V^T
             # bf16 only: K rows in pairs, Q / dY tile rows in pairs, P / dS in pairs, dS rows
-            kp = np.empty(max(BF * hn * d, 1), np.uint32)
-            qp = np.empty(max(BF * hm * d, 1), np.uint32)
-            yp = np.empty(max(BF * hm * dvd, 1), np.uint32)
-            sr16 = np.empty(max(BF * bm * hn, 1), np.uint32)
+            # (AMX: zeroed, so pair rows past a tile's end are finite: their A pairs are 0)
+            kp = np.zeros(max(BF * (hn + AMX * 16) * d, 1), np.uint32)
+            qp = np.zeros(max(BF * (hm16 if AMX else hm) * d, 1), np.uint32)
+            yp = np.zeros(max(BF * (hm16 if AMX else hm) * dvd, 1), np.uint32)
+            sr16 = np.empty(max(BF * bm * (hn16 if AMX else hn), 1), np.uint32)
+            # AMX only: P^T and dS^T as transposed pairs (bn rows of hm16 dwords), tile config
+            at = np.empty(max(AMX * bn * hm16, 1), np.uint32)
+            ast = np.empty(max(AMX * bn * hm16, 1), np.uint32)
+            cfg = np.zeros(64, np.uint8)
             for it in range(tptr[t], tptr[t + 1]):
                 n2 = items[it, 2]
                 c = items[it, 3]
@@ -516,9 +535,13 @@ def _make_bwd(bf):
                                 dy_off = seqtab[b, desc.DY_OFF] + h * gp[desc.DY_HS] + i0 * gp[desc.DY_RS]
                                 mn = m_len * n_len
                                 # s <- z;  p <- exp(s - lse)
-                                prod(s, 0, n_len, m_len, n_len, q32, q_off // W,
-                                     gp[desc.Q_RS] // W, 1, 4 * gp[desc.Q_RS] // W, kt, jo, bn,
-                                     dw, False)
+                                if AMX:
+                                    product_amx(s, 0, n_len, m_len, n_len, q32, q_off // W,
+                                                gp[desc.Q_RS] // W, kt, jo, bn, dw, False, cfg)
+                                else:
+                                    prod(s, 0, n_len, m_len, n_len, q32, q_off // W,
+                                         gp[desc.Q_RS] // W, 1, 4 * gp[desc.Q_RS] // W, kt, jo,
+                                         bn, dw, False)
                                 if alpha != 1.0:
                                     s_ = s[:mn]
                                     for x in range(mn):
@@ -529,18 +552,24 @@ def _make_bwd(bf):
                                     exp_sub(s, r * n_len, lse[st + (i0 + r) * gp[desc.ST_RS]],
                                             n_len)
                                 # dp <- dy @ v.T
-                                prod(dp, 0, n_len, m_len, n_len, y32, dy_off // W,
-                                     gp[desc.DY_RS] // W, 1, 4 * gp[desc.DY_RS] // W, vt, jo,
-                                     bn, dvw, False)
+                                if AMX:
+                                    product_amx(dp, 0, n_len, m_len, n_len, y32, dy_off // W,
+                                                gp[desc.DY_RS] // W, vt, jo, bn, dvw, False, cfg)
+                                else:
+                                    prod(dp, 0, n_len, m_len, n_len, y32, dy_off // W,
+                                         gp[desc.DY_RS] // W, 1, 4 * gp[desc.DY_RS] // W, vt,
+                                         jo, bn, dvw, False)
                                 if dropping:
                                     keep_tile(seqtab, gp, drop_mask, b, h, i0, m_len, j0, n_len, rb)
                                     dp_ = dp[:mn]
                                     rb_ = rb[:mn]
                                     s_ = s[:mn]
                                     for x in range(mn):
-                                        kx = rb_[x] * inv_keep
-                                        dp_[x] = dp_[x] * kx
-                                        rb_[x] = s_[x] * kx
+                                        # selects (R ? x / keep : 0), as the BLAS driver: a
+                                        # dropped element is exactly 0 even when P is NaN
+                                        kept = rb_[x] != 0.0
+                                        dp_[x] = dp_[x] * inv_keep if kept else np.float32(0.0)
+                                        rb_[x] = s_[x] * inv_keep if kept else np.float32(0.0)
                                 # ds <- p * (dp_drop - dsum)   (in place in dp)
                                 for r in range(m_len):
                                     ds_r = dsum[st + (i0 + r) * gp[desc.ST_RS]]
@@ -549,7 +578,29 @@ def _make_bwd(bf):
                                     for cc in range(n_len):
                                         dpr[cc] = sr[cc] * (dpr[cc] - ds_r)
                                 pd = rb if dropping else s
-                                if BF:
+                                if AMX:
+                                    # A operands: P^T, dS^T (transposed pairs) and dS rows,
+                                    # bf16 (SPEC §3), zero-padded to whole 16-pair chunks
+                                    kpm = kpad((m_len + 1) // 2)
+                                    hnl = (n_len + 1) // 2
+                                    kpn = kpad(hnl)
+                                    t_pairs(pd, m_len, n_len, n_len, at, hm16, kpm)
+                                    t_pairs(dp, m_len, n_len, n_len, ast, hm16, kpm)
+                                    to_bf16_rows(dp, m_len, n_len, n_len, sr16.view(np.uint16),
+                                                 2 * hn16)
+                                    zero_cols(sr16, m_len, hn16, hnl, kpn)
+                                    pack_pairs16(dy, dy_off, gp[desc.DY_RS], m_len, dvd,
+                                                 yp.view(np.uint16), dvd)
+                                    pack_pairs16(q, q_off, gp[desc.Q_RS], m_len, d,
+                                                 qp.view(np.uint16), d)
+                                    # dv += p_drop.T @ dy;  dk += ds.T @ q;  dq += ds @ k
+                                    product_amx(dv, v_off, gp[desc.V_RS], n_len, dvd, at, 0,
+                                                hm16, yp, 0, dvd, kpm, True, cfg)
+                                    product_amx(dk, k_off, gp[desc.K_RS], n_len, d, ast, 0,
+                                                hm16, qp, 0, d, kpm, True, cfg)
+                                    product_amx(dqbuf, q_off, gp[desc.Q_RS], m_len, d, sr16, 0,
+                                                hn16, kp, (jo // 2) * d, d, kpn, True, cfg)
+                                elif BF:
                                     # P and dS rounded to bf16 (SPEC §3), pairs along the rows
                                     # for dV / dK, along the columns for dQ
                                     hml = (m_len + 1) // 2
@@ -584,16 +635,22 @@ def _make_bwd(bf):
     return bwd
 
 
-def _make_fwd(bf):
+def _make_fwd(kind):
     """The forward driver with native products (``driver.fwd_driver``'s items, online softmax
-    and ownership; S = Q K^T and O += P V through the micro-kernel, P rounded to bf16 for the
-    bf16 kind).  Arrays as in ``_make_bwd``."""
+    and ownership; S = Q K^T and O += P V through the micro-kernel or AMX tiles, P rounded to
+    bf16 for the bf16 and amx kinds).  Kinds and arrays as in ``_make_bwd``."""
+    bf = kind != "f32"
     prod = product_bf16 if bf else product_f32
     W = 2 if bf else 1
     BF = 1 if bf else 0
+    AMX = 1 if kind == "amx" else 0           # pruned before lowering (see _make_bwd)
+    if AMX:
+        from .amx import kpad, product_amx, zero_cols
+    else:
+        kpad = product_amx = zero_cols = None
 
-    @_jit.driver
-    def fwd(q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, gp, fp, items, tptr,
+    @_jit.kernel
+    def fwd(tc, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, gp, fp, items, tptr,
             visits):
         bm = gp[desc.BLOCK_M]
         bn = gp[desc.BLOCK_N]
@@ -608,15 +665,21 @@ def _make_fwd(bf):
         k32 = k.view(np.uint32)
         v32 = v.view(np.uint32)
         hn = (bn + 1) // 2
-        for t in prange(tptr.size - 1):
+        hn16 = (hn + 15) // 16 * 16               # AMX: P rows padded to 16-pair chunks
+        ldp = hn16 if AMX else hn
+        for t in range(tc, tc + 1):     # chunk tc only (one call per chunk: threads.run_chunks)
             s = np.empty(bm * bn, np.float32)
             rb = np.empty(bm * bn, np.float32)
             acc = np.empty(bm * max(dv, 1), np.float32)
             mrun = np.empty(bm, np.float32)
             lrun = np.empty(bm, np.float32)
+            vrow = np.empty(bm, np.uint8)   # row has a computed element (driver._fwd_chunk)
+            lanes = np.empty(16, np.float32)
             kt = np.empty(max(dw, 1) * bn, np.uint32)
-            vp = np.empty(max(BF * hn * dv, 1), np.uint32)       # bf16: V rows in pairs
-            p16 = np.empty(max(BF * bm * hn, 1), np.uint32)      # bf16: P rows
+            # bf16: V rows in pairs (AMX: zeroed, rows past a tile finite), P rows
+            vp = np.zeros(max(BF * ldp * dv, 1), np.uint32)
+            p16 = np.empty(max(BF * bm * ldp, 1), np.uint32)
+            cfg = np.zeros(64, np.uint8)
             for it in range(tptr[t], tptr[t + 1]):
                 b = items[it, 0]
                 h = items[it, 1]
@@ -628,6 +691,7 @@ def _make_fwd(bf):
                 for r in range(m_len):
                     mrun[r] = NEG_INF
                     lrun[r] = 0.0
+                    vrow[r] = 0
                 for x in range(m_len * dv):
                     acc[x] = 0.0
                 q_off = seqtab[b, desc.Q_OFF] + h * gp[desc.Q_HS] + i0 * gp[desc.Q_RS]
@@ -650,8 +714,12 @@ def _make_fwd(bf):
                     v_off = seqtab[b, desc.V_OFF] + n2 * gp[desc.V_HS] + j0 * gp[desc.V_RS]
                     mn = m_len * n_len
                     pack_t32(k32, k_off // W, gp[desc.K_RS] // W, n_len, dw, kt, bn)
-                    prod(s, 0, n_len, m_len, n_len, q32, q_off // W, gp[desc.Q_RS] // W, 1,
-                         4 * gp[desc.Q_RS] // W, kt, 0, bn, dw, False)
+                    if AMX:
+                        product_amx(s, 0, n_len, m_len, n_len, q32, q_off // W,
+                                    gp[desc.Q_RS] // W, kt, 0, bn, dw, False, cfg)
+                    else:
+                        prod(s, 0, n_len, m_len, n_len, q32, q_off // W, gp[desc.Q_RS] // W, 1,
+                             4 * gp[desc.Q_RS] // W, kt, 0, bn, dw, False)
                     if alpha != 1.0:
                         s_ = s[:mn]
                         for x in range(mn):
@@ -660,8 +728,13 @@ def _make_fwd(bf):
                                   cls, s)
                     for r in range(m_len):
                         sr = s[r * n_len:(r + 1) * n_len]
-                        mx = row_max(sr, n_len, mrun[r])
+                        mx = row_max(sr, n_len, mrun[r], lanes)
                         if mx == NEG_INF:
+                            # masked, or computed with -inf scores (a -inf pse row, overflow):
+                            # only the mask makes a row invalid (SPEC §3)
+                            if vrow[r] == 0 and (cls == desc.FULL or row_has_computed(
+                                    seqtab, gp, mask, b, h, i0 + r, j0, n_len)):
+                                vrow[r] = 1
                             sub = np.float32(0.0)
                             corr = np.float32(1.0)
                         else:
@@ -679,9 +752,16 @@ def _make_fwd(bf):
                         st_ = s[:mn]
                         rb_ = rb[:mn]
                         for x in range(mn):
-                            st_[x] = st_[x] * rb_[x] * inv_keep
+                            st_[x] = st_[x] * inv_keep if rb_[x] != 0.0 else np.float32(0.0)
                     # acc <- acc + p_drop @ v
-                    if BF:
+                    if AMX:
+                        hnl = (n_len + 1) // 2
+                        kpn = kpad(hnl)
+                        to_bf16_rows(s, m_len, n_len, n_len, p16.view(np.uint16), 2 * ldp)
+                        zero_cols(p16, m_len, ldp, hnl, kpn)
+                        pack_pairs16(v, v_off, gp[desc.V_RS], n_len, dv, vp.view(np.uint16), dv)
+                        product_amx(acc, 0, dv, m_len, dv, p16, 0, ldp, vp, 0, dv, kpn, True, cfg)
+                    elif BF:
                         to_bf16_rows(s, m_len, n_len, n_len, p16.view(np.uint16), 2 * hn)
                         pack_pairs16(v, v_off, gp[desc.V_RS], n_len, dv, vp.view(np.uint16), dv)
                         prod(acc, 0, dv, m_len, dv, p16, 0, hn, 1, 4 * hn, vp, 0, dv,
@@ -695,7 +775,18 @@ def _make_fwd(bf):
                     i = i0 + r
                     row = st + i * gp[desc.ST_RS]
                     oo = o_off + i * gp[desc.DY_RS]
-                    if mrun[r] == NEG_INF:
+                    if mrun[r] == NEG_INF and vrow[r] != 0:
+                        # computed elements, all scores -inf: m = -inf, l = NaN (the math);
+                        # out 0 only when dropout removed every computed element
+                        mrow[row] = NEG_INF
+                        lrow[row] = np.float32(np.nan)
+                        fill = np.float32(np.nan)
+                        if dropping and not row_keeps_computed(seqtab, gp, mask, drop_mask, b,
+                                                               h, i, rb):
+                            fill = np.float32(0.0)
+                        for e in range(dv):
+                            out[oo + e] = fill
+                    elif mrun[r] == NEG_INF:
                         mrow[row] = -_FLT_MAX
                         lrow[row] = _FLT_MAX
                         for e in range(dv):
@@ -706,8 +797,13 @@ def _make_fwd(bf):
                         inv_l = np.float32(1.0) / lrun[r]
                         orow = out[oo:oo + dv]
                         ar = acc[r * dv:(r + 1) * dv]
-                        for e in range(dv):
-                            orow[e] = ar[e] * inv_l
+                        if dropping and inv_l != inv_l and not row_keeps_computed(
+                                seqtab, gp, mask, drop_mask, b, h, i, rb):
+                            for e in range(dv):        # every computed (NaN) P dropped
+                                orow[e] = 0.0
+                        else:
+                            for e in range(dv):
+                                orow[e] = ar[e] * inv_l
 
     return fwd
 
@@ -715,9 +811,20 @@ def _make_fwd(bf):
 _DRIVERS = {}
 
 
-def driver(name, bf):
-    """The compiled-on-first-call native driver ``name`` ("fwd", "bwd") of one kind."""
-    key = (name, bool(bf))
+def driver(name, kind):
+    """The native driver ``name`` ("fwd", "bwd") of ``kind`` ("f32", "bf16", "amx"; a bool means
+    "bf16" / "f32"): its chunk kernel (compiled on first call) run once per chunk of the plan by
+    ``threads.run_chunks``; the arguments are those of ``driver.fwd_driver`` /
+    ``driver.bwd_driver`` without ``bad``."""
+    if isinstance(kind, (bool, int)):
+        kind = "bf16" if kind else "f32"
+    key = (name, kind)
     if key not in _DRIVERS:
-        _DRIVERS[key] = {"bwd": _make_bwd, "fwd": _make_fwd}[name](bool(bf))
+        chunk = {"bwd": _make_bwd, "fwd": _make_fwd}[name](kind)
+
+        def run(*args):
+            tptr = args[-2]                  # (..., items, tptr, visits)
+            run_chunks(chunk, tptr.size - 1, args)
+
+        _DRIVERS[key] = run
     return _DRIVERS[key]

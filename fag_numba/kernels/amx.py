@@ -1,0 +1,402 @@
+"""bf16 tile products on Intel AMX (``tdpbf16ps``): LLVM's AMX intrinsics as numba intrinsics.
+
+What AMX is, in the terms used here: 8 tile registers (tiles 0-7) of up to 16 rows x 64 bytes,
+whose shapes come from a 64-byte tile configuration loaded by ``ldtilecfg`` (palette 1;
+``colsb[t]`` u16 at byte 16 + 2t, ``rows[t]`` u8 at byte 48 + t).  ``tdpbf16ps c, a, b`` adds
+``A . B`` to the float32 tile C, with A = M rows of K bf16 (row-major, ``colsb = 2K``) and B = K/2
+rows of N dwords, each dword the bf16 pair (B[2p, c], B[2p + 1, c]) ("VNNI" pairs, the layout
+``native.pack_pairs16`` makes).  One instruction is a 16 x 16 x 32 product.
+
+Rules this module follows:
+- the OS must grant the tile-data state first (Linux ``arch_prctl(ARCH_REQ_XCOMP_PERM,
+  XFEATURE_XTILEDATA)``, once per process: ``isa.amx_available``); without it the first tile
+  instruction raises SIGILL.  Nothing here is compiled unless ``isa.amx_available()`` said yes
+  (LLVM also aborts the process on an AMX intrinsic for a target without amx-tile);
+- the tile configuration is per-thread state and ``ldtilecfg`` zeroes every tile, so each
+  product loads its own configuration (a product may run on any thread) and keeps no tile
+  across a configuration change;
+- the intrinsics (``llvm.x86.ldtilecfg``, ``tilezero``, ``tileloadd64``, ``tdpbf16ps``,
+  ``tilestored64``, ``tilerelease``: LLVM 22, the legacy forms with immediate tile numbers)
+  address physical tiles, so the register allocation is ours: C tiles 0-3 (a 2 x 2 block of
+  16 x 16 float32 tiles, 32 x 32 of C), A tiles 4-5 (rows 0-15, 16-31), B tiles 6-7 (columns
+  0-15, 16-31).
+
+Edges need no padding of M and N: a configuration sets the exact rows / column bytes of the
+edge tiles (loads and stores then touch nothing outside the C, A and B bounds), and a product
+loads at most four configurations (full blocks, the column edge, the row edge, the corner).  The
+contraction is cut in equal chunks of ``kc`` <= 16 pairs (the largest divisor of the pair count),
+so operands whose pair count is a multiple of 16 run full-width ``tdpbf16ps``; packed operands
+are zero-padded to that by their packers.
+"""
+import llvmlite.ir as ir
+import numpy as np
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .. import _jit, isa
+
+# the tile-data permission, asked at import so a direct user of these kernels (a benchmark, a
+# test) cannot run a tile instruction without it (SIGILL); the drivers ask through
+# isa.native_kind before they compile anything
+isa.amx_available()
+
+_I8 = ir.IntType(8)
+_I64 = ir.IntType(64)
+_PTR = ir.PointerType(_I8)
+_VOID = ir.VoidType()
+
+# tile numbers
+_C = (0, 1, 2, 3)      # C[0:16, 0:16], C[0:16, 16:32], C[16:32, 0:16], C[16:32, 16:32]
+_A = (4, 5)            # A rows 0-15, 16-31
+_B = (6, 7)            # B columns 0-15, 16-31
+
+
+def _fn(mod, name, ret, args):
+    return cgutils.get_or_insert_function(mod, ir.FunctionType(ret, args), name)
+
+
+def _ptr(context, builder, aty, arr, off):
+    """i8* to element ``off`` of a numba array."""
+    data = context.make_array(aty)(context, builder, arr).data
+    return builder.bitcast(builder.gep(data, [off]), _PTR)
+
+
+def _tile(n):
+    return ir.Constant(_I8, n)
+
+
+@intrinsic
+def tile_config(typingctx, cfg):
+    """``ldtilecfg``: load the 64-byte configuration ``cfg`` (uint8[64]) on this thread."""
+    sig = types.void(cfg)
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], ir.Constant(_I64, 0))
+        builder.call(_fn(builder.module, "llvm.x86.ldtilecfg", _VOID, [_PTR]), [p])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def tile_release(typingctx):
+    """``tilerelease``: back to the initial state (no tile data for the OS to save)."""
+    sig = types.void()
+
+    def codegen(context, builder, sig, args):
+        builder.call(_fn(builder.module, "llvm.x86.tilerelease", _VOID, []), [])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _make_block(mt, nt):
+    """The block intrinsic for ``mt`` x ``nt`` C tiles (1 or 2 each) under the loaded config."""
+
+    @intrinsic
+    def block(typingctx, c, c_off, ldc, a, a_off, lda, b, b_off, ldb, nch, kc, accum):
+        """C block (+)= A . B: c float32[:], rows ``ldc`` floats apart from ``c_off``; a
+        uint32[:] (bf16 pairs), rows ``lda`` dwords apart from ``a_off``, chunk k at dword
+        ``k * kc``; b uint32[:] pair-rows ``ldb`` dwords apart from ``b_off``, chunk k at row
+        ``k * kc``; ``nch`` chunks; ``accum`` true loads C first, false starts from zero."""
+        sig = types.void(c, c_off, ldc, a, a_off, lda, b, b_off, ldb, nch, kc, accum)
+
+        def codegen(context, builder, sig, args):
+            (cv, c_off, ldc, av, a_off, lda, bv, b_off, ldb, nch, kc, acc) = args
+            mod = builder.module
+            load = _fn(mod, "llvm.x86.tileloadd64", _VOID, [_I8, _PTR, _I64])
+            store = _fn(mod, "llvm.x86.tilestored64", _VOID, [_I8, _PTR, _I64])
+            zero = _fn(mod, "llvm.x86.tilezero", _VOID, [_I8])
+            dot = _fn(mod, "llvm.x86.tdpbf16ps", _VOID, [_I8, _I8, _I8])
+            four = ir.Constant(_I64, 4)
+            sixteen = ir.Constant(_I64, 16)
+            cstride = builder.mul(ldc, four)
+            astride = builder.mul(lda, four)
+            bstride = builder.mul(ldb, four)
+            # C tile (i, j) starts at c_off + 16 i ldc + 16 j
+            coffs = {}
+            for i in range(mt):
+                for j in range(nt):
+                    o = builder.add(c_off, builder.add(builder.mul(ldc, ir.Constant(_I64, 16 * i)),
+                                                       ir.Constant(_I64, 16 * j)))
+                    coffs[i, j] = _ptr(context, builder, sig.args[0], cv, o)
+            acc_on = builder.icmp_unsigned("!=", context.cast(builder, acc, sig.args[11],
+                                                              types.int64), ir.Constant(_I64, 0))
+            with builder.if_else(acc_on) as (then, other):
+                with then:
+                    for (i, j), p in coffs.items():
+                        builder.call(load, [_tile(_C[2 * i + j]), p, cstride])
+                with other:
+                    for (i, j) in coffs:
+                        builder.call(zero, [_tile(_C[2 * i + j])])
+            a16 = builder.mul(lda, sixteen)
+            bchunk = builder.mul(kc, ldb)
+            pre = builder.block
+            loop = builder.append_basic_block("amx.loop")
+            done = builder.append_basic_block("amx.done")
+            builder.cbranch(builder.icmp_signed(">", nch, ir.Constant(_I64, 0)), loop, done)
+            builder.position_at_end(loop)
+            k = builder.phi(_I64)
+            k.add_incoming(ir.Constant(_I64, 0), pre)
+            ao = builder.phi(_I64)
+            ao.add_incoming(a_off, pre)
+            bo = builder.phi(_I64)
+            bo.add_incoming(b_off, pre)
+            builder.call(load, [_tile(_A[0]), _ptr(context, builder, sig.args[3], av, ao), astride])
+            builder.call(load, [_tile(_B[0]), _ptr(context, builder, sig.args[6], bv, bo), bstride])
+            builder.call(dot, [_tile(_C[0]), _tile(_A[0]), _tile(_B[0])])
+            if nt == 2:
+                builder.call(load, [_tile(_B[1]),
+                                    _ptr(context, builder, sig.args[6], bv,
+                                         builder.add(bo, sixteen)), bstride])
+                builder.call(dot, [_tile(_C[1]), _tile(_A[0]), _tile(_B[1])])
+            if mt == 2:
+                builder.call(load, [_tile(_A[1]),
+                                    _ptr(context, builder, sig.args[3], av,
+                                         builder.add(ao, a16)), astride])
+                builder.call(dot, [_tile(_C[2]), _tile(_A[1]), _tile(_B[0])])
+                if nt == 2:
+                    builder.call(dot, [_tile(_C[3]), _tile(_A[1]), _tile(_B[1])])
+            end = builder.block
+            k1 = builder.add(k, ir.Constant(_I64, 1))
+            k.add_incoming(k1, end)
+            ao.add_incoming(builder.add(ao, kc), end)
+            bo.add_incoming(builder.add(bo, bchunk), end)
+            builder.cbranch(builder.icmp_signed("<", k1, nch), loop, done)
+            builder.position_at_end(done)
+            for (i, j), p in coffs.items():
+                builder.call(store, [_tile(_C[2 * i + j]), p, cstride])
+            return context.get_dummy_value()
+
+        return sig, codegen
+    return block
+
+
+block22 = _make_block(2, 2)
+block21 = _make_block(2, 1)
+block12 = _make_block(1, 2)
+block11 = _make_block(1, 1)
+
+
+@_jit.kernel(inline="always")
+def set_config(cfg, ma, mb, na, nb, kc):
+    """Configuration of a block with A rows ``ma`` (+ ``mb``), B columns ``na`` (+ ``nb``) and
+    ``kc`` pairs per chunk (module docstring for the tile numbers; unused tiles stay 0 x 0)."""
+    for x in range(64):
+        cfg[x] = 0
+    cfg[0] = 1
+    # (tile, rows, dwords per row)
+    _set_tile(cfg, 0, ma, na)
+    _set_tile(cfg, 1, ma, nb)
+    _set_tile(cfg, 2, mb, na)
+    _set_tile(cfg, 3, mb, nb)
+    _set_tile(cfg, 4, ma, kc)
+    _set_tile(cfg, 5, mb, kc)
+    _set_tile(cfg, 6, kc, na)
+    _set_tile(cfg, 7, kc, nb)
+
+
+@_jit.kernel(inline="always")
+def _set_tile(cfg, t, rows, dwords):
+    if rows == 0 or dwords == 0:
+        return
+    cfg[48 + t] = rows
+    cfg[16 + 2 * t] = 4 * dwords          # <= 64: the high byte stays 0
+
+
+@_jit.kernel(inline="always")
+def _blocks(c, c_off, ldc, m0, m1, n0, n1, a, a_off, lda, b, b_off, ldb, nch, kc, accum, mt,
+            nt):
+    """Every block of rows [m0, m1) step 32, columns [n0, n1) step 32 (one configuration)."""
+    for r0 in range(m0, m1, 32):
+        for c0 in range(n0, n1, 32):
+            co = c_off + r0 * ldc + c0
+            ao = a_off + r0 * lda
+            bo = b_off + c0
+            if mt == 2:
+                if nt == 2:
+                    block22(c, co, ldc, a, ao, lda, b, bo, ldb, nch, kc, accum)
+                else:
+                    block21(c, co, ldc, a, ao, lda, b, bo, ldb, nch, kc, accum)
+            elif nt == 2:
+                block12(c, co, ldc, a, ao, lda, b, bo, ldb, nch, kc, accum)
+            else:
+                block11(c, co, ldc, a, ao, lda, b, bo, ldb, nch, kc, accum)
+
+
+@_jit.kernel(inline="always")
+def product_amx(c, c_off, ldc, m, n, a, a_off, lda, b, b_off, ldb, kp, accum, cfg):
+    """``C[m, n] (+)= A . B`` on AMX tiles: C float32 rows ``ldc`` apart from ``c_off``; A
+    ``m`` rows of ``kp`` bf16 pairs (uint32 dwords, rows ``lda`` apart from ``a_off``); B
+    ``kp`` pair-rows of ``n`` dwords (``ldb`` apart from ``b_off``).  ``cfg``: a uint8[64]
+    scratch for the tile configuration.  Only elements inside these bounds are read or written.
+
+    An inlined entry that strips literal types (numba compiles a called function once per
+    literal argument: the drivers' constant offsets and flags made 5 copies of the product,
+    20 of its blocks, +160 s of cold compile) before the one compiled ``_product``.
+    """
+    _product(c, np.int64(c_off), np.int64(ldc), np.int64(m), np.int64(n), a, np.int64(a_off),
+             np.int64(lda), b, np.int64(b_off), np.int64(ldb), np.int64(kp), accum != 0, cfg)
+
+
+@_jit.kernel
+def _product(c, c_off, ldc, m, n, a, a_off, lda, b, b_off, ldb, kp, accum, cfg):
+    """``product_amx`` (a call, not inlined: each inlined copy costs compile time and the work
+    per call is microseconds)."""
+    if m <= 0 or n <= 0:
+        return
+    if kp <= 0:
+        if not accum:
+            for r in range(m):
+                for x in range(n):
+                    c[c_off + r * ldc + x] = 0.0
+        return
+    kc = 16
+    while kp % kc != 0:
+        kc -= 1
+    nch = kp // kc
+    mf = m - m % 32
+    nf = n - n % 32
+    mr = m - mf
+    nr = n - nf
+    ma = min(16, mr)
+    na = min(16, nr)
+    if mf > 0 and nf > 0:
+        set_config(cfg, 16, 16, 16, 16, kc)
+        tile_config(cfg)
+        _blocks(c, c_off, ldc, 0, mf, 0, nf, a, a_off, lda, b, b_off, ldb, nch, kc, accum, 2, 2)
+    if mf > 0 and nr > 0:
+        set_config(cfg, 16, 16, na, nr - na, kc)
+        tile_config(cfg)
+        _blocks(c, c_off, ldc, 0, mf, nf, n, a, a_off, lda, b, b_off, ldb, nch, kc, accum, 2,
+                2 if nr > 16 else 1)
+    if mr > 0 and nf > 0:
+        set_config(cfg, ma, mr - ma, 16, 16, kc)
+        tile_config(cfg)
+        _blocks(c, c_off, ldc, mf, m, 0, nf, a, a_off, lda, b, b_off, ldb, nch, kc, accum,
+                2 if mr > 16 else 1, 2)
+    if mr > 0 and nr > 0:
+        set_config(cfg, ma, mr - ma, na, nr - na, kc)
+        tile_config(cfg)
+        _blocks(c, c_off, ldc, mf, m, nf, n, a, a_off, lda, b, b_off, ldb, nch, kc, accum,
+                2 if mr > 16 else 1, 2 if nr > 16 else 1)
+    tile_release()
+
+
+_F32 = ir.FloatType()
+_I1 = ir.IntType(1)
+_I32 = ir.IntType(32)
+_VF = ir.VectorType(_F32, 16)
+_VI = ir.VectorType(_I32, 16)
+_VM = ir.VectorType(_I1, 16)
+
+
+class _BFloat(ir.Type):
+    """LLVM's ``bfloat`` (no llvmlite class; the IR is text, so the name suffices)."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BFloat)
+
+    def __hash__(self):
+        return hash("bfloat")
+
+
+_VB16 = ir.VectorType(_BFloat(), 16)
+
+
+def _splat(builder, val, vty):
+    n = vty.count
+    v = builder.insert_element(ir.Constant(vty, ir.Undefined), val, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined),
+                                  ir.Constant(ir.VectorType(_I32, n), [0] * n))
+
+
+@intrinsic
+def _tpairs16(typingctx, src, s_off, ld, nrows, ncols, dst, d_off, ldd):
+    """One 32-row x 16-column block of float32 ``src`` (rows ``ld`` apart from ``s_off``) as
+    transposed bf16 pairs: ``dst[d_off + j * ldd + p] = (bf16(src[2p, j]), bf16(src[2p+1, j]))``
+    for p < 16, j < min(16, ncols); rows >= ``nrows`` read as zero and are never loaded, nor
+    columns >= ``ncols``.  16 x 16 dword transpose in 4 shuffle stages (64 two-source shuffles).
+    """
+    sig = types.void(src, s_off, ld, nrows, ncols, dst, d_off, ldd)
+
+    def codegen(context, builder, sig, args):
+        sv, s_off, ld, nrows, ncols, dv, d_off, ldd = args
+        mod = builder.module
+        sbase = context.make_array(sig.args[0])(context, builder, sv).data
+        dbase = context.make_array(sig.args[5])(context, builder, dv).data
+        mload = _fn(mod, "llvm.masked.load.v16f32.p0", _VF, [sbase.type, _I32, _VM, _VF])
+        mstore = _fn(mod, "llvm.masked.store.v16i32.p0", _VOID, [_VI, dbase.type, _I32, _VM])
+        zero = ir.Constant(_VF, [0.0] * 16)
+        ncols32 = builder.trunc(ncols, _I32)
+        colmask = builder.icmp_signed("<", ir.Constant(_VI, list(range(16))),
+                                      _splat(builder, ncols32, _VI))
+        last = builder.sub(nrows, ir.Constant(_I64, 1))
+        last = builder.select(builder.icmp_signed("<", last, ir.Constant(_I64, 0)),
+                              ir.Constant(_I64, 0), last)
+        rows = []
+        for r in range(32):
+            rc = ir.Constant(_I64, r)
+            ok = builder.icmp_signed("<", rc, nrows)
+            rr = builder.select(ok, rc, last)
+            p = builder.gep(sbase, [builder.add(s_off, builder.mul(rr, ld))])
+            m = builder.and_(colmask, _splat(builder, ok, _VM))
+            rows.append(builder.call(mload, [p, ir.Constant(_I32, 4), m, zero]))
+        idx = []
+        for c in range(16):
+            idx += [c, 16 + c]
+        vec = []
+        for p in range(16):
+            z = builder.shuffle_vector(builder.fptrunc(rows[2 * p], _VB16),
+                                       builder.fptrunc(rows[2 * p + 1], _VB16),
+                                       ir.Constant(ir.VectorType(_I32, 32), idx))
+            vec.append(builder.bitcast(z, _VI))
+        # vec[p][j] -> vec[j][p]: stage b swaps bit b of the row index with bit b of the lane
+        for b in (8, 4, 2, 1):
+            for i in range(16):
+                if i & b:
+                    continue
+                x, y = vec[i], vec[i + b]
+                lo = [l if not l & b else 16 + l - b for l in range(16)]
+                hi = [l + b if not l & b else 16 + l for l in range(16)]
+                vec[i] = builder.shuffle_vector(x, y, ir.Constant(_VI, lo))
+                vec[i + b] = builder.shuffle_vector(x, y, ir.Constant(_VI, hi))
+        allm = _splat(builder, ir.Constant(_I1, 1), _VM)
+        for j in range(16):
+            ok = builder.icmp_signed("<", ir.Constant(_I64, j), ncols)
+            p = builder.gep(dbase, [builder.add(d_off, builder.mul(ir.Constant(_I64, j), ldd))])
+            builder.call(mstore, [vec[j], p, ir.Constant(_I32, 4),
+                                  builder.and_(allm, _splat(builder, ok, _VM))])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@_jit.kernel
+def t_pairs(src, m, n, ld, dst, ldd, kp):
+    """Transposed bf16 pairs of rows, the A operand of ``P^T dY`` and ``dS^T Q``:
+    ``dst[j * ldd + p] = (bf16(src[2p, j]), bf16(src[2p + 1, j]))`` (uint32) for j < n,
+    p < kp; rows >= m are zero (so pairs past (m + 1) // 2 are zero padding).  ``ldd`` >= kp
+    rounded up to 16."""
+    for p0 in range(0, kp, 16):
+        for j0 in range(0, n, 16):
+            _tpairs16(src, 2 * p0 * ld + j0, ld, m - 2 * p0, n - j0, dst, j0 * ldd + p0, ldd)
+
+
+@_jit.kernel(inline="always")
+def kpad(kp):
+    """Pairs a packed operand is padded to: full 16-pair chunks past one chunk (``product_amx``
+    cuts the contraction in equal chunks, so 47 pairs would run as 47 one-pair chunks)."""
+    return kp if kp <= 16 else (kp + 15) // 16 * 16
+
+
+@_jit.kernel(inline="always")
+def zero_cols(a, m, lda, k0, k1):
+    """``a[r * lda + x] = 0`` for r < m, k0 <= x < k1: the padding pairs of a row operand."""
+    for r in range(m):
+        for x in range(k0, k1):
+            a[r * lda + x] = 0
