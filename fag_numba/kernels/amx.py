@@ -31,29 +31,23 @@ are zero-padded to that by their packers.
 import llvmlite.ir as ir
 import numpy as np
 from numba import types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import _jit, isa
+from .llir import (I1 as _I1, I8 as _I8, I32 as _I32, I64 as _I64, VB16 as _VB16,
+                   VF as _VF, VI as _VI, VM as _VM, VOID as _VOID, fn as _fn, splat as _splat)
 
 # the tile-data permission, asked at import so a direct user of these kernels (a benchmark, a
 # test) cannot run a tile instruction without it (SIGILL); the drivers ask through
 # isa.native_kind before they compile anything
 isa.amx_available()
 
-_I8 = ir.IntType(8)
-_I64 = ir.IntType(64)
 _PTR = ir.PointerType(_I8)
-_VOID = ir.VoidType()
 
 # tile numbers
 _C = (0, 1, 2, 3)      # C[0:16, 0:16], C[0:16, 16:32], C[16:32, 0:16], C[16:32, 16:32]
 _A = (4, 5)            # A rows 0-15, 16-31
 _B = (6, 7)            # B columns 0-15, 16-31
-
-
-def _fn(mod, name, ret, args):
-    return cgutils.get_or_insert_function(mod, ir.FunctionType(ret, args), name)
 
 
 def _ptr(context, builder, aty, arr, off):
@@ -284,35 +278,6 @@ def _product(c, c_off, ldc, m, n, a, a_off, lda, b, b_off, ldb, kp, accum, cfg):
     tile_release()
 
 
-_F32 = ir.FloatType()
-_I1 = ir.IntType(1)
-_I32 = ir.IntType(32)
-_VF = ir.VectorType(_F32, 16)
-_VI = ir.VectorType(_I32, 16)
-_VM = ir.VectorType(_I1, 16)
-
-
-class _BFloat(ir.Type):
-    """LLVM's ``bfloat`` (no llvmlite class; the IR is text, so the name suffices)."""
-
-    def _to_string(self):
-        return "bfloat"
-
-    def __eq__(self, other):
-        return isinstance(other, _BFloat)
-
-    def __hash__(self):
-        return hash("bfloat")
-
-
-_VB16 = ir.VectorType(_BFloat(), 16)
-
-
-def _splat(builder, val, vty):
-    n = vty.count
-    v = builder.insert_element(ir.Constant(vty, ir.Undefined), val, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined),
-                                  ir.Constant(ir.VectorType(_I32, n), [0] * n))
 
 
 @intrinsic

@@ -23,8 +23,8 @@ from ..threads import run_chunks
 from . import desc
 from .guard import (any_bad, computed_tile, dropped_nan_row_out, ds_guard, gemm_guard, p_guard,
                     row_has_computed)
-from .tile import (NEG_INF, OFF0, TRANS_N, TRANS_T, exp_sub, exp_sub_le, gemm, keep_tile, row_max,
-                   score_tile, tile_class)
+from .tile import (NEG_INF, OFF0, TRANS_N, TRANS_T, drop_ds, exp_sub, exp_sub_le, gemm, keep_tile,
+                   row_max, score_tile, tile_class)
 
 _FLT_MAX = np.float32(3.4028234663852886e38)
 
@@ -309,7 +309,6 @@ def _bwd_chunk(t, q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, sl
     dvd = gp[desc.DV]
     g = gp[desc.G]
     nsplit = gp[desc.NSPLIT]
-    inv_keep = fp[desc.INV_KEEP]
     scale = fp[desc.SCALE]
     dropping = gp[desc.DROP_KIND] != desc.DROP_NONE
     dpk = gp[desc.DPSE_KIND]
@@ -404,24 +403,9 @@ def _bwd_chunk(t, q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, sl
                             tq_off = q_off + x * bm * gp[desc.Q_RS]
                             tdy_off = dy_off + x * bm * gp[desc.DY_RS]
                             mn = tm * n_len
-                            if dropping:
-                                # dp_drop <- r * dp / keep;  p_drop <- r * p / keep  (into rb)
-                                keep_tile(seqtab, gp, drop_mask, b, h, ti0, tm, j0, n_len, rb)
-                                dp_ = dp[so:so + mn]
-                                rb_ = rb[:mn]
-                                s_ = s[so:so + mn]
-                                for e in range(mn):
-                                    # selects (R ? x / keep : 0): exactly 0 when dropped
-                                    kept = rb_[e] != 0.0
-                                    dp_[e] = dp_[e] * inv_keep if kept else np.float32(0.0)
-                                    rb_[e] = s_[e] * inv_keep if kept else np.float32(0.0)
-                            # ds <- p * (dp_drop - dsum)   (in place in dp)
-                            for r in range(tm):
-                                ds_r = dsum[st + (ti0 + r) * gp[desc.ST_RS]]
-                                dpr = dp[so + r * n_len:so + (r + 1) * n_len]
-                                sr = s[so + r * n_len:so + (r + 1) * n_len]
-                                for cc in range(n_len):
-                                    dpr[cc] = sr[cc] * (dpr[cc] - ds_r)
+                            # dp_drop, p_drop (into rb) and ds <- p * (dp_drop - dsum) in dp
+                            drop_ds(seqtab, gp, fp, drop_mask, dsum, st, b, h, ti0, tm, j0, n_len,
+                                    s, dp, so, rb)
                             pd = rb if dropping else s
                             pd_off = OFF0 if dropping else so
                             if careful:

@@ -25,7 +25,6 @@ Operand layouts (dwords):
 import llvmlite.ir as ir
 import numpy as np
 from numba import types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import _jit
@@ -34,60 +33,22 @@ from . import desc
 import math
 
 from .driver import _dpse_tile, kv_block_range, q_block_range, trim_tile
+from .llir import (BFloat as _BFloat, I1 as _I1, I16 as _I16, I32 as _I32, I64 as _I64,
+                   VB16 as _VB16, VB32 as _VB32, VF as _VF, VH16 as _VH16, VI as _VI, VM as _VM,
+                   data as _data, fn as _fn, splat as _splat)
 from .guard import row_has_computed, row_keeps_computed
-from .tile import (NEG_INF, adjust_scores, exp_sub, keep_tile, row_max, score_alpha,
+from .tile import (NEG_INF, adjust_scores, drop_ds, exp_sub, keep_tile, row_max, score_alpha,
                    tile_class)
 
 _FLT_MAX = np.float32(3.4028234663852886e38)
 
 
-class _BFloat(ir.Type):
-    """LLVM's ``bfloat`` (llvmlite has no class for it; the IR is text, so its name suffices)."""
-
-    def _to_string(self):
-        return "bfloat"
-
-    def __eq__(self, other):
-        return isinstance(other, _BFloat)
-
-    def __hash__(self):
-        return hash("bfloat")
-
-
-_F32 = ir.FloatType()
-_I1 = ir.IntType(1)
-_I16 = ir.IntType(16)
-_I32 = ir.IntType(32)
-_I64 = ir.IntType(64)
-_VF = ir.VectorType(_F32, 16)
-_VI = ir.VectorType(_I32, 16)
-_VM = ir.VectorType(_I1, 16)
-_VB32 = ir.VectorType(_BFloat(), 32)
-_VB16 = ir.VectorType(_BFloat(), 16)
-_VH16 = ir.VectorType(_I16, 16)
-_VH32 = ir.VectorType(_I16, 32)
 _MR = 4      # rows of the register block
 # contraction chunk (dwords): a B panel of _KC x 64 dwords = 32 KB stays in L1 (48 KB) while
 # the row blocks stream A; unchunked, a 256-long contraction (forward P V, backward dS K at
 # 128 x 256 tiles) re-read a 64 KB panel from L2 for every 4 rows
 _KC = 128
 _NV = 4      # 16-lane vectors per row of the register block (64 columns)
-
-
-def _fn(mod, name, ret, args):
-    return cgutils.get_or_insert_function(mod, ir.FunctionType(ret, args), name)
-
-
-def _splat(builder, val, vty):
-    """Broadcast a scalar to every lane of ``vty``."""
-    n = vty.count
-    v = builder.insert_element(ir.Constant(vty, ir.Undefined), val, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined),
-                                  ir.Constant(ir.VectorType(_I32, n), [0] * n))
-
-
-def _data(context, builder, aty, val):
-    return context.make_array(aty)(context, builder, val).data
 
 
 def _make_mk(fp32):
@@ -446,7 +407,6 @@ def _make_bwd(kind):
         dvd = gp[desc.DV]
         g = gp[desc.G]
         nsplit = gp[desc.NSPLIT]
-        inv_keep = fp[desc.INV_KEEP]
         scale = fp[desc.SCALE]
         alpha = score_alpha(gp, fp)
         dropping = gp[desc.DROP_KIND] != desc.DROP_NONE
@@ -559,24 +519,9 @@ def _make_bwd(kind):
                                     prod(dp, 0, n_len, m_len, n_len, y32, dy_off // W,
                                          gp[desc.DY_RS] // W, 1, 4 * gp[desc.DY_RS] // W, vt,
                                          jo, bn, dvw, False)
-                                if dropping:
-                                    keep_tile(seqtab, gp, drop_mask, b, h, i0, m_len, j0, n_len, rb)
-                                    dp_ = dp[:mn]
-                                    rb_ = rb[:mn]
-                                    s_ = s[:mn]
-                                    for x in range(mn):
-                                        # selects (R ? x / keep : 0), as the BLAS driver: a
-                                        # dropped element is exactly 0 even when P is NaN
-                                        kept = rb_[x] != 0.0
-                                        dp_[x] = dp_[x] * inv_keep if kept else np.float32(0.0)
-                                        rb_[x] = s_[x] * inv_keep if kept else np.float32(0.0)
-                                # ds <- p * (dp_drop - dsum)   (in place in dp)
-                                for r in range(m_len):
-                                    ds_r = dsum[st + (i0 + r) * gp[desc.ST_RS]]
-                                    dpr = dp[r * n_len:(r + 1) * n_len]
-                                    sr = s[r * n_len:(r + 1) * n_len]
-                                    for cc in range(n_len):
-                                        dpr[cc] = sr[cc] * (dpr[cc] - ds_r)
+                                # dp_drop, p_drop (into rb) and ds <- p * (dp_drop - dsum) in dp
+                                drop_ds(seqtab, gp, fp, drop_mask, dsum, st, b, h, i0, m_len, j0,
+                                        n_len, s, dp, 0, rb)
                                 pd = rb if dropping else s
                                 if AMX:
                                     # A operands: P^T, dS^T (transposed pairs) and dS rows,

@@ -9,7 +9,6 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.linalg import _BLAS
 
@@ -98,15 +97,8 @@ _INF = np.float32(np.inf)
 NEG_INF = np.float32(-np.inf)
 
 
-_VF = ir.VectorType(ir.FloatType(), 16)
-_VI = ir.VectorType(ir.IntType(32), 16)
-_VM = ir.VectorType(ir.IntType(1), 16)
-_I32 = ir.IntType(32)
-_I64 = ir.IntType(64)
-
-
-def _llvm_fn(mod, name, ret, args):
-    return cgutils.get_or_insert_function(mod, ir.FunctionType(ret, args), name)
+from .llir import (F32 as _F32, I32 as _I32, I64 as _I64, VF as _VF, VI as _VI, VM as _VM,
+                   data as _data, fn as _llvm_fn, splat as _splat)
 
 
 def _vc(x):
@@ -145,11 +137,6 @@ def _exp16(builder, x, subv, full):
     v = builder.select(builder.fcmp_unordered("uno", d, d), d, v)
     # a masked score (-inf) gives exactly 0 whatever sub is (even -inf or NaN statistics)
     return builder.select(builder.fcmp_ordered("==", x, _vc(NEG_INF)), _vc(_ZERO), v)
-
-
-def _splat(builder, val, vty):
-    v = builder.insert_element(ir.Constant(vty, ir.Undefined), val, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), ir.Constant(_VI, [0] * 16))
 
 
 def _make_exp_row(full):
@@ -281,26 +268,14 @@ _NSZ = ("nsz",)
 
 def _vmax_codegen(context, builder, sig, args):
     """max(init, x[off:off + n]) through 4 x 16 lanes of ``llvm.maximum`` (NaN-propagating)."""
-    import llvmlite.ir as ir
-    from numba.core import cgutils
-
     xv, off, n, init = args
-    f32 = ir.FloatType()
-    i32 = ir.IntType(32)
-    i64 = ir.IntType(64)
-    vf = ir.VectorType(f32, 16)
-    vm = ir.VectorType(ir.IntType(1), 16)
-    vi = ir.VectorType(i32, 16)
+    f32, i32, i64, vf, vm, vi = _F32, _I32, _I64, _VF, _VM, _VI
     mod = builder.module
-    base = builder.gep(context.make_array(sig.args[0])(context, builder, xv).data, [off])
-    vmax = cgutils.get_or_insert_function(mod, ir.FunctionType(vf, [vf, vf]),
-                                          "llvm.maximum.v16f32")
-    red = cgutils.get_or_insert_function(mod, ir.FunctionType(f32, [vf]),
-                                         "llvm.vector.reduce.fmaximum.v16f32")
-    mload = cgutils.get_or_insert_function(mod, ir.FunctionType(vf, [base.type, i32, vm, vf]),
-                                           "llvm.masked.load.v16f32.p0")
-    v0 = builder.insert_element(ir.Constant(vf, ir.Undefined), init, ir.Constant(i32, 0))
-    splat = builder.shuffle_vector(v0, ir.Constant(vf, ir.Undefined), ir.Constant(vi, [0] * 16))
+    base = builder.gep(_data(context, builder, sig.args[0], xv), [off])
+    vmax = _llvm_fn(mod, "llvm.maximum.v16f32", vf, [vf, vf])
+    red = _llvm_fn(mod, "llvm.vector.reduce.fmaximum.v16f32", f32, [vf])
+    mload = _llvm_fn(mod, "llvm.masked.load.v16f32.p0", vf, [base.type, i32, vm, vf])
+    splat = _splat(builder, init, vf)
     pre = builder.block
     nb = builder.sdiv(n, ir.Constant(i64, 64))
     loop = builder.append_basic_block("vmax.loop")
@@ -541,3 +516,31 @@ def keep_tile(seqtab, gp, drop_mask, b, h, i0, m_len, j0, n_len, rbuf):
             c0 = _counter_start(gp[desc.OFFSET_LO], gp[desc.OFFSET_HI], e0)
             _philox_keep_row(gp[desc.SEED_LO], gp[desc.SEED_HI], c0, n_len,
                              gp[desc.DROP_THRESHOLD], row)
+
+
+@_jit.kernel
+def drop_ds(seqtab, gp, fp, drop_mask, dsum, st, b, h, i0, m_len, j0, n_len, s, dp, so, rb):
+    """The backward's elementwise step of one tile, in place (SPEC §3): with dropout,
+    ``dP <- R ? dP / keep : 0`` and ``Pd = R ? P / keep : 0`` into ``rb[:m_len * n_len]``
+    (selects, not products: a dropped element is exactly 0 even when P is NaN); then
+    ``dS = P * (dP - Dsum)`` into dp.  The tile's P and dP start at element ``so`` of ``s`` /
+    ``dp`` (row stride n_len); Dsum of row i is ``dsum[st + i * ST_RS]``.  Shared by the BLAS
+    and the native backward drivers.
+    """
+    mn = m_len * n_len
+    if gp[desc.DROP_KIND] != desc.DROP_NONE:
+        inv_keep = fp[desc.INV_KEEP]
+        keep_tile(seqtab, gp, drop_mask, b, h, i0, m_len, j0, n_len, rb)
+        dp_ = dp[so:so + mn]
+        rb_ = rb[:mn]
+        s_ = s[so:so + mn]
+        for e in range(mn):
+            kept = rb_[e] != 0.0
+            dp_[e] = dp_[e] * inv_keep if kept else np.float32(0.0)
+            rb_[e] = s_[e] * inv_keep if kept else np.float32(0.0)
+    for r in range(m_len):
+        ds_r = dsum[st + (i0 + r) * gp[desc.ST_RS]]
+        dpr = dp[so + r * n_len:so + (r + 1) * n_len]
+        sr = s[so + r * n_len:so + (r + 1) * n_len]
+        for cc in range(n_len):
+            dpr[cc] = sr[cc] * (dpr[cc] - ds_r)

@@ -1,0 +1,52 @@
+"""LLVM IR building blocks shared by the ``@intrinsic`` kernels (tile.py's vector exp and row
+max, native.py's AVX-512 micro-kernel, amx.py's tile products): one definition of the types and
+helpers each of them used to spell out again."""
+import llvmlite.ir as ir
+from numba.core import cgutils
+
+
+class BFloat(ir.Type):
+    """LLVM's ``bfloat`` (llvmlite has no class for it; the IR is text, so its name suffices)."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, BFloat)
+
+    def __hash__(self):
+        return hash("bfloat")
+
+
+F32 = ir.FloatType()
+I1 = ir.IntType(1)
+I8 = ir.IntType(8)
+I16 = ir.IntType(16)
+I32 = ir.IntType(32)
+I64 = ir.IntType(64)
+VOID = ir.VoidType()
+VF = ir.VectorType(F32, 16)          # 16 float32 lanes: one zmm
+VI = ir.VectorType(I32, 16)
+VM = ir.VectorType(I1, 16)
+VB16 = ir.VectorType(BFloat(), 16)
+VB32 = ir.VectorType(BFloat(), 32)
+VH16 = ir.VectorType(I16, 16)
+VH32 = ir.VectorType(I16, 32)
+
+
+def fn(mod, name, ret, args):
+    """Declare (once per module) and return the function or LLVM intrinsic ``name``."""
+    return cgutils.get_or_insert_function(mod, ir.FunctionType(ret, args), name)
+
+
+def splat(builder, val, vty):
+    """Broadcast a scalar to every lane of the vector type ``vty``."""
+    n = vty.count
+    v = builder.insert_element(ir.Constant(vty, ir.Undefined), val, ir.Constant(I32, 0))
+    return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined),
+                                  ir.Constant(ir.VectorType(I32, n), [0] * n))
+
+
+def data(context, builder, aty, val):
+    """The data pointer of a numba array value of type ``aty``."""
+    return context.make_array(aty)(context, builder, val).data
