@@ -341,14 +341,31 @@ def _tables(P, block_m, block_n):
 
 
 def _inputs(P, query, key, value, dy=None):
-    """float32 flat views/copies of the inputs (fp8 dequantised)."""
-    ds = P.d_scales
+    """float32 flat views/copies of the inputs (fp8 dequantised): (q, k, v, y).
+
+    When the call will run the bf16 tile products on the inputs' own bits (``P.native``: bf16
+    inputs, a bf16/amx kind, every value finite), q, k and v are None: converting them would be
+    wasted (~5 ms per call at (1,8,2048,128)); ``_qkv_f32`` converts them later if a
+    non-finite statistics row sends the backward to the BLAS driver.  y is always converted
+    (the statistics pass reads it as float32).
+    """
     P.raw = (query, key, value, dy)       # bf16 bits for the native bf16 products
+    P.native = _native_bits(P)
+    ds = P.d_scales
+    y = None if dy is None else _dequant(dy, ds.get("d_scale_dy") if P.fp8 else None, P.dims, "dy")
+    if P.native is not None:
+        return None, None, None, y
+    return _qkv_f32(P) + (y,)
+
+
+def _qkv_f32(P):
+    """float32 flat q, k, v of ``P.raw`` (fp8 dequantised)."""
+    ds = P.d_scales
+    query, key, value = P.raw[:3]
     q = _dequant(query, ds.get("d_scale_q") if P.fp8 else None, P.dims, "q")
     k = _dequant(key, ds.get("d_scale_k") if P.fp8 else None, P.dims, "k")
     v = _dequant(value, ds.get("d_scale_v") if P.fp8 else None, P.dims, "v")
-    y = None if dy is None else _dequant(dy, ds.get("d_scale_dy") if P.fp8 else None, P.dims, "dy")
-    return q, k, v, y
+    return q, k, v
 
 
 def _flag_rows(x, e):
@@ -407,7 +424,8 @@ def _run_forward(P, q, k, v):
     visits = np.zeros(tptr.size - 1, np.int64)
     if items.shape[0]:
         # only v rows can leak in the forward (P @ V); masked scores overwrite q/k garbage
-        bad = _bad_rows(gp, [(desc.BAD_V, v, P.dims.Dv)])
+        # (v is None on the native bf16 kinds: its bits were checked finite)
+        bad = _bad_rows(gp, [(desc.BAD_V, v, P.dims.Dv)] if v is not None else [])
         if gp[desc.NONFINITE]:
             kind = None                  # the careful path lives in the BLAS drivers
         with blas_single_thread():
@@ -615,9 +633,9 @@ def _run_backward(P, q, k, v, y, o, m, l):
     st, gp, fp, nrows = _tables(P, bm, bn)
     lse = np.zeros(nrows, np.float32)
     dsum = np.zeros(nrows, np.float32)
-    dq = np.zeros(q.size, np.float32)
-    dk = np.zeros(k.size, np.float32)
-    dv = np.zeros(v.size, np.float32)
+    dq = np.zeros(P.raw[0].size, np.float32)
+    dk = np.zeros(P.raw[1].size, np.float32)
+    dv = np.zeros(P.raw[2].size, np.float32)
     pp = P.pse
     items, tptr, nsplit = plan_backward(st, d.N2, d.G, bm, bn, pp.merge_b)
     gp[desc.NSPLIT] = nsplit
@@ -635,6 +653,10 @@ def _run_backward(P, q, k, v, y, o, m, l):
         with np.errstate(invalid="ignore"):
             srow = ~np.isfinite(dsum) | np.isnan(lse) | (lse == -np.inf)
         srow = srow.astype(np.uint8)
+        if q is None and srow.any():
+            q, k, v = _qkv_f32(P)        # the BLAS driver's careful path will run
+        if q is None:                    # native bf16 kinds: q, k, v bits checked finite
+            q = k = v = np.zeros(0, np.float32)
         bad = _bad_rows(gp, [(desc.BAD_Q, q, d.D), (desc.BAD_K, k, d.D), (desc.BAD_V, v, d.Dv),
                              (desc.BAD_DY, y, d.Dv), (desc.BAD_DSUM, srow, None)])
         if gp[desc.NONFINITE]:
@@ -665,26 +687,44 @@ def _run_backward(P, q, k, v, y, o, m, l):
     return dq, dk, dv, out_pse
 
 
+def _native_bits(P):
+    """(kind, [q, k, v, dy] uint16 flat bf16 bits) when the call runs the bf16 tile products
+    (kernels/native.py kinds "bf16" / "amx") on the inputs' own bits, else None.  Only for
+    finite inputs: a NaN/inf input takes the BLAS driver, whose handling of non-finite values
+    is the reference one (a masked NaN must contribute exactly 0, SPEC §3)."""
+    from . import isa
+
+    if P.qdtype != dtypes.BFLOAT16:
+        return None
+    kind = isa.native_kind(True, P.dims.D, P.dims.Dv)
+    if kind not in ("bf16", "amx"):
+        return None
+    from .kernels import native
+
+    raw = [None if x is None else np.ascontiguousarray(x).reshape(-1).view(np.uint16)
+           for x in P.raw]
+    if all(x is None or native.all_finite_bf16(x) for x in raw):
+        return kind, raw
+    return None
+
+
 def _native_inputs(P, q, k, v, y):
     """(kind, (q, k, v, dy)) for the native tile products (kernels/native.py), or (None, None)
     (the forward passes y = None).
 
-    kind "bf16" / "amx": the inputs' own bf16 bits (uint16 flat); "f32": the float32 arrays.  Only for
-    finite inputs: a NaN/inf input takes the BLAS driver, whose handling of non-finite values
-    is the reference one (a masked NaN must contribute exactly 0, SPEC §3).
+    kind "bf16" / "amx": the inputs' own bf16 bits (``P.native``, set by ``_inputs``); "f32":
+    the float32 arrays, only when every value is finite (else the BLAS driver, as above).
     """
+    native_bits = getattr(P, "native", None)
+    if native_bits is not None:
+        kind, raw = native_bits
+        return kind, (raw if y is not None else raw[:3] + [None])
     from . import isa
 
-    kind = isa.native_kind(P.qdtype == dtypes.BFLOAT16, P.dims.D, P.dims.Dv)
-    if kind is None:
+    if isa.native_kind(P.qdtype == dtypes.BFLOAT16, P.dims.D, P.dims.Dv) != "f32":
         return None, None
     from .kernels import native
 
-    if kind in ("bf16", "amx"):
-        raw = [None if x is None else np.ascontiguousarray(x).reshape(-1).view(np.uint16)
-               for x in P.raw[:3] + ((P.raw[3],) if y is not None else (None,))]
-        if all(x is None or native.all_finite_bf16(x) for x in raw):
-            return kind, raw
     if all(x is None or native.all_finite_f32(x) for x in (q, k, v, y)):
         return "f32", (q, k, v, y)
     return None, None

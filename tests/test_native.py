@@ -160,6 +160,39 @@ def test_non_finite_input_takes_blas_driver(path, blocks, rng):
     assert used == ["blas", "blas"]
 
 
+@pytest.mark.parametrize("name", ["amx", "bf16"])
+def test_bf16_kinds_skip_the_float32_copies_yet_fall_back_exactly(name, path, blocks, rng,
+                                                                 monkeypatch):
+    """The bf16 kinds read the inputs' own bits: q, k, v are not converted to float32
+    (api._inputs), unless a non-finite statistics row (here a NaN row of attention_in) sends
+    the backward to the BLAS driver's careful path, which then converts them: bitwise the
+    result of the BLAS path."""
+    blocks(bm=6, bn=10)
+    q, k, v, dy = make_qkv("BNSD", 1, 2, 1, 23, 31, 8, 8, BF16, rng)
+    out = fag_numba.flash_attention_score(q, k, v, 2, "BNSD")
+    o = out.attention_out.copy()
+    o[0, 1, 4] = np.nan
+    kw = dict(softmax_max=out.softmax_max, softmax_sum=out.softmax_sum, attention_in=o)
+    converted = []
+    orig = api._dequant
+
+    def spy(x, *a):
+        converted.append(x is q or x is k or x is v)
+        return orig(x, *a)
+
+    path(name)
+    monkeypatch.setattr(api, "_dequant", spy)
+    fag_numba.flash_attention_score(q, k, v, 2, "BNSD")
+    assert converted == []                        # forward: no float32 copy of q, k, v
+    got = fag_numba.flash_attention_score_grad(q, k, v, dy, 2, "BNSD", **kw)
+    assert converted.count(True) == 3             # the fallback converted q, k, v
+    path("blas")
+    want = fag_numba.flash_attention_score_grad(q, k, v, dy, 2, "BNSD", **kw)
+    for a, b in zip(got[:3], want[:3]):
+        assert a.tobytes() == b.tobytes()
+    assert np.isnan(got.dq[0, 1, 4]).all() and np.isfinite(got.dq[0, 0]).all()
+
+
 def test_odd_head_dim_bf16_uses_float32_products(path, blocks, rng):
     used = path("bf16")
     q, k, v, dy = make_qkv("BNSD", 1, 1, 1, 9, 9, 7, 7, BF16, rng)
