@@ -162,6 +162,17 @@ def _prefix_values(prefix):
                        f"got {type(prefix).__name__} {prefix!r}")
 
 
+def _same_as_canonical(m2, canon):
+    """Whether the compressed mask ``m2`` equals ``canon`` as booleans.  A C-contiguous bool
+    mask is compared 8 bytes at a time first (0.05 ms instead of 0.6 ms for the 4 MB causal
+    mask, paid on every call); anything else (uint8, strided, a bool byte other than 0/1) is
+    compared elementwise as booleans (one 4-6 MB temporary)."""
+    if (m2.dtype == np.bool_ and m2.flags.c_contiguous and m2.size % 8 == 0
+            and np.array_equal(m2.reshape(-1).view(np.uint64), canon.reshape(-1).view(np.uint64))):
+        return True
+    return np.array_equal(m2, canon) if m2.dtype == np.bool_ else np.array_equal(m2 != 0, canon)
+
+
 @functools.lru_cache(maxsize=None)
 def _canonical(mode6):
     """The canonical compressed mask as a read-only bool array, built once.
@@ -189,8 +200,7 @@ def _check_compressed(mask, sparse_mode):
             f"mask (or [1, 1, {rows}, {_CAUSAL_SIDE}]), got shape {mask.shape}")
     m2 = mask[0, 0] if mask.ndim == 4 else mask          # a view, never a copy
     canon = _canonical(mode6)
-    # compared as booleans: bool arrays directly, uint8 through (m != 0) (one 4-6 MB temporary)
-    same = np.array_equal(m2, canon) if m2.dtype == np.bool_ else np.array_equal(m2 != 0, canon)
+    same = _same_as_canonical(m2, canon)
     if not same:
         r, c = np.argwhere((m2 != 0) != canon)[0]
         what = ("triu(ones(2048, 2048), k=1)" if not mode6 else

@@ -76,8 +76,11 @@ def test_empty_tensor_with_a_huge_batch_refuses_its_tables():
 
 def test_memory_check_uses_available_memory(monkeypatch):
     # a call that normally runs is refused when the available memory is (pretended) tiny
+    from fag_numba import config
     q = _small((1, 2, 64, 16))
     monkeypatch.setattr(memory, "available_bytes", lambda: 1000)
+    fwd(q, q, q, 2, "BNSD")              # below MEMCHECK_MIN_BYTES: not checked at all
+    monkeypatch.setattr(config, "MEMCHECK_MIN_BYTES", 0)
     with pytest.raises(FagMemoryError, match="available"):
         fwd(q, q, q, 2, "BNSD")
     monkeypatch.setattr(memory, "available_bytes", lambda: None)      # unknown: no check
