@@ -120,6 +120,55 @@ def rowstats_driver(dy, o, m, l, seqtab, gp, lse, dsum):
 
 
 @_jit.kernel
+def online_softmax(s, tm, n_len, ro, cls, mrun, lrun, vrow, acc, dv, sub, cor, lanes, seqtab, gp,
+                   mask, b, h, ti0, j0):
+    """One key block of the FA-2 online softmax, in place (shared by the BLAS and the native
+    forward drivers).
+
+    s: the block's scores Z, rows [ti0, ti0 + tm) of the item (row stride n_len), becomes
+    P~ = exp(Z - m_new); per item row ``ro + r``: ``m_new = max(m, rowmax)``,
+    ``l = l * exp(m - m_new) + rowsum(P~)``, ``acc *= exp(m - m_new)``; ``vrow`` marks rows with
+    a computed element (a row of -inf computed scores is NaN, not invalid: only the mask makes
+    a row invalid, SPEC §3).  sub, cor: float32 scratch of >= tm; lanes: row_max's scratch.
+    """
+    for r in range(tm):
+        # m_new <- max(m, rowmax(s));  corr <- exp(m - m_new)  (exp below, one pass)
+        ri = ro + r
+        sr = s[r * n_len:(r + 1) * n_len]
+        # NaN scores make m NaN (SPEC §9: NaN propagates), never an invalid row
+        mx = row_max(sr, n_len, mrun[ri], lanes)
+        if mx == NEG_INF:
+            # all -inf so far: masked, or computed with -inf scores (inf inputs, pse)
+            if vrow[ri] == 0 and (cls == desc.FULL or row_has_computed(
+                    seqtab, gp, mask, b, h, ti0 + r, j0, n_len)):
+                vrow[ri] = 1
+            sub[r] = np.float32(0.0)   # nothing computed yet: exp(-inf - 0) = 0
+            cor[r] = np.float32(0.0)   # corr 1
+        else:
+            sub[r] = mx
+            # first computed block: corr 0 (exp_sub maps -inf to exactly 0)
+            cor[r] = mrun[ri] - mx if mrun[ri] != NEG_INF else NEG_INF
+        mrun[ri] = mx
+    # the corrections of all rows as one vector pass (a libm exp per row and tile was 2% of a
+    # D = 64 forward); exp(0) is exactly 1, so unchanged maxima skip the rescale
+    exp_sub(cor, OFF0, np.float32(0.0), tm)
+    for r in range(tm):
+        # p <- exp(s - m_new);  l <- l * corr + rowsum(p);  acc <- acc * corr
+        ri = ro + r
+        corr = cor[r]
+        if math.isfinite(sub[r]):
+            # every score <= sub (the row max): no NaN/overflow cases to test for
+            rs = exp_sub_le(s, r * n_len, sub[r], n_len)
+        else:
+            rs = exp_sub(s, r * n_len, sub[r], n_len)
+        lrun[ri] = lrun[ri] * corr + rs
+        if corr != 1.0:
+            ar = acc[ri * dv:(ri + 1) * dv]
+            for e in range(dv):
+                ar[e] *= corr
+
+
+@_jit.kernel
 def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, gp, fp,
                items, tptr, visits, bad):
     """Forward work of chunk t: items ``items[tptr[t]:tptr[t + 1]]`` (see ``fwd_driver``).
@@ -183,41 +232,8 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
             # s <- z (scaled, biased, masked)
             score_tile(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, ti0, tm, j0, n_len,
                        cls, s, ab)
-            for r in range(tm):
-                # m_new <- max(m, rowmax(s));  corr <- exp(m - m_new)  (exp below, one pass)
-                ri = ro + r
-                sr = s[r * n_len:(r + 1) * n_len]
-                # NaN scores make m NaN (SPEC §9: NaN propagates), never an invalid row
-                mx = row_max(sr, n_len, mrun[ri], lanes)
-                if mx == NEG_INF:
-                    # all -inf so far: masked, or computed with -inf scores (inf inputs, pse)
-                    if vrow[ri] == 0 and (cls == desc.FULL or row_has_computed(
-                            seqtab, gp, mask, b, h, ti0 + r, j0, n_len)):
-                        vrow[ri] = 1
-                    sub[r] = np.float32(0.0)   # nothing computed yet: exp(-inf - 0) = 0
-                    cor[r] = np.float32(0.0)   # corr 1
-                else:
-                    sub[r] = mx
-                    # first computed block: corr 0 (exp_sub maps -inf to exactly 0)
-                    cor[r] = mrun[ri] - mx if mrun[ri] != NEG_INF else NEG_INF
-                mrun[ri] = mx
-            # the corrections of all rows as one vector pass (a libm exp per row and tile was
-            # 2% of a D = 64 forward); exp(0) is exactly 1, so unchanged maxima skip the rescale
-            exp_sub(cor, OFF0, np.float32(0.0), tm)
-            for r in range(tm):
-                # p <- exp(s - m_new);  l <- l * corr + rowsum(p);  acc <- acc * corr
-                ri = ro + r
-                corr = cor[r]
-                if math.isfinite(sub[r]):
-                    # every score <= sub (the row max): no NaN/overflow cases to test for
-                    rs = exp_sub_le(s, r * n_len, sub[r], n_len)
-                else:
-                    rs = exp_sub(s, r * n_len, sub[r], n_len)
-                lrun[ri] = lrun[ri] * corr + rs
-                if corr != 1.0:
-                    ar = acc[ri * dv:(ri + 1) * dv]
-                    for e in range(dv):
-                        ar[e] *= corr
+            online_softmax(s, tm, n_len, ro, cls, mrun, lrun, vrow, acc, dv, sub, cor, lanes,
+                           seqtab, gp, mask, b, h, ti0, j0)
             if dropping:
                 # p_drop <- r * p / keep_prob
                 keep_tile(seqtab, gp, drop_mask, b, h, ti0, tm, j0, n_len, rb)

@@ -30,14 +30,13 @@ from numba.extending import intrinsic
 from .. import _jit
 from ..threads import run_chunks
 from . import desc
-import math
 
-from .driver import _dpse_tile, kv_block_range, q_block_range, trim_tile
+from .driver import _dpse_tile, kv_block_range, online_softmax, q_block_range, trim_tile
 from .llir import (BFloat as _BFloat, I1 as _I1, I16 as _I16, I32 as _I32, I64 as _I64,
                    VB16 as _VB16, VB32 as _VB32, VF as _VF, VH16 as _VH16, VI as _VI, VM as _VM,
                    data as _data, fn as _fn, splat as _splat)
-from .guard import row_has_computed, row_keeps_computed
-from .tile import (NEG_INF, adjust_scores, drop_ds, exp_sub, keep_tile, row_max, score_alpha,
+from .guard import row_keeps_computed
+from .tile import (NEG_INF, adjust_scores, drop_ds, exp_sub, keep_tile, score_alpha,
                    tile_class)
 
 _FLT_MAX = np.float32(3.4028234663852886e38)
@@ -618,7 +617,9 @@ def _make_fwd(kind):
             acc = np.empty(bm * max(dv, 1), np.float32)
             mrun = np.empty(bm, np.float32)
             lrun = np.empty(bm, np.float32)
-            vrow = np.empty(bm, np.uint8)   # row has a computed element (driver._fwd_chunk)
+            sub = np.empty(bm, np.float32)
+            cor = np.empty(bm, np.float32)
+            vrow = np.empty(bm, np.uint8)   # row has a computed element (driver.online_softmax)
             lanes = np.empty(16, np.float32)
             kt = np.empty(max(dw, 1) * bn, np.uint32)
             # bf16: V rows in pairs (AMX: zeroed, rows past a tile finite), P rows
@@ -671,27 +672,8 @@ def _make_fwd(kind):
                             s_[x] *= alpha
                     adjust_scores(seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0, n_len,
                                   cls, s)
-                    for r in range(m_len):
-                        sr = s[r * n_len:(r + 1) * n_len]
-                        mx = row_max(sr, n_len, mrun[r], lanes)
-                        if mx == NEG_INF:
-                            # masked, or computed with -inf scores (a -inf pse row, overflow):
-                            # only the mask makes a row invalid (SPEC §3)
-                            if vrow[r] == 0 and (cls == desc.FULL or row_has_computed(
-                                    seqtab, gp, mask, b, h, i0 + r, j0, n_len)):
-                                vrow[r] = 1
-                            sub = np.float32(0.0)
-                            corr = np.float32(1.0)
-                        else:
-                            sub = mx
-                            corr = (np.float32(math.exp(mrun[r] - mx)) if mrun[r] != NEG_INF
-                                    else np.float32(0.0))
-                        mrun[r] = mx
-                        lrun[r] = lrun[r] * corr + exp_sub(s, r * n_len, sub, n_len)
-                        if corr != 1.0:
-                            ar = acc[r * dv:(r + 1) * dv]
-                            for e in range(dv):
-                                ar[e] *= corr
+                    online_softmax(s, m_len, n_len, 0, cls, mrun, lrun, vrow, acc, dv, sub,
+                                   cor, lanes, seqtab, gp, mask, b, h, i0, j0)
                     if dropping:
                         keep_tile(seqtab, gp, drop_mask, b, h, i0, m_len, j0, n_len, rb)
                         st_ = s[:mn]
