@@ -655,10 +655,10 @@ def _run_backward(P, q, k, v, y, o, m, l):
         srow = srow.astype(np.uint8)
         if q is None and srow.any():
             q, k, v = _qkv_f32(P)        # the BLAS driver's careful path will run
-        if q is None:                    # native bf16 kinds: q, k, v bits checked finite
-            q = k = v = np.zeros(0, np.float32)
-        bad = _bad_rows(gp, [(desc.BAD_Q, q, d.D), (desc.BAD_K, k, d.D), (desc.BAD_V, v, d.Dv),
-                             (desc.BAD_DY, y, d.Dv), (desc.BAD_DSUM, srow, None)])
+        # (q, k, v still None: the native bf16 kinds, whose bits were checked finite)
+        parts = [(desc.BAD_Q, q, d.D), (desc.BAD_K, k, d.D), (desc.BAD_V, v, d.Dv),
+                 (desc.BAD_DY, y, d.Dv), (desc.BAD_DSUM, srow, None)]
+        bad = _bad_rows(gp, [p for p in parts if p[1] is not None])
         if gp[desc.NONFINITE]:
             kind = None                  # the careful path lives in the BLAS drivers
         with blas_single_thread():

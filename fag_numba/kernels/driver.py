@@ -23,7 +23,7 @@ from ..threads import run_chunks
 from . import desc
 from .guard import (any_bad, computed_tile, dropped_nan_row_out, ds_guard, gemm_guard, p_guard,
                     row_has_computed)
-from .tile import (NEG_INF, OFF0, TRANS_N, TRANS_T, drop_ds, exp_sub, exp_sub_le, gemm, keep_tile,
+from .tile import (NEG_INF, OFF0, TRANS_N, TRANS_T, drop_ds, drop_p, exp_sub, exp_sub_le, gemm,
                    row_max, score_tile, tile_class)
 
 _FLT_MAX = np.float32(3.4028234663852886e38)
@@ -120,8 +120,8 @@ def rowstats_driver(dy, o, m, l, seqtab, gp, lse, dsum):
 
 
 @_jit.kernel
-def online_softmax(s, tm, n_len, ro, cls, mrun, lrun, vrow, acc, dv, sub, cor, lanes, seqtab, gp,
-                   mask, b, h, ti0, j0):
+def online_softmax(s, tm, n_len, ro, cls, mrun, lrun, vrow, acc, dv, sub, cor, seqtab, gp, mask,
+                   b, h, ti0, j0):
     """One key block of the FA-2 online softmax, in place (shared by the BLAS and the native
     forward drivers).
 
@@ -129,14 +129,14 @@ def online_softmax(s, tm, n_len, ro, cls, mrun, lrun, vrow, acc, dv, sub, cor, l
     P~ = exp(Z - m_new); per item row ``ro + r``: ``m_new = max(m, rowmax)``,
     ``l = l * exp(m - m_new) + rowsum(P~)``, ``acc *= exp(m - m_new)``; ``vrow`` marks rows with
     a computed element (a row of -inf computed scores is NaN, not invalid: only the mask makes
-    a row invalid, SPEC §3).  sub, cor: float32 scratch of >= tm; lanes: row_max's scratch.
+    a row invalid, SPEC §3).  sub, cor: float32 scratch of >= tm.
     """
     for r in range(tm):
         # m_new <- max(m, rowmax(s));  corr <- exp(m - m_new)  (exp below, one pass)
         ri = ro + r
         sr = s[r * n_len:(r + 1) * n_len]
         # NaN scores make m NaN (SPEC §9: NaN propagates), never an invalid row
-        mx = row_max(sr, n_len, mrun[ri], lanes)
+        mx = row_max(sr, n_len, mrun[ri])
         if mx == NEG_INF:
             # all -inf so far: masked, or computed with -inf scores (inf inputs, pse)
             if vrow[ri] == 0 and (cls == desc.FULL or row_has_computed(
@@ -180,7 +180,6 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
     bn = gp[desc.BLOCK_N]
     dv = gp[desc.DV]
     g = gp[desc.G]
-    inv_keep = fp[desc.INV_KEEP]
     dropping = gp[desc.DROP_KIND] != desc.DROP_NONE
     careful_on = gp[desc.NONFINITE] != 0
     pv_rows = gp[desc.PV_ROWS]     # > 0: P @ V as sub-products of PV_ROWS x PV_KEYS
@@ -198,7 +197,6 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
     sub = np.empty(bm, np.float32)
     cor = np.empty(bm, np.float32)
     ab = np.empty(2, np.float32)
-    lanes = np.empty(16, np.float32)   # row_max's (unused) scratch argument
     for it in range(tptr[t], tptr[t + 1]):
         b = items[it, 0]
         h = items[it, 1]
@@ -232,17 +230,11 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
             # s <- z (scaled, biased, masked)
             score_tile(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, ti0, tm, j0, n_len,
                        cls, s, ab)
-            online_softmax(s, tm, n_len, ro, cls, mrun, lrun, vrow, acc, dv, sub, cor, lanes,
-                           seqtab, gp, mask, b, h, ti0, j0)
+            online_softmax(s, tm, n_len, ro, cls, mrun, lrun, vrow, acc, dv, sub, cor, seqtab, gp,
+                           mask, b, h, ti0, j0)
             if dropping:
-                # p_drop <- r * p / keep_prob
-                keep_tile(seqtab, gp, drop_mask, b, h, ti0, tm, j0, n_len, rb)
-                st_ = s[:tm * n_len]
-                rb_ = rb[:tm * n_len]
-                for x in range(tm * n_len):
-                    # a select, not a product: a dropped element is exactly 0 (SPEC §3
-                    # Pd = R ? P / keep : 0), even when P is NaN
-                    st_[x] = st_[x] * inv_keep if rb_[x] != 0.0 else np.float32(0.0)
+                # p_drop <- R ? p / keep_prob : 0
+                drop_p(seqtab, gp, fp, drop_mask, b, h, ti0, tm, j0, n_len, s, rb)
             # acc <- acc + p_drop @ v
             v_off = seqtab[b, desc.V_OFF] + n2 * gp[desc.V_HS] + j0 * gp[desc.V_RS]
             if careful_on and any_bad(bad, gp[desc.BAD_V], v_off, gp[desc.V_RS], dv, n_len):

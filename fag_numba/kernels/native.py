@@ -36,8 +36,7 @@ from .llir import (BFloat as _BFloat, I1 as _I1, I16 as _I16, I32 as _I32, I64 a
                    VB16 as _VB16, VB32 as _VB32, VF as _VF, VH16 as _VH16, VI as _VI, VM as _VM,
                    data as _data, fn as _fn, splat as _splat)
 from .guard import row_keeps_computed
-from .tile import (NEG_INF, adjust_scores, drop_ds, exp_sub, keep_tile, score_alpha,
-                   tile_class)
+from .tile import (NEG_INF, adjust_scores, drop_ds, drop_p, exp_sub, score_alpha, tile_class)
 
 _FLT_MAX = np.float32(3.4028234663852886e38)
 
@@ -601,7 +600,6 @@ def _make_fwd(kind):
         d = gp[desc.D]
         dv = gp[desc.DV]
         g = gp[desc.G]
-        inv_keep = fp[desc.INV_KEEP]
         alpha = score_alpha(gp, fp)
         dropping = gp[desc.DROP_KIND] != desc.DROP_NONE
         dw = d // W
@@ -620,7 +618,6 @@ def _make_fwd(kind):
             sub = np.empty(bm, np.float32)
             cor = np.empty(bm, np.float32)
             vrow = np.empty(bm, np.uint8)   # row has a computed element (driver.online_softmax)
-            lanes = np.empty(16, np.float32)
             kt = np.empty(max(dw, 1) * bn, np.uint32)
             # bf16: V rows in pairs (AMX: zeroed, rows past a tile finite), P rows
             vp = np.zeros(max(BF * ldp * dv, 1), np.uint32)
@@ -673,13 +670,9 @@ def _make_fwd(kind):
                     adjust_scores(seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0, n_len,
                                   cls, s)
                     online_softmax(s, m_len, n_len, 0, cls, mrun, lrun, vrow, acc, dv, sub,
-                                   cor, lanes, seqtab, gp, mask, b, h, i0, j0)
+                                   cor, seqtab, gp, mask, b, h, i0, j0)
                     if dropping:
-                        keep_tile(seqtab, gp, drop_mask, b, h, i0, m_len, j0, n_len, rb)
-                        st_ = s[:mn]
-                        rb_ = rb[:mn]
-                        for x in range(mn):
-                            st_[x] = st_[x] * inv_keep if rb_[x] != 0.0 else np.float32(0.0)
+                        drop_p(seqtab, gp, fp, drop_mask, b, h, i0, m_len, j0, n_len, s, rb)
                     # acc <- acc + p_drop @ v
                     if AMX:
                         hnl = (n_len + 1) // 2

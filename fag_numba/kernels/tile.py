@@ -16,6 +16,8 @@ from .. import _jit
 from ..dropout import _counter_start, _mask_keep_row, _philox_keep_row
 from ..masks import _band_tile_class, _dense_tile_class
 from . import desc
+from .llir import (F32 as _F32, I32 as _I32, I64 as _I64, VF as _VF, VI as _VI, VM as _VM,
+                   data as _data, fn as _llvm_fn, splat as _splat)
 
 # numba's own BLAS entry (it calls SciPy's cython_blas sgemm): single-threaded here because the
 # chunk kernels run it on several threads at once and hold OpenBLAS to one thread (threads.py).
@@ -97,10 +99,6 @@ _INF = np.float32(np.inf)
 NEG_INF = np.float32(-np.inf)
 
 
-from .llir import (F32 as _F32, I32 as _I32, I64 as _I64, VF as _VF, VI as _VI, VM as _VM,
-                   data as _data, fn as _llvm_fn, splat as _splat)
-
-
 def _vc(x):
     """A 16-lane float32 constant."""
     return ir.Constant(_VF, [float(np.float32(x))] * 16)
@@ -155,7 +153,7 @@ def _make_exp_row(full):
         def codegen(context, builder, sig, args):
             bufv, off, sub, n = args
             mod = builder.module
-            base = builder.gep(context.make_array(sig.args[0])(context, builder, bufv).data, [off])
+            base = builder.gep(_data(context, builder, sig.args[0], bufv), [off])
             subv = _splat(builder, sub, _VF)
             zero = _vc(_ZERO)
             nvec = builder.and_(n, ir.Constant(_I64, -16))
@@ -315,9 +313,7 @@ def _vmax_codegen(context, builder, sig, args):
     for u in range(4):
         o = builder.add(done, ir.Constant(i64, 16 * u))
         rem = builder.trunc(builder.sub(n, o), i32)
-        r0 = builder.insert_element(ir.Constant(vi, ir.Undefined), rem, ir.Constant(i32, 0))
-        rs = builder.shuffle_vector(r0, ir.Constant(vi, ir.Undefined), ir.Constant(vi, [0] * 16))
-        mask = builder.icmp_signed("<", lane, rs)
+        mask = builder.icmp_signed("<", lane, _splat(builder, rem, vi))
         x = builder.call(mload, [builder.gep(base, [o]), ir.Constant(i32, 4), mask, splat])
         m = builder.call(vmax, [m, x], fastmath=_NSZ)
     return builder.call(red, [m], fastmath=_NSZ)
@@ -330,19 +326,18 @@ def _vmax(typingctx, x, off, n, init):
 
 
 @_jit.kernel(inline="always")
-def row_max(x, n, init, lanes):
+def row_max(x, n, init):
     """``max(init, x[0:n])``, NaN-propagating (SPEC §9), vectorised.
 
     A plain running max is a loop-carried select that LLVM cannot reorder without ``nnan``
     (which we never enable), so it runs scalar; 16-lane ``llvm.maximum`` (NaN-propagating by
     definition) in 4 accumulators makes it SIMD: 384 rows of 256 measured 28 us through a
-    16-float lane array in memory, 3.8 us this way.  ``lanes`` (float32[16]) is unused, kept
-    for the callers' signature.  Signed zeros: +0 wins over -0 (either is the row's max).
+    16-float lane array in memory, 3.8 us this way.  Signed zeros: +0 wins over -0 (either is the row's max).
     """
     return _vmax(x, np.int64(0), np.int64(n), np.float32(init))
 
 
-def _row_max_python(x, n, init, lanes):
+def _row_max_python(x, n, init):
     """``row_max`` for ``NUMBA_DISABLE_JIT=1`` only (the coverage lane): pure Python cannot run
     the ``_vmax`` intrinsic.  Same result: NaN if any element (or init) is NaN, else the max."""
     mx = init
@@ -516,6 +511,21 @@ def keep_tile(seqtab, gp, drop_mask, b, h, i0, m_len, j0, n_len, rbuf):
             c0 = _counter_start(gp[desc.OFFSET_LO], gp[desc.OFFSET_HI], e0)
             _philox_keep_row(gp[desc.SEED_LO], gp[desc.SEED_HI], c0, n_len,
                              gp[desc.DROP_THRESHOLD], row)
+
+
+@_jit.kernel
+def drop_p(seqtab, gp, fp, drop_mask, b, h, i0, m_len, j0, n_len, s, rb):
+    """The forward's dropout step of one tile, in place: ``P <- R ? P / keep : 0`` on
+    ``s[:m_len * n_len]`` (row stride n_len), the keep bits through ``rb``.  A select, not a
+    product: a dropped element is exactly 0 even when P is NaN (SPEC §3).  Shared by the BLAS
+    and the native forward drivers (callers skip it without dropout)."""
+    inv_keep = fp[desc.INV_KEEP]
+    mn = m_len * n_len
+    keep_tile(seqtab, gp, drop_mask, b, h, i0, m_len, j0, n_len, rb)
+    s_ = s[:mn]
+    rb_ = rb[:mn]
+    for x in range(mn):
+        s_[x] = s_[x] * inv_keep if rb_[x] != 0.0 else np.float32(0.0)
 
 
 @_jit.kernel
