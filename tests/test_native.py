@@ -65,6 +65,15 @@ CASES = [  # layout, B, N1, N2, S1, S2, D, kwargs
 ]
 
 
+def _ref_kwargs(kw, numels):
+    """The reference's options: a seed becomes the explicit keep bits it generates."""
+    ref_kw = dict(kw)
+    if "seed" in ref_kw:
+        bits = fag_numba.dropout_mask(numels, kw["keep_prob"], ref_kw.pop("seed"))
+        ref_kw["keep"] = unpack_drop_mask(bits, numels)
+    return ref_kw
+
+
 def _kwargs(kw, n1):
     kw = dict(kw)
     if kw.get("atten_mask") == "causal":
@@ -91,11 +100,7 @@ def test_paths_match_reference(name, case, dtype, path, blocks, rng):
         q, k, v, dy, N1, lay, scale_value=0.3, softmax_max=out.softmax_max,
         softmax_sum=out.softmax_sum, attention_in=out.attention_out, **kw)
     assert used == [name, name]                   # forward, backward
-    ref_kw = dict(kw)
-    if "seed" in ref_kw:
-        numels = B * N1 * S1 * S2
-        bits = fag_numba.dropout_mask(numels, kw["keep_prob"], ref_kw.pop("seed"))
-        ref_kw["keep"] = unpack_drop_mask(bits, numels)
+    ref_kw = _ref_kwargs(kw, B * N1 * S1 * S2)
     r = ref_backward(q, k, v, dy, N1, lay, softmax_max=out.softmax_max,
                      softmax_sum=out.softmax_sum, attention_in=out.attention_out,
                      scale_value=0.3, **ref_kw)
@@ -342,11 +347,7 @@ def test_amx_production_tiles_match_reference(case, path, rng):
         q, k, v, dy, N1, lay, softmax_max=out.softmax_max, softmax_sum=out.softmax_sum,
         attention_in=out.attention_out, **kw)
     assert used == ["amx", "amx"]
-    ref_kw = dict(kw)
-    if "seed" in ref_kw:
-        numels = B * N1 * S1 * S2
-        bits = fag_numba.dropout_mask(numels, kw["keep_prob"], ref_kw.pop("seed"))
-        ref_kw["keep"] = unpack_drop_mask(bits, numels)
+    ref_kw = _ref_kwargs(kw, B * N1 * S1 * S2)
     r = ref_backward(q, k, v, dy, N1, lay, softmax_max=out.softmax_max,
                      softmax_sum=out.softmax_sum, attention_in=out.attention_out, **ref_kw)
     ro, _, _ = ref_forward(q, k, v, N1, lay, **ref_kw)
