@@ -105,8 +105,6 @@ def bench(args):
             import torch  # noqa: F401
         except ImportError:
             pass
-    import numba
-
     import fag_numba
     from fag_numba import dtypes
 
