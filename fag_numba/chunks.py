@@ -448,7 +448,7 @@ def chunked_attention_score(query, key, value, head_num, input_layout, *, chunk=
                 merge_into(acc[:, :, r], mrun[:, :, r], lrun[:, :, r], o, m, l)
                 bar.update(1)
             o, m, l = finish_merge(acc, mrun, lrun)
-            bnsd(take(o_out, lay, a0, a1), lay, d.N1)[...] = o.astype(o_out.dtype)
+            bnsd(take(o_out, lay, a0, a1), lay, d.N1)[...] = dtypes.cast(o, o_out.dtype)
             m_out[:, :, a0:a1, :] = m[..., None]
             l_out[:, :, a0:a1, :] = l[..., None]
     finally:
@@ -552,11 +552,11 @@ def chunked_attention_score_grad(query, key, value, dy, head_num, input_layout, 
                 if gs is not None:
                     dslope += gs
                 if last[a] == n:                     # the q-block's last pair: write dq
-                    take(dq_out, lay, a0, a1)[...] = acc.astype(dq_out.dtype)
+                    take(dq_out, lay, a0, a1)[...] = dtypes.cast(acc, dq_out.dtype)
                     del open_dq[a]
                 bar.update(1)
-            take(dk_out, lay, c0, c1)[...] = dk_acc.astype(dk_out.dtype)
-            take(dv_out, lay, c0, c1)[...] = dv_acc.astype(dv_out.dtype)
+            take(dk_out, lay, c0, c1)[...] = dtypes.cast(dk_acc, dk_out.dtype)
+            take(dv_out, lay, c0, c1)[...] = dtypes.cast(dv_acc, dv_out.dtype)
     finally:
         bar.close()
     dpse = None

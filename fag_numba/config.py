@@ -63,6 +63,16 @@ DEFAULTS = {
     # without AMX (Zen 4: vdpbf16ps at 2x the FMA rate), else "float32" (an AMX CPU without the
     # permission: there vdpbf16ps runs at half the FMA rate).  isa.native_kind decides.
     "BF16_PRODUCTS": os.environ.get("FAG_NUMBA_BF16", "auto"),
+    # Host float32 <-> bf16/fp16 conversions (kernels/convert.py) of at least this many
+    # elements run one chunk per thread; smaller ones on the calling thread.  Best of 30,
+    # output allocated per call, 1 vs 2 threads (2-core Xeon, load 0.9), in us:
+    #   elements  f32->bf16  f32->fp16  bf16->f32  fp16->f32
+    #   512K      122 / 147  109 / 169  104 / 143  106 / 148
+    #   1M        252 / 235  233 / 228  229 / 195  234 / 218
+    #   2M        511 / 389  483 / 316  443 / 335  453 / 347
+    #   4M        892 / 584  880 / 568  868 / 551  876 / 553
+    # (the hand-off to a pool thread costs 20-70 us; below ~1M one thread is faster)
+    "CONVERT_THREAD_MIN": 1 << 20,
 }
 
 BLOCK_M = DEFAULTS["BLOCK_M"]
@@ -79,6 +89,7 @@ FWD_PV_MNK = DEFAULTS["FWD_PV_MNK"]
 FWD_PV_MIN_ROWS = DEFAULTS["FWD_PV_MIN_ROWS"]
 NATIVE = DEFAULTS["NATIVE"]
 BF16_PRODUCTS = DEFAULTS["BF16_PRODUCTS"]
+CONVERT_THREAD_MIN = DEFAULTS["CONVERT_THREAD_MIN"]
 
 # Numba policy (STYLE b4): never the blanket fastmath flag.  'reassoc' lets row reductions vectorise,
 # 'contract' allows FMA; nnan/ninf are excluded because masking relies on -inf.

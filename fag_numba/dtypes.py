@@ -9,6 +9,7 @@ import ml_dtypes
 import numpy as np
 
 from . import _jit
+from .kernels import convert
 
 FLOAT32 = np.dtype(np.float32)
 FLOAT16 = np.dtype(np.float16)
@@ -54,8 +55,8 @@ def to_f32_flat(x, scale=1.0):
     float32 C-contiguous array and scale is 1; the kernels only read it).
 
     fp8 inputs are decoded through a 256-entry table (exact: the table is ml_dtypes' own
-    conversion of every bit pattern), 3-15x faster than ml_dtypes' ``astype``; fp16/bf16 use
-    numpy's ``astype``, which is already fast.
+    conversion of every bit pattern), 3-15x faster than ml_dtypes' ``astype``; fp16/bf16
+    through ``kernels.convert.to_f32`` (bitwise ``astype``, 1.5-4x faster on one thread).
     """
     dt = np.dtype(x.dtype)
     if dt in FP8_DTYPES:
@@ -63,15 +64,30 @@ def to_f32_flat(x, scale=1.0):
         out = np.empty(x.size, np.float32)
         _decode(codes, _lut(dt), np.float32(scale), out)
         return out
-    arr = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    if dt in (FLOAT16, BFLOAT16):
+        arr = convert.to_f32(x).reshape(-1)
+    else:
+        arr = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     if scale != 1:
         return (arr * np.float32(scale)).astype(np.float32, copy=False)
     return writable(arr)
 
 
 def from_f32(flat, shape, dtype):
-    """Reshape a fresh float32 buffer and cast it to the output dtype (no copy for float32)."""
-    arr = flat.reshape(shape)
-    if np.dtype(dtype) == FLOAT32:
-        return arr
-    return arr.astype(dtype)
+    """Reshape a fresh float32 buffer and cast it to the output dtype (no copy for float32;
+    bf16/fp16 through ``kernels.convert.from_f32``: bitwise ``astype``, 4-8x faster)."""
+    return cast(flat.reshape(shape), dtype)
+
+
+def cast(a, dtype):
+    """``a.astype(dtype, copy=False)`` (``a`` itself when it has the dtype, else a new
+    array), float32 <-> bfloat16/float16 through ``kernels.convert`` (bitwise the same values,
+    faster; the result is C-contiguous)."""
+    dtype = np.dtype(dtype)
+    if a.dtype == dtype:
+        return a
+    if a.dtype == FLOAT32:
+        return convert.from_f32(a, dtype)          # astype for dtypes it has no kernel for
+    if dtype == FLOAT32:
+        return convert.to_f32(a)
+    return a.astype(dtype)

@@ -148,7 +148,7 @@ def merge_attention_outputs(parts, head_num, input_layout, *, actual_seq_qlen=No
         lsum = w.sum(axis=0, dtype=np.float32)
         acc = np.zeros(view, np.float32)
         for k in range(len(outs)):
-            ok = np.asarray(outs[k], np.float32).reshape(view)
+            ok = dtypes.cast(np.asarray(outs[k]), np.float32).reshape(view)
             acc += np.where(valid[k][..., None], w[k][..., None] * ok, 0)
         out = np.where(any_valid[..., None], acc / np.where(any_valid, lsum, 1)[..., None], 0)
     m_new = np.where(any_valid, mmax, -_FLT_MAX).astype(np.float32)
@@ -159,6 +159,6 @@ def merge_attention_outputs(parts, head_num, input_layout, *, actual_seq_qlen=No
     m_rows[idx.reshape(-1)] = m_new.reshape(-1)
     l_rows[idx.reshape(-1)] = l_new.reshape(-1)
     st_shape = tuple(lead) + (8,)
-    return FlashAttentionOutput(out.reshape(o0.shape).astype(o0.dtype),
+    return FlashAttentionOutput(dtypes.cast(out.reshape(o0.shape), o0.dtype),
                                 np.repeat(m_rows, 8).reshape(st_shape),
                                 np.repeat(l_rows, 8).reshape(st_shape))

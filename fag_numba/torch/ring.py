@@ -462,7 +462,7 @@ def _ring_backward(P, key, value, dy, out32, lse):
 def _to_tensor(x32, dtype):
     npdt = {torch.float32: np.float32, torch.float16: np.float16,
             torch.bfloat16: dtypes.BFLOAT16}[dtype]
-    return numpy_to_tensor(np.ascontiguousarray(x32.astype(npdt, copy=False)))
+    return numpy_to_tensor(np.ascontiguousarray(dtypes.cast(x32, npdt)))
 
 
 class RingAttentionFunction(torch.autograd.Function):
