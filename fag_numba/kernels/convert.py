@@ -51,17 +51,22 @@ Arrays of at least ``config.CONVERT_THREAD_MIN`` elements are split into one chu
 Assumes the default MXCSR (round to nearest even, no FTZ/DAZ), as every numba kernel does; the
 bf16 kernels do not depend on it.
 """
+import ml_dtypes
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import config as nconfig
 from numba.extending import intrinsic
 
-from .. import _jit
+from .. import _jit, config, isa
 from .llir import F32, I16, I32, VF, VH16, VI, VM, data, fn, splat
 
 _HALF = ir.HalfType()
 _VHALF = ir.VectorType(_HALF, 16)
 _U32 = np.uint32
+_F32 = np.dtype(np.float32)
+_F16 = np.dtype(np.float16)
+_BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 # ---------------------------------------------------------------- bfloat16 (integer loops)
@@ -230,26 +235,25 @@ _F32_FROM_F16 = _chunked(f32_from_f16)
 
 
 def _run(chunk, src, dst):
-    """One chunk per thread at or above ``config.CONVERT_THREAD_MIN`` elements, else one."""
-    from .. import config
-    from ..threads import num_threads, run_chunks
-
+    """One chunk per thread at or above ``config.CONVERT_THREAD_MIN`` elements, else the whole
+    array on the calling thread."""
     n = src.size
-    nchunks = min(num_threads(), -(-n // _ALIGN)) if n >= config.CONVERT_THREAD_MIN else 1
+    if n < config.CONVERT_THREAD_MIN:
+        chunk(0, src, dst, 1)
+        return
+    # imported here: threads -> validation -> dtypes -> this module at import time
+    from ..threads import num_threads, run_chunks
+    nchunks = min(num_threads(), -(-n // _ALIGN))
     run_chunks(chunk, nchunks, (src, dst, nchunks))
 
 
 def _native_ok(dtype):
     """Whether the kernels may run for this half dtype (else ``astype``)."""
-    from numba.core import config as nconfig
-
-    from .. import dtypes, isa
-
     if nconfig.DISABLE_JIT:         # the coverage lane: intrinsics cannot run as Python
         return False
-    if dtype == dtypes.BFLOAT16:
+    if dtype == _BF16:
         return True
-    return dtype == dtypes.FLOAT16 and isa.target_has("f16c")
+    return dtype == _F16 and isa.target_has("f16c")
 
 
 def _astype(src, dtype):
@@ -262,14 +266,12 @@ def _astype(src, dtype):
 def from_f32(src, dtype):
     """``src.astype(dtype)`` for float32 ``src`` (any shape) and dtype bfloat16 or float16,
     bit for bit, as a new C-contiguous array; other dtypes go to ``astype``."""
-    from .. import dtypes
-
     dtype = np.dtype(dtype)
-    if src.dtype != dtypes.FLOAT32 or not _native_ok(dtype):
+    if src.dtype != _F32 or not _native_ok(dtype):
         return _astype(src, dtype)
     flat = np.ascontiguousarray(src).reshape(-1)
     out = np.empty(flat.size, np.uint16)
-    if dtype == dtypes.BFLOAT16:
+    if dtype == _BF16:
         _run(_BF16_FROM_F32, flat.view(np.uint32), out)
     else:
         _run(_F16_FROM_F32, flat, out)
@@ -279,11 +281,10 @@ def from_f32(src, dtype):
 def to_f32(src):
     """``src.astype(np.float32)`` for bfloat16 / float16 ``src`` (any shape and strides), bit
     for bit, as a new C-contiguous array; other dtypes go to ``astype``."""
-    dtype = np.dtype(src.dtype)
+    dtype = src.dtype
     if not _native_ok(dtype):
-        return _astype(src, np.float32)
+        return _astype(src, _F32)
     flat = np.ascontiguousarray(src).reshape(-1).view(np.uint16)
     out = np.empty(flat.size, np.uint32)
-    from .. import dtypes
-    _run(_F32_FROM_BF16 if dtype == dtypes.BFLOAT16 else _F32_FROM_F16, flat, out)
+    _run(_F32_FROM_BF16 if dtype == _BF16 else _F32_FROM_F16, flat, out)
     return out.view(np.float32).reshape(src.shape)
