@@ -678,7 +678,7 @@ def _run_backward(P, q, k, v, y, o, m, l):
     dk *= P.scale
     out_pse = None
     if pp.dpse_kind == 1:
-        out_pse = dpse.reshape(pp.shape).astype(pp.dtype, copy=False)
+        out_pse = dtypes.cast(dpse.reshape(pp.shape), pp.dtype)
     elif pp.dpse_kind == 3:
         sl = dslope.sum(axis=2, dtype=np.float64)          # splits, in order
         if len(pp.shape) == 1:
