@@ -67,3 +67,55 @@ def test_product_amx_empty_contraction_zeroes_c():
     product_amx(c, 0, 4, 3, 4, np.zeros(1, np.uint32), 0, 1, np.zeros(1, np.uint32), 0, 4, 0,
                 False, np.zeros(64, np.uint8))
     assert np.all(c == 0.0)
+
+
+PDS_SHAPES = [(1, 1), (2, 16), (7, 5), (31, 17), (32, 32), (33, 47), (64, 48), (96, 128)]
+
+
+@pytest.mark.parametrize("shape", PDS_SHAPES, ids=[f"{m}x{n}" for m, n in PDS_SHAPES])
+def test_pds_pairs_equals_the_passes_it_fuses(shape, rng):
+    """amx.pds_pairs (the AMX backward's fused step) against the six passes it replaces:
+    scale, exp_sub, dS = P * (dP - Dsum), t_pairs of P and of dS, to_bf16_rows of dS; bitwise,
+    with -inf (masked) scores, padding pairs up to a whole 16-pair chunk, and sentinels that
+    must survive around every written range."""
+    from fag_numba.kernels.amx import kpad, pds_pairs, t_pairs
+    from fag_numba.kernels.native import to_bf16_rows
+    from fag_numba.kernels.tile import exp_sub
+    m, n = shape
+    alpha = np.float32(0.37)
+    s = rng.standard_normal(m * n).astype(np.float32) * 3
+    s[rng.random(m * n) < 0.2] = -np.inf
+    dp = rng.standard_normal(m * n).astype(np.float32)
+    lse = (rng.standard_normal(m) + 1.5).astype(np.float32)
+    dsum = rng.standard_normal(m).astype(np.float32)
+    kp = kpad((m + 1) // 2)
+    ldd = (kp + 15) // 16 * 16 + 3
+    ldr = 2 * ((n + 1) // 2) + 6
+    sentinel = np.uint32(0xDEADBEEF)
+    lt = np.full(2 * ldd + 32, np.nan, np.float32)
+    dt = np.full(2 * ldd + 32, np.nan, np.float32)
+    lt[:m], dt[:m] = lse, dsum
+    # fused
+    at = np.full(n * ldd + 16, sentinel, np.uint32)
+    ast = at.copy()
+    sr = np.full(m * ldr + 16, 0xBEEF, np.uint16)
+    s_in, dp_in = s.copy(), dp.copy()
+    pds_pairs(s, dp, m, n, alpha, lt, dt, at, ast, ldd, kp, sr, ldr)
+    assert np.array_equal(s, s_in) and np.array_equal(dp, dp_in)     # inputs only read
+    # the passes it replaces
+    p = s * alpha
+    for r in range(m):
+        exp_sub(p, r * n, lse[r], n)
+    ds = (p.reshape(m, n) * (dp.reshape(m, n) - dsum[:, None])).reshape(-1)
+    at2 = np.full_like(at, sentinel)
+    ast2 = np.full_like(ast, sentinel)
+    t_pairs(p, m, n, n, at2, ldd, kp)
+    t_pairs(ds, m, n, n, ast2, ldd, kp)
+    sr2 = np.full_like(sr, 0xBEEF)
+    to_bf16_rows(ds, m, n, n, sr2, ldr)
+    if n % 2 == 1:                 # to_bf16_rows' zero after an odd row (the driver's job here)
+        sr2.reshape(-1)[[r * ldr + n for r in range(m)]] = 0xBEEF
+    assert np.array_equal(at, at2)
+    assert np.array_equal(ast, ast2)
+    assert np.array_equal(sr, sr2)
+    assert np.any(at[:n * ldd] != sentinel)

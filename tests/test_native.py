@@ -115,6 +115,29 @@ def test_paths_match_reference(name, case, dtype, path, blocks, rng):
         assert_close(g.dpse, r[3], tolerance(np.float32, "dpse"), "dpse")
 
 
+@pytest.mark.parametrize("case", CASES[:3], ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES[:3])])
+def test_amx_fused_backward_step_bitwise_equals_six_passes(case, path, blocks, rng):
+    """Without dropout/pse/dpse the AMX backward fuses P, dS and their bf16 operands into one
+    pass (amx.pds_pairs); a zero pse of type 1 ((X + 0) * scale: the same scaled scores) takes
+    the unfused passes instead.  dq, dk, dv must be bitwise equal."""
+    used = path("amx")
+    blocks(bm=6, bn=10)
+    lay, B, N1, N2, S1, S2, D, kw = case
+    kw = _kwargs(kw, N1)
+    q, k, v, dy = make_qkv(lay, B, N1, N2, S1, S2, D, D, BF16, rng)
+    out = fag_numba.flash_attention_score(q, k, v, N1, lay, scale_value=0.3, **kw)
+    stats = dict(softmax_max=out.softmax_max, softmax_sum=out.softmax_sum,
+                 attention_in=out.attention_out, scale_value=0.3, **kw)
+    fused = fag_numba.flash_attention_score_grad(q, k, v, dy, N1, lay, **stats)
+    zero = np.zeros((B, N1, S1, S2), np.float32)
+    passes = fag_numba.flash_attention_score_grad(q, k, v, dy, N1, lay, pse=zero, pse_type=1,
+                                                  **stats)
+    assert used == ["amx"] * 3
+    assert passes.dpse is not None and fused.dpse is None
+    for a, e in zip(fused[:3], passes[:3]):
+        assert a.tobytes() == e.tobytes()
+
+
 @pytest.mark.parametrize("name", ["amx", "bf16", "f32"])
 def test_native_bitwise_identical_across_thread_counts(name, path, blocks, rng):
     path(name)

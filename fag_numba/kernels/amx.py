@@ -34,7 +34,8 @@ from numba import types
 from numba.extending import intrinsic
 
 from .. import _jit, isa
-from .llir import (I1 as _I1, I8 as _I8, I32 as _I32, I64 as _I64, VB16 as _VB16,
+from .tile import _exp16
+from .llir import (I1 as _I1, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64, VB16 as _VB16,
                    VF as _VF, VI as _VI, VM as _VM, VOID as _VOID, fn as _fn, splat as _splat)
 
 # the tile-data permission, asked at import so a direct user of these kernels (a benchmark, a
@@ -311,25 +312,8 @@ def _tpairs16(typingctx, src, s_off, ld, nrows, ncols, dst, d_off, ldd):
             p = builder.gep(sbase, [builder.add(s_off, builder.mul(rr, ld))])
             m = builder.and_(colmask, _splat(builder, ok, _VM))
             rows.append(builder.call(mload, [p, ir.Constant(_I32, 4), m, zero]))
-        idx = []
-        for c in range(16):
-            idx += [c, 16 + c]
-        vec = []
-        for p in range(16):
-            z = builder.shuffle_vector(builder.fptrunc(rows[2 * p], _VB16),
-                                       builder.fptrunc(rows[2 * p + 1], _VB16),
-                                       ir.Constant(ir.VectorType(_I32, 32), idx))
-            vec.append(builder.bitcast(z, _VI))
-        # vec[p][j] -> vec[j][p]: stage b swaps bit b of the row index with bit b of the lane
-        for b in (8, 4, 2, 1):
-            for i in range(16):
-                if i & b:
-                    continue
-                x, y = vec[i], vec[i + b]
-                lo = [l if not l & b else 16 + l - b for l in range(16)]
-                hi = [l + b if not l & b else 16 + l for l in range(16)]
-                vec[i] = builder.shuffle_vector(x, y, ir.Constant(_VI, lo))
-                vec[i + b] = builder.shuffle_vector(x, y, ir.Constant(_VI, hi))
+        vec = _pair_rows(builder, rows)
+        _transpose16(builder, vec)
         allm = _splat(builder, ir.Constant(_I1, 1), _VM)
         for j in range(16):
             ok = builder.icmp_signed("<", ir.Constant(_I64, j), ncols)
@@ -339,6 +323,121 @@ def _tpairs16(typingctx, src, s_off, ld, nrows, ncols, dst, d_off, ldd):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+def _transpose16(builder, vec):
+    """vec[p][j] -> vec[j][p] for 16 <16 x i32>: stage b swaps bit b of the row index with bit
+    b of the lane (4 stages of 16 two-source shuffles), in place."""
+    for b in (8, 4, 2, 1):
+        for i in range(16):
+            if i & b:
+                continue
+            x, y = vec[i], vec[i + b]
+            lo = [l if not l & b else 16 + l - b for l in range(16)]
+            hi = [l + b if not l & b else 16 + l for l in range(16)]
+            vec[i] = builder.shuffle_vector(x, y, ir.Constant(_VI, lo))
+            vec[i + b] = builder.shuffle_vector(x, y, ir.Constant(_VI, hi))
+
+
+def _pair_rows(builder, rows):
+    """32 float32 rows -> 16 <16 x i32> of bf16 pairs (row 2p, row 2p + 1) per lane."""
+    idx = []
+    for c in range(16):
+        idx += [c, 16 + c]
+    out = []
+    for p in range(16):
+        z = builder.shuffle_vector(builder.fptrunc(rows[2 * p], _VB16),
+                                   builder.fptrunc(rows[2 * p + 1], _VB16),
+                                   ir.Constant(ir.VectorType(_I32, 32), idx))
+        out.append(builder.bitcast(z, _VI))
+    return out
+
+
+@intrinsic
+def _pds16(typingctx, s, dp, t_off, ld, nrows, ncols, alpha, lt, dt, r0, at, ast, d_off, ldd,
+           sr, sr_off, ldr):
+    """The backward's elementwise step of one 32-row x 16-column block, fused (AMX kind,
+    without dropout, pse or dpse): from the raw scores ``s`` and ``dp = dY V^T`` (float32,
+    rows ``ld`` apart from ``t_off``), ``P = exp(alpha * s - lse)`` and
+    ``dS = P * (dP - Dsum)`` (``lt`` / ``dt``: float32 lse and Dsum of the tile's rows, this
+    block's first at ``r0``), written once as the three bf16 A operands: transposed pairs of P
+    into ``at`` and of dS into ``ast`` (``t_pairs`` layout from ``d_off``, ``ldd``) and dS rows
+    into ``sr`` (uint16, rows ``ldr`` apart from ``sr_off``).  Bitwise the values of the
+    alpha pass, ``exp_sub``, ``drop_ds``, ``t_pairs`` x 2 and ``to_bf16_rows`` it replaces
+    (the same float32 operations in the same order).  Rows >= nrows are zero pairs and are
+    never read; columns >= ncols are neither read nor written.
+    """
+    sig = types.void(s, dp, t_off, ld, nrows, ncols, alpha, lt, dt, r0, at, ast, d_off, ldd, sr,
+                     sr_off, ldr)
+
+    def codegen(context, builder, sig, args):
+        (sv, dpv, t_off, ld, nrows, ncols, alpha, ltv, dtv, r0, atv, astv, d_off, ldd, srv,
+         sr_off, ldr) = args
+        mod = builder.module
+        sbase = context.make_array(sig.args[0])(context, builder, sv).data
+        dpbase = context.make_array(sig.args[1])(context, builder, dpv).data
+        lbase = context.make_array(sig.args[7])(context, builder, ltv).data
+        dbase = context.make_array(sig.args[8])(context, builder, dtv).data
+        atb = context.make_array(sig.args[10])(context, builder, atv).data
+        astb = context.make_array(sig.args[11])(context, builder, astv).data
+        srb = context.make_array(sig.args[14])(context, builder, srv).data
+        mload = _fn(mod, "llvm.masked.load.v16f32.p0", _VF, [sbase.type, _I32, _VM, _VF])
+        mstore = _fn(mod, "llvm.masked.store.v16i32.p0", _VOID, [_VI, atb.type, _I32, _VM])
+        hstore = _fn(mod, "llvm.masked.store.v16i16.p0", _VOID,
+                     [ir.VectorType(_I16, 16), srb.type, _I32, _VM])
+        zero = ir.Constant(_VF, [0.0] * 16)
+        ncols32 = builder.trunc(ncols, _I32)
+        colmask = builder.icmp_signed("<", ir.Constant(_VI, list(range(16))),
+                                      _splat(builder, ncols32, _VI))
+        last = builder.sub(nrows, ir.Constant(_I64, 1))
+        last = builder.select(builder.icmp_signed("<", last, ir.Constant(_I64, 0)),
+                              ir.Constant(_I64, 0), last)
+        alphav = _splat(builder, alpha, _VF)
+        prow, dsrow = [], []
+        for r in range(32):
+            rc = ir.Constant(_I64, r)
+            ok = builder.icmp_signed("<", rc, nrows)
+            rr = builder.select(ok, rc, last)
+            m = builder.and_(colmask, _splat(builder, ok, _VM))
+            o = builder.add(t_off, builder.mul(rr, ld))
+            x = builder.call(mload, [builder.gep(sbase, [o]), ir.Constant(_I32, 4), m, zero])
+            y = builder.call(mload, [builder.gep(dpbase, [o]), ir.Constant(_I32, 4), m, zero])
+            ri = builder.add(r0, rr)
+            lse = _splat(builder, builder.load(builder.gep(lbase, [ri])), _VF)
+            dsum = _splat(builder, builder.load(builder.gep(dbase, [ri])), _VF)
+            p = _exp16(builder, builder.fmul(x, alphav), lse, True)
+            ds = builder.fmul(p, builder.fsub(y, dsum))
+            # rows past nrows: zero pairs (t_pairs' padding), whatever was computed
+            okv = _splat(builder, ok, _VM)
+            prow.append(builder.select(okv, p, zero))
+            dsrow.append(builder.select(okv, ds, zero))
+            h = builder.bitcast(builder.fptrunc(ds, _VB16), ir.VectorType(_I16, 16))
+            so = builder.add(sr_off, builder.mul(rr, ldr))
+            builder.call(hstore, [h, builder.gep(srb, [so]), ir.Constant(_I32, 2), m])
+        allm = _splat(builder, ir.Constant(_I1, 1), _VM)
+        for rows, base in ((prow, atb), (dsrow, astb)):
+            vec = _pair_rows(builder, rows)
+            _transpose16(builder, vec)
+            for j in range(16):
+                ok = builder.icmp_signed("<", ir.Constant(_I64, j), ncols)
+                ptr = builder.gep(base, [builder.add(d_off, builder.mul(ir.Constant(_I64, j),
+                                                                        ldd))])
+                builder.call(mstore, [vec[j], ptr, ir.Constant(_I32, 4),
+                                      builder.and_(allm, _splat(builder, ok, _VM))])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@_jit.kernel
+def pds_pairs(s, dp, m, n, alpha, lt, dt, at, ast, ldd, kp, sr, ldr):
+    """``_pds16`` over a whole m x n tile (row stride n in ``s`` and ``dp``): transposed pairs
+    of P and dS in ``at`` / ``ast`` for p < kp (pairs past (m + 1) // 2 zero, as ``t_pairs``)
+    and dS rows (bf16, uint16 ``sr``, row stride ``ldr``)."""
+    for p0 in range(0, kp, 16):
+        for j0 in range(0, n, 16):
+            _pds16(s, dp, 2 * p0 * n + j0, n, m - 2 * p0, n - j0, alpha, lt, dt, 2 * p0, at, ast,
+                   j0 * ldd + p0, ldd, sr, 2 * p0 * ldr + j0, ldr)
 
 
 @_jit.kernel

@@ -392,9 +392,9 @@ def _make_bwd(kind):
     # kinds never reach LLVM with an AMX intrinsic (which aborts on a target without it)
     AMX = 1 if kind == "amx" else 0
     if AMX:
-        from .amx import kpad, product_amx, t_pairs, zero_cols
+        from .amx import kpad, pds_pairs, product_amx, t_pairs, zero_cols
     else:
-        kpad = product_amx = t_pairs = zero_cols = None
+        kpad = pds_pairs = product_amx = t_pairs = zero_cols = None
 
     @_jit.kernel
     def bwd(tc, q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slopes, mask,
@@ -410,6 +410,10 @@ def _make_bwd(kind):
         dropping = gp[desc.DROP_KIND] != desc.DROP_NONE
         dpk = gp[desc.DPSE_KIND]
         pk = gp[desc.PSE_KIND]
+        # AMX without dropout, pse or dpse: P, dS and their three bf16 operands in one pass
+        # (amx.pds_pairs) instead of six; alpha > 0 keeps masked scores -inf before scaling
+        fused = (AMX == 1 and not dropping and pk == desc.PSE_NONE and dpk == 0
+                 and alpha > 0.0 and alpha < np.inf)
         dw = d // W
         dvw = dvd // W
         q32 = q.view(np.uint32)
@@ -440,6 +444,9 @@ def _make_bwd(kind):
             # AMX only: P^T and dS^T as transposed pairs (bn rows of hm16 dwords), tile config
             at = np.empty(max(AMX * bn * hm16, 1), np.uint32)
             ast = np.empty(max(AMX * bn * hm16, 1), np.uint32)
+            # AMX fused step: lse and Dsum of the tile's rows (read up to 2 * hm16 + 32 rows in)
+            lt = np.empty(max(AMX * (2 * hm16 + 32), 1), np.float32)
+            dtt = np.empty(max(AMX * (2 * hm16 + 32), 1), np.float32)
             cfg = np.zeros(64, np.uint8)
             for it in range(tptr[t], tptr[t + 1]):
                 n2 = items[it, 2]
@@ -500,15 +507,20 @@ def _make_bwd(kind):
                                     prod(s, 0, n_len, m_len, n_len, q32, q_off // W,
                                          gp[desc.Q_RS] // W, 1, 4 * gp[desc.Q_RS] // W, kt, jo,
                                          bn, dw, False)
-                                if alpha != 1.0:
-                                    s_ = s[:mn]
-                                    for x in range(mn):
-                                        s_[x] *= alpha
-                                adjust_scores(seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len,
-                                              j0, n_len, cls, s)
-                                for r in range(m_len):
-                                    exp_sub(s, r * n_len, lse[st + (i0 + r) * gp[desc.ST_RS]],
-                                            n_len)
+                                if fused:
+                                    # masks only (no pse): -inf on the unscaled scores
+                                    adjust_scores(seqtab, gp, fp, pse, slopes, mask, b, h, i0,
+                                                  m_len, j0, n_len, cls, s)
+                                else:
+                                    if alpha != 1.0:
+                                        s_ = s[:mn]
+                                        for x in range(mn):
+                                            s_[x] *= alpha
+                                    adjust_scores(seqtab, gp, fp, pse, slopes, mask, b, h, i0,
+                                                  m_len, j0, n_len, cls, s)
+                                    for r in range(m_len):
+                                        exp_sub(s, r * n_len,
+                                                lse[st + (i0 + r) * gp[desc.ST_RS]], n_len)
                                 # dp <- dy @ v.T
                                 if AMX:
                                     product_amx(dp, 0, n_len, m_len, n_len, y32, dy_off // W,
@@ -517,6 +529,31 @@ def _make_bwd(kind):
                                     prod(dp, 0, n_len, m_len, n_len, y32, dy_off // W,
                                          gp[desc.DY_RS] // W, 1, 4 * gp[desc.DY_RS] // W, vt,
                                          jo, bn, dvw, False)
+                                if fused:
+                                    for r in range(m_len):
+                                        lt[r] = lse[st + (i0 + r) * gp[desc.ST_RS]]
+                                        dtt[r] = dsum[st + (i0 + r) * gp[desc.ST_RS]]
+                                    kpm = kpad((m_len + 1) // 2)
+                                    hnl = (n_len + 1) // 2
+                                    kpn = kpad(hnl)
+                                    sr = sr16.view(np.uint16)
+                                    pds_pairs(s, dp, m_len, n_len, alpha, lt, dtt, at, ast, hm16,
+                                              kpm, sr, 2 * hn16)
+                                    if n_len % 2 == 1:
+                                        for r in range(m_len):      # the odd column's pair
+                                            sr[r * 2 * hn16 + n_len] = 0
+                                    zero_cols(sr16, m_len, hn16, hnl, kpn)
+                                    pack_pairs16(dy, dy_off, gp[desc.DY_RS], m_len, dvd,
+                                                 yp.view(np.uint16), dvd)
+                                    pack_pairs16(q, q_off, gp[desc.Q_RS], m_len, d,
+                                                 qp.view(np.uint16), d)
+                                    product_amx(dv, v_off, gp[desc.V_RS], n_len, dvd, at, 0,
+                                                hm16, yp, 0, dvd, kpm, True, cfg)
+                                    product_amx(dk, k_off, gp[desc.K_RS], n_len, d, ast, 0,
+                                                hm16, qp, 0, d, kpm, True, cfg)
+                                    product_amx(dqbuf, q_off, gp[desc.Q_RS], m_len, d, sr16, 0,
+                                                hn16, kp, (jo // 2) * d, d, kpn, True, cfg)
+                                    continue
                                 # dp_drop, p_drop (into rb) and ds <- p * (dp_drop - dsum) in dp
                                 drop_ds(seqtab, gp, fp, drop_mask, dsum, st, b, h, i0, m_len, j0,
                                         n_len, s, dp, 0, rb)
