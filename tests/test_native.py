@@ -115,6 +115,26 @@ def test_paths_match_reference(name, case, dtype, path, blocks, rng):
         assert_close(g.dpse, r[3], tolerance(np.float32, "dpse"), "dpse")
 
 
+@pytest.mark.parametrize("name", ["amx", "bf16"])
+@pytest.mark.parametrize("case", CASES[:3], ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES[:3])])
+def test_fused_forward_softmax_bitwise_equals_three_passes(name, case, path, blocks, rng):
+    """Without dropout/pse the bf16 kinds' forward scales, exponentiates and converts P to
+    bf16 in one pass (online_softmax's to16); a zero pse of type 1 ((X + 0) * scale: the same
+    scores) takes the three passes.  Outputs and statistics must be bitwise equal."""
+    used = path(name)
+    blocks(bm=6, bn=10)
+    lay, B, N1, N2, S1, S2, D, kw = case
+    kw = _kwargs(kw, N1)
+    q, k, v, _ = make_qkv(lay, B, N1, N2, S1, S2, D, D, BF16, rng)
+    fused = fag_numba.flash_attention_score(q, k, v, N1, lay, scale_value=0.3, **kw)
+    zero = np.zeros((B, N1, S1, S2), np.float32)
+    passes = fag_numba.flash_attention_score(q, k, v, N1, lay, scale_value=0.3, pse=zero,
+                                             pse_type=1, **kw)
+    assert used == [name, name]
+    for a, e in zip(fused, passes):
+        assert a.tobytes() == e.tobytes()
+
+
 @pytest.mark.parametrize("case", CASES[:3], ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES[:3])])
 def test_amx_fused_backward_step_bitwise_equals_six_passes(case, path, blocks, rng):
     """Without dropout/pse/dpse the AMX backward fuses P, dS and their bf16 operands into one

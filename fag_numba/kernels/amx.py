@@ -36,7 +36,8 @@ from numba.extending import intrinsic
 from .. import _jit, isa
 from .tile import _exp16
 from .llir import (I1 as _I1, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64, VB16 as _VB16,
-                   VF as _VF, VI as _VI, VM as _VM, VOID as _VOID, fn as _fn, splat as _splat)
+                   VF as _VF, VI as _VI, VM as _VM, VOID as _VOID, fn as _fn, rounded as _rounded,
+                   splat as _splat)
 
 # the tile-data permission, asked at import so a direct user of these kernels (a benchmark, a
 # test) cannot run a tile instruction without it (SIGILL); the drivers ask through
@@ -405,7 +406,7 @@ def _pds16(typingctx, s, dp, t_off, ld, nrows, ncols, alpha, lt, dt, r0, at, ast
             ri = builder.add(r0, rr)
             lse = _splat(builder, builder.load(builder.gep(lbase, [ri])), _VF)
             dsum = _splat(builder, builder.load(builder.gep(dbase, [ri])), _VF)
-            p = _exp16(builder, builder.fmul(x, alphav), lse, True)
+            p = _exp16(builder, _rounded(builder, builder.fmul(x, alphav)), lse, True)
             ds = builder.fmul(p, builder.fsub(y, dsum))
             # rows past nrows: zero pairs (t_pairs' padding), whatever was computed
             okv = _splat(builder, ok, _VM)

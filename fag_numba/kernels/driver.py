@@ -23,8 +23,8 @@ from ..threads import run_chunks
 from . import desc
 from .guard import (any_bad, computed_tile, dropped_nan_row_out, ds_guard, gemm_guard, p_guard,
                     row_has_computed)
-from .tile import (NEG_INF, OFF0, TRANS_N, TRANS_T, drop_ds, drop_p, exp_sub, exp_sub_le, gemm,
-                   row_max, score_tile, tile_class)
+from .tile import (NEG_INF, OFF0, TRANS_N, TRANS_T, drop_ds, drop_p, exp_scale_bf16,
+                   exp_scale_bf16_le, exp_sub, exp_sub_le, gemm, row_max, score_tile, tile_class)
 
 _FLT_MAX = np.float32(3.4028234663852886e38)
 
@@ -121,7 +121,7 @@ def rowstats_driver(dy, o, m, l, seqtab, gp, lse, dsum):
 
 @_jit.kernel
 def online_softmax(s, tm, n_len, ro, cls, mrun, lrun, vrow, acc, dv, sub, cor, seqtab, gp, mask,
-                   b, h, ti0, j0):
+                   b, h, ti0, j0, to16, alpha, p16, ldp):
     """One key block of the FA-2 online softmax, in place (shared by the BLAS and the native
     forward drivers).
 
@@ -130,13 +130,26 @@ def online_softmax(s, tm, n_len, ro, cls, mrun, lrun, vrow, acc, dv, sub, cor, s
     ``l = l * exp(m - m_new) + rowsum(P~)``, ``acc *= exp(m - m_new)``; ``vrow`` marks rows with
     a computed element (a row of -inf computed scores is NaN, not invalid: only the mask makes
     a row invalid, SPEC §3).  sub, cor: float32 scratch of >= tm.
+
+    to16 (the native bf16 forward without dropout or pse): s holds Z / alpha (alpha > 0, the
+    scaling pass not done) and stays unchanged; P~ goes to ``p16`` (uint16 bf16 bits, row r at
+    ``r * ldp``) instead, the same bits as scaling, this step and a conversion pass (one pass
+    over the tile instead of three: the row max of Z is alpha times that of Z / alpha, which
+    rounding preserves for alpha > 0).  Otherwise alpha, p16, ldp are unused.
     """
     for r in range(tm):
         # m_new <- max(m, rowmax(s));  corr <- exp(m - m_new)  (exp below, one pass)
         ri = ro + r
         sr = s[r * n_len:(r + 1) * n_len]
         # NaN scores make m NaN (SPEC §9: NaN propagates), never an invalid row
-        mx = row_max(sr, n_len, mrun[ri])
+        if to16:
+            mx = alpha * row_max(sr, n_len, NEG_INF)
+            if mx != mx or mrun[ri] != mrun[ri]:
+                mx = np.float32(np.nan)
+            elif mrun[ri] > mx:
+                mx = mrun[ri]
+        else:
+            mx = row_max(sr, n_len, mrun[ri])
         if mx == NEG_INF:
             # all -inf so far: masked, or computed with -inf scores (inf inputs, pse)
             if vrow[ri] == 0 and (cls == desc.FULL or row_has_computed(
@@ -156,7 +169,12 @@ def online_softmax(s, tm, n_len, ro, cls, mrun, lrun, vrow, acc, dv, sub, cor, s
         # p <- exp(s - m_new);  l <- l * corr + rowsum(p);  acc <- acc * corr
         ri = ro + r
         corr = cor[r]
-        if math.isfinite(sub[r]):
+        if to16:
+            if math.isfinite(sub[r]):
+                rs = exp_scale_bf16_le(s, r * n_len, alpha, sub[r], n_len, p16, r * ldp)
+            else:
+                rs = exp_scale_bf16(s, r * n_len, alpha, sub[r], n_len, p16, r * ldp)
+        elif math.isfinite(sub[r]):
             # every score <= sub (the row max): no NaN/overflow cases to test for
             rs = exp_sub_le(s, r * n_len, sub[r], n_len)
         else:
@@ -197,6 +215,7 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
     sub = np.empty(bm, np.float32)
     cor = np.empty(bm, np.float32)
     ab = np.empty(2, np.float32)
+    no16 = np.empty(1, np.uint16)      # online_softmax's bf16 output, unused here
     for it in range(tptr[t], tptr[t + 1]):
         b = items[it, 0]
         h = items[it, 1]
@@ -231,7 +250,7 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
             score_tile(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, ti0, tm, j0, n_len,
                        cls, s, ab)
             online_softmax(s, tm, n_len, ro, cls, mrun, lrun, vrow, acc, dv, sub, cor, seqtab, gp,
-                           mask, b, h, ti0, j0)
+                           mask, b, h, ti0, j0, False, np.float32(1.0), no16, 0)
             if dropping:
                 # p_drop <- R ? p / keep_prob : 0
                 drop_p(seqtab, gp, fp, drop_mask, b, h, ti0, tm, j0, n_len, s, rb)

@@ -50,3 +50,12 @@ def splat(builder, val, vty):
 def data(context, builder, aty, val):
     """The data pointer of a numba array value of type ``aty``."""
     return context.make_array(aty)(context, builder, val).data
+
+
+def rounded(builder, v):
+    """``v`` as its own rounded value (``llvm.arithmetic.fence``): the kernels' fast-math flags
+    (``contract``) must not fuse the product that makes ``v`` into a following add or subtract,
+    so a fused pass gives the bits of the separate passes it replaces (x86 only: the callers
+    are the AVX-512 kernels)."""
+    f = fn(builder.module, f"llvm.arithmetic.fence.v{v.type.count}f32", v.type, [v.type])
+    return builder.call(f, [v])

@@ -639,6 +639,10 @@ def _make_fwd(kind):
         g = gp[desc.G]
         alpha = score_alpha(gp, fp)
         dropping = gp[desc.DROP_KIND] != desc.DROP_NONE
+        # bf16 kinds without dropout or pse: scaling, exp and the bf16 conversion of P in one
+        # pass (online_softmax's to16); alpha > 0 keeps masked scores -inf before scaling
+        fused = (BF == 1 and not dropping and gp[desc.PSE_KIND] == desc.PSE_NONE
+                 and alpha > 0.0 and alpha < np.inf)
         dw = d // W
         q32 = q.view(np.uint32)
         k32 = k.view(np.uint32)
@@ -700,26 +704,34 @@ def _make_fwd(kind):
                     else:
                         prod(s, 0, n_len, m_len, n_len, q32, q_off // W, gp[desc.Q_RS] // W, 1,
                              4 * gp[desc.Q_RS] // W, kt, 0, bn, dw, False)
-                    if alpha != 1.0:
+                    if alpha != 1.0 and not fused:
                         s_ = s[:mn]
                         for x in range(mn):
                             s_[x] *= alpha
+                    # (fused: masks only, -inf on the unscaled scores)
                     adjust_scores(seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0, n_len,
                                   cls, s)
+                    p16h = p16.view(np.uint16)
+                    ldp16 = 2 * ldp if AMX else 2 * hn
                     online_softmax(s, m_len, n_len, 0, cls, mrun, lrun, vrow, acc, dv, sub,
-                                   cor, seqtab, gp, mask, b, h, i0, j0)
+                                   cor, seqtab, gp, mask, b, h, i0, j0, fused, alpha, p16h,
+                                   ldp16)
                     if dropping:
                         drop_p(seqtab, gp, fp, drop_mask, b, h, i0, m_len, j0, n_len, s, rb)
+                    if fused:
+                        if n_len % 2 == 1:
+                            for r in range(m_len):      # the odd column's pair (P = 0)
+                                p16h[r * ldp16 + n_len] = 0
+                    elif BF:
+                        to_bf16_rows(s, m_len, n_len, n_len, p16h, ldp16)
                     # acc <- acc + p_drop @ v
                     if AMX:
                         hnl = (n_len + 1) // 2
                         kpn = kpad(hnl)
-                        to_bf16_rows(s, m_len, n_len, n_len, p16.view(np.uint16), 2 * ldp)
                         zero_cols(p16, m_len, ldp, hnl, kpn)
                         pack_pairs16(v, v_off, gp[desc.V_RS], n_len, dv, vp.view(np.uint16), dv)
                         product_amx(acc, 0, dv, m_len, dv, p16, 0, ldp, vp, 0, dv, kpn, True, cfg)
                     elif BF:
-                        to_bf16_rows(s, m_len, n_len, n_len, p16.view(np.uint16), 2 * hn)
                         pack_pairs16(v, v_off, gp[desc.V_RS], n_len, dv, vp.view(np.uint16), dv)
                         prod(acc, 0, dv, m_len, dv, p16, 0, hn, 1, 4 * hn, vp, 0, dv,
                              (n_len + 1) // 2, True)

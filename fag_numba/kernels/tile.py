@@ -16,8 +16,9 @@ from .. import _jit
 from ..dropout import _counter_start, _mask_keep_row, _philox_keep_row
 from ..masks import _band_tile_class, _dense_tile_class
 from . import desc
-from .llir import (F32 as _F32, I32 as _I32, I64 as _I64, VF as _VF, VI as _VI, VM as _VM,
-                   data as _data, fn as _llvm_fn, splat as _splat)
+from .llir import (F32 as _F32, I32 as _I32, I64 as _I64, VB16 as _VB16, VF as _VF, VH16 as _VH16,
+                   VI as _VI, VM as _VM, data as _data, fn as _llvm_fn, rounded as _rounded,
+                   splat as _splat)
 
 # numba's own BLAS entry (it calls SciPy's cython_blas sgemm): single-threaded here because the
 # chunk kernels run it on several threads at once and hold OpenBLAS to one thread (threads.py).
@@ -137,24 +138,60 @@ def _exp16(builder, x, subv, full):
     return builder.select(builder.fcmp_ordered("==", x, _vc(NEG_INF)), _vc(_ZERO), v)
 
 
-def _make_exp_row(full):
-    """The row intrinsic of ``exp_sub`` (``full``) or of ``exp_sub_le``."""
-    @intrinsic
-    def _exp_row(typingctx, buf, off, sub, n):
+def _make_exp_row(full, to16=False):
+    """The row intrinsic of ``exp_sub`` (``full``) or of ``exp_sub_le``; ``to16``: of
+    ``exp_scale_bf16`` / ``exp_scale_bf16_le``."""
+    def _exp_row_typer(buf, dst):
         """``buf[off:off+n] = exp(buf[off:off+n] - sub)`` in 16-lane vectors; returns their sum.
+        ``to16``: ``dst[doff:doff+n] = bf16(exp(alpha * buf[off:off+n] - sub))`` instead (buf
+        only read; dst uint16), the sum of the float32 values returned as well.
 
         Explicit <16 x float> IR, not a numba loop: LLVM's vectoriser keeps to 256-bit vectors on
         this target ("prefer-vector-width" 256), explicit 512-bit vectors compile to zmm: 0.27 vs
         0.36 ns per element.  The tail is a masked load/store.  The sum adds lane-wise, then halves
         the vector 16 -> 8 -> 4 -> 2 -> 1: a fixed order, so the same on every run and thread.
         """
-        sig = types.float32(buf, types.int64, types.float32, types.int64)
+        if to16:
+            sig = types.float32(buf, types.int64, types.float32, types.int64, types.float32, dst,
+                                types.int64)
+        else:
+            sig = types.float32(buf, types.int64, types.float32, types.int64)
 
         def codegen(context, builder, sig, args):
-            bufv, off, sub, n = args
+            bufv, off, sub, n = args[:4]
             mod = builder.module
             base = builder.gep(_data(context, builder, sig.args[0], bufv), [off])
             subv = _splat(builder, sub, _VF)
+            if to16:
+                alphav = _splat(builder, args[4], _VF)
+                dbase = builder.gep(_data(context, builder, sig.args[5], args[5]), [args[6]])
+
+            def value(x):
+                """exp of a loaded vector: the scaled product first when to16 (a multiply
+                of its own, as the separate scaling pass it replaces rounded it)."""
+                if to16:
+                    x = _rounded(builder, builder.fmul(x, alphav))
+                return _exp16(builder, x, subv, full)
+
+            def put(v, i, mask=None):
+                """Store the values of element i on: in place, or as bf16 into dst."""
+                if to16:
+                    h = builder.bitcast(builder.fptrunc(v, _VB16), _VH16)
+                    ph = builder.bitcast(builder.gep(dbase, [i]), _VH16.as_pointer())
+                    if mask is None:
+                        builder.store(h, ph, align=2)
+                    else:
+                        hs = _llvm_fn(mod, "llvm.masked.store.v16i16.p0", ir.VoidType(),
+                                      [_VH16, ph.type, _I32, _VM])
+                        builder.call(hs, [h, ph, ir.Constant(_I32, 2), mask])
+                    return
+                pf = builder.bitcast(builder.gep(base, [i]), _VF.as_pointer())
+                if mask is None:
+                    builder.store(v, pf, align=4)
+                else:
+                    ms = _llvm_fn(mod, "llvm.masked.store.v16f32.p0", ir.VoidType(),
+                                  [_VF, pf.type, _I32, _VM])
+                    builder.call(ms, [v, pf, ir.Constant(_I32, 4), mask])
             zero = _vc(_ZERO)
             nvec = builder.and_(n, ir.Constant(_I64, -16))
             entry = builder.block
@@ -167,8 +204,8 @@ def _make_exp_row(full):
             i = builder.phi(_I64)
             acc = builder.phi(_VF)
             p = builder.bitcast(builder.gep(base, [i]), _VF.as_pointer())
-            v = _exp16(builder, builder.load(p, align=4), subv, full)
-            builder.store(v, p, align=4)
+            v = value(builder.load(p, align=4))
+            put(v, i)
             acc_n = builder.fadd(acc, v)
             i_n = builder.add(i, ir.Constant(_I64, 16))
             i.add_incoming(ir.Constant(_I64, 0), entry)
@@ -187,11 +224,9 @@ def _make_exp_row(full):
                                        _splat(builder, builder.trunc(rem, _I32), _VI))
             pt = builder.bitcast(builder.gep(base, [nvec]), _VF.as_pointer())
             mload = _llvm_fn(mod, "llvm.masked.load.v16f32.p0", _VF, [pt.type, _I32, _VM, _VF])
-            mstore = _llvm_fn(mod, "llvm.masked.store.v16f32.p0", ir.VoidType(),
-                              [_VF, pt.type, _I32, _VM])
             xt = builder.call(mload, [pt, ir.Constant(_I32, 4), mask, _vc(NEG_INF)])
-            vt = _exp16(builder, xt, subv, full)
-            builder.call(mstore, [vt, pt, ir.Constant(_I32, 4), mask])
+            vt = value(xt)
+            put(vt, nvec, mask)
             acc_d = builder.fadd(acc_t, builder.select(mask, vt, zero))
             builder.branch(done)
             builder.position_at_end(done)
@@ -208,11 +243,23 @@ def _make_exp_row(full):
                 a = builder.fadd(lo, hi)
             return builder.extract_element(a, ir.Constant(_I32, 0))
         return sig, codegen
+
+    if to16:
+        @intrinsic
+        def _exp_row(typingctx, buf, off, sub, n, alpha, dst, doff):
+            return _exp_row_typer(buf, dst)
+    else:
+        @intrinsic
+        def _exp_row(typingctx, buf, off, sub, n):
+            return _exp_row_typer(buf, None)
+    _exp_row.__doc__ = _exp_row_typer.__doc__
     return _exp_row
 
 
 _exp_row = _make_exp_row(True)
 _exp_row_le = _make_exp_row(False)
+_exp_row16 = _make_exp_row(True, True)
+_exp_row16_le = _make_exp_row(False, True)
 
 
 @_jit.kernel
@@ -236,6 +283,22 @@ def exp_sub_le(buf, off, sub, n):
     (the forward with a finite row max).  7 of ~27 vector operations fewer per 16 elements.
     """
     return _exp_row_le(buf, off, sub, n)
+
+
+@_jit.kernel
+def exp_scale_bf16(buf, off, alpha, sub, n, dst, doff):
+    """``dst[doff + q] = bf16(exp(alpha * buf[off + q] - sub))`` (uint16 bits, round to
+    nearest even) for q < n, buf only read; returns the sum of the float32 exponentials.  The
+    same float32 values, sum and bf16 bits as a scaling pass, ``exp_sub`` and a conversion pass
+    (the native forward's three passes over a tile, now one)."""
+    return _exp_row16(buf, off, sub, n, alpha, dst, doff)
+
+
+@_jit.kernel
+def exp_scale_bf16_le(buf, off, alpha, sub, n, dst, doff):
+    """``exp_scale_bf16`` for rows with ``alpha * buf[off + q] <= sub`` (or -inf), sub finite
+    (``exp_sub_le``'s special case)."""
+    return _exp_row16_le(buf, off, sub, n, alpha, dst, doff)
 
 
 def _exp_sub_python(buf, off, sub, n):
