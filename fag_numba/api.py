@@ -626,8 +626,8 @@ def _run_backward(P, q, k, v, y, o, m, l):
     from .planning import backward_blocks, backward_group, plan_backward
 
     d = P.dims
-    bm, bn = backward_blocks(d.D)
     kind, arrays = _native_inputs(P, q, k, v, y)
+    bm, bn = backward_blocks(d.D, kind)
     if kind in ("bf16", "amx"):          # bf16 pairs start on even rows and columns
         bm, bn = bm + bm % 2, bn + bn % 2
     st, gp, fp, nrows = _tables(P, bm, bn)

@@ -19,6 +19,15 @@ DEFAULTS = {
     "BLOCK_M_WIDE": 128,
     "BLOCK_N_WIDE": 256,
     "WIDE_D": 128,
+    # AMX backward (native kind "amx") below WIDE_D: query rows per tile are BLOCK_M times this
+    # factor (a factor, not a size, so tests that patch BLOCK_M small keep small AMX tiles).
+    # The products accumulate dK, dV through C tile loads and stores once per query tile, so
+    # taller tiles move less C per flop; the result is bitwise the same for any factor (the
+    # tile products add their 16-pair chunks in the same order).  Same-process A/B, bf16
+    # backward, 2 threads: 192 rows (1,4,4096,64) 0.85 / 0.89, (1,1,8192,64) 0.94,
+    # (2,16,512,64) 0.99 of the 96-row time; 256 rows 0.98; at D = 128 (BLOCK_M_WIDE) 192 or
+    # 256 rows measured no gain (1.03 / 1.05).
+    "BWD_AMX_ROWS_FACTOR": 2,
     # Backward: consecutive whole tiles (same key block, FULL, untrimmed) compute their scores
     # Q K^T and dY V^T as one product of up to this many query rows; the other three products
     # stay per tile.  The inner dimension of those two is D, and OpenBLAS's packed path runs a
@@ -81,6 +90,7 @@ BLOCK_M_WIDE = DEFAULTS["BLOCK_M_WIDE"]
 BLOCK_N_WIDE = DEFAULTS["BLOCK_N_WIDE"]
 WIDE_D = DEFAULTS["WIDE_D"]
 SPLIT_TARGET = DEFAULTS["SPLIT_TARGET"]
+BWD_AMX_ROWS_FACTOR = DEFAULTS["BWD_AMX_ROWS_FACTOR"]
 BWD_SCORE_ROWS = DEFAULTS["BWD_SCORE_ROWS"]
 FWD_BLOCK_M = DEFAULTS["FWD_BLOCK_M"]
 FWD_BLOCK_N = DEFAULTS["FWD_BLOCK_N"]

@@ -135,10 +135,13 @@ def plan_forward(seqtab, n1, bm, bn):
     return np.ascontiguousarray(items[order]), tptr
 
 
-def backward_blocks(d):
-    """Backward tile (BLOCK_M, BLOCK_N) for head dim D (config: wider tiles from WIDE_D on)."""
+def backward_blocks(d, kind=None):
+    """Backward tile (BLOCK_M, BLOCK_N) for head dim D (config: wider tiles from WIDE_D on;
+    taller ones for the native kind "amx" below it, ``BWD_AMX_ROWS_FACTOR``)."""
     if d >= config.WIDE_D:
         return config.BLOCK_M_WIDE, config.BLOCK_N_WIDE
+    if kind == "amx":
+        return config.BLOCK_M * max(int(config.BWD_AMX_ROWS_FACTOR), 1), config.BLOCK_N
     return config.BLOCK_M, config.BLOCK_N
 
 

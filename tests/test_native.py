@@ -158,6 +158,27 @@ def test_amx_fused_backward_step_bitwise_equals_six_passes(case, path, blocks, r
         assert a.tobytes() == e.tobytes()
 
 
+def test_amx_taller_backward_tiles_bitwise_equal(path, blocks, rng, monkeypatch):
+    """The AMX backward's BWD_AMX_ROWS_FACTOR changes the tiles only: dK, dV, dQ accumulate the
+    same 16-pair chunks in the same order whatever the tile height, so 1x, 2x and 3x rows give
+    the same bits (and the factor is really applied: the tile counts differ)."""
+    from fag_numba import api as api_mod
+    path("amx")
+    blocks(bm=6, bn=10)
+    q, k, v, dy = make_qkv("BSND", 2, 4, 2, 61, 47, 16, 16, BF16, rng)
+    out = fag_numba.flash_attention_score(q, k, v, 4, "BSND", scale_value=0.3)
+    kw = dict(softmax_max=out.softmax_max, softmax_sum=out.softmax_sum,
+              attention_in=out.attention_out, scale_value=0.3)
+    res, tiles = [], []
+    for f in (1, 2, 3):
+        monkeypatch.setattr(config, "BWD_AMX_ROWS_FACTOR", f)
+        g = fag_numba.flash_attention_score_grad(q, k, v, dy, 4, "BSND", **kw)
+        res.append([x.tobytes() for x in g[:3]])
+        tiles.append(api_mod.last_tile_count["backward"])
+    assert res[0] == res[1] == res[2]
+    assert tiles[0] > tiles[1] > tiles[2]
+
+
 @pytest.mark.parametrize("name", ["amx", "bf16", "f32"])
 def test_native_bitwise_identical_across_thread_counts(name, path, blocks, rng):
     path(name)
