@@ -411,8 +411,11 @@ def _run_forward(P, q, k, v):
     from .kernels.driver import fwd_driver
     from .planning import forward_pv_split, plan_forward
 
-    bm, bn = config.FWD_BLOCK_M, config.FWD_BLOCK_N
     kind, arrays = _native_inputs(P, q, k, v, None)
+    if kind == "amx":
+        bm, bn = config.FWD_BLOCK_M_AMX, config.FWD_BLOCK_N_AMX
+    else:
+        bm, bn = config.FWD_BLOCK_M, config.FWD_BLOCK_N
     if kind in ("bf16", "amx"):          # bf16 pairs of keys start on even columns
         bn += bn % 2
     st, gp, fp, nrows = _tables(P, bm, bn)

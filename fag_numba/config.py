@@ -48,6 +48,14 @@ DEFAULTS = {
     # items pack them less often.  A single head with S1 <= 512 is one item (one thread).
     "FWD_BLOCK_M": 512,
     "FWD_BLOCK_N": 256,
+    # Forward tile of the native kind "amx".  Same-process A/B, bf16 forward, 2 threads,
+    # 384 x 384 vs 512 x 256: (1,8,2048,128) 0.72-0.82, its causal 0.71, (1,4,4096,64) 0.86 /
+    # causal 0.93, (1,1,8192,64) 0.92, (2,16,512,64) 0.89; 512 x 512 measured 1.47 and 256 x 384
+    # 0.83-0.88 (power-of-two row strides of the score tile and of the packed K^T seem to cost:
+    # 384 keys are 1.5 KB rows).  The float32 forward measured neutral with 384 x 384 (0.99),
+    # the "bf16" kind (Zen 4) is unmeasured, so both keep FWD_BLOCK_M/N.
+    "FWD_BLOCK_M_AMX": 384,
+    "FWD_BLOCK_N_AMX": 384,
     # Forward P @ V split into sub-products that OpenBLAS runs through its small-matrix kernel
     # (SkylakeX and later: M*N*K <= 100**3, no packing): PV_KEYS keys and as many rows (a
     # multiple of 16) as fit FWD_PV_MNK, when that is at least FWD_PV_MIN_ROWS
@@ -94,6 +102,8 @@ BWD_AMX_ROWS_FACTOR = DEFAULTS["BWD_AMX_ROWS_FACTOR"]
 BWD_SCORE_ROWS = DEFAULTS["BWD_SCORE_ROWS"]
 FWD_BLOCK_M = DEFAULTS["FWD_BLOCK_M"]
 FWD_BLOCK_N = DEFAULTS["FWD_BLOCK_N"]
+FWD_BLOCK_M_AMX = DEFAULTS["FWD_BLOCK_M_AMX"]
+FWD_BLOCK_N_AMX = DEFAULTS["FWD_BLOCK_N_AMX"]
 FWD_PV_KEYS = DEFAULTS["FWD_PV_KEYS"]
 FWD_PV_MNK = DEFAULTS["FWD_PV_MNK"]
 FWD_PV_MIN_ROWS = DEFAULTS["FWD_PV_MIN_ROWS"]

@@ -138,8 +138,9 @@ def estimate_call(P, arrays, grad, stats_given, pse=None, atten_mask=None, drop_
     osz = np.dtype(P.out_dtype).itemsize
     cast = 0 if np.dtype(P.out_dtype) == np.float32 else 1
     fwd_out = 4 * o_el + 8 * nrows                      # out, m, l rows
-    bm = max(config.FWD_BLOCK_M, config.BLOCK_M, config.BLOCK_M_WIDE)
-    bn = max(config.FWD_BLOCK_N, config.BLOCK_N, config.BLOCK_N_WIDE)
+    bm = max(config.FWD_BLOCK_M, config.FWD_BLOCK_M_AMX,
+             config.BLOCK_M * max(int(config.BWD_AMX_ROWS_FACTOR), 1), config.BLOCK_M_WIDE)
+    bn = max(config.FWD_BLOCK_N, config.FWD_BLOCK_N_AMX, config.BLOCK_N, config.BLOCK_N_WIDE)
     scratch = numba.config.NUMBA_NUM_THREADS * 4 * (4 * bm * bn + bm * max(d.Dv, 1) + 4 * bn)
     tables = d.B * PER_SEQ_BYTES + 32 * d.N1 * int(np.sum(-(-d.seq_q // max(config.FWD_BLOCK_M, 1))))
     total += tables + scratch

@@ -102,6 +102,8 @@ def blocks(monkeypatch):
         monkeypatch.setattr(config, "BLOCK_N_WIDE", bn)
         monkeypatch.setattr(config, "FWD_BLOCK_M", fbm)
         monkeypatch.setattr(config, "FWD_BLOCK_N", fbn)
+        monkeypatch.setattr(config, "FWD_BLOCK_M_AMX", fbm)    # the AMX forward's tiles too
+        monkeypatch.setattr(config, "FWD_BLOCK_N_AMX", fbn)
         if split is not None:
             monkeypatch.setattr(config, "SPLIT_TARGET", split)
     return patch

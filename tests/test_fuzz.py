@@ -369,6 +369,7 @@ def run_case(call, expect):
     config.BLOCK_M = config.BLOCK_M_WIDE = bm
     config.BLOCK_N = config.BLOCK_N_WIDE = bn
     config.FWD_BLOCK_M, config.FWD_BLOCK_N, config.SPLIT_TARGET = fbm, fbn, split
+    config.FWD_BLOCK_M_AMX, config.FWD_BLOCK_N_AMX = fbm, fbn
     # "off": the default kinds; else NATIVE="all" with that BF16_PRODUCTS (isa.py decides
     # whether the CPU allows it; non-finite inputs still take the BLAS drivers)
     off = call["products"] == "off"
