@@ -135,12 +135,14 @@ def test_fused_forward_softmax_bitwise_equals_three_passes(name, case, path, blo
         assert a.tobytes() == e.tobytes()
 
 
+@pytest.mark.parametrize("name", ["amx", "bf16"])
 @pytest.mark.parametrize("case", CASES[:3], ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES[:3])])
-def test_amx_fused_backward_step_bitwise_equals_six_passes(case, path, blocks, rng):
-    """Without dropout/pse/dpse the AMX backward fuses P, dS and their bf16 operands into one
-    pass (amx.pds_pairs); a zero pse of type 1 ((X + 0) * scale: the same scaled scores) takes
-    the unfused passes instead.  dq, dk, dv must be bitwise equal."""
-    used = path("amx")
+def test_fused_backward_step_bitwise_equals_six_passes(name, case, path, blocks, rng):
+    """Without dropout/pse/dpse the bf16 kinds' backward fuses P, dS and their bf16 operands
+    into one pass (amx.pds_pairs, native.pds_panels); a zero pse of type 1 ((X + 0) * scale:
+    the same scaled scores) takes the unfused passes instead.  dq, dk, dv must be bitwise
+    equal."""
+    used = path(name)
     blocks(bm=6, bn=10)
     lay, B, N1, N2, S1, S2, D, kw = case
     kw = _kwargs(kw, N1)
@@ -152,7 +154,7 @@ def test_amx_fused_backward_step_bitwise_equals_six_passes(case, path, blocks, r
     zero = np.zeros((B, N1, S1, S2), np.float32)
     passes = fag_numba.flash_attention_score_grad(q, k, v, dy, N1, lay, pse=zero, pse_type=1,
                                                   **stats)
-    assert used == ["amx"] * 3
+    assert used == [name] * 3
     assert passes.dpse is not None and fused.dpse is None
     for a, e in zip(fused[:3], passes[:3]):
         assert a.tobytes() == e.tobytes()

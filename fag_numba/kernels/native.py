@@ -34,9 +34,10 @@ from . import desc
 from .driver import _dpse_tile, kv_block_range, online_softmax, q_block_range, trim_tile
 from .llir import (BFloat as _BFloat, I1 as _I1, I16 as _I16, I32 as _I32, I64 as _I64,
                    VB16 as _VB16, VB32 as _VB32, VF as _VF, VH16 as _VH16, VI as _VI, VM as _VM,
-                   data as _data, fn as _fn, splat as _splat)
+                   data as _data, fn as _fn, rounded as _rounded, splat as _splat)
 from .guard import row_keeps_computed
-from .tile import (NEG_INF, adjust_scores, drop_ds, drop_p, exp_sub, score_alpha, tile_class)
+from .tile import (NEG_INF, _exp16, adjust_scores, drop_ds, drop_p, exp_sub, score_alpha,
+                   tile_class)
 
 _FLT_MAX = np.float32(3.4028234663852886e38)
 
@@ -236,6 +237,89 @@ def _panel_bf16(typingctx, src, o0, o1, dst, d_off, pstride):
 
 
 @intrinsic
+def _pds_pair16(typingctx, s, dp, o0, o1, two, ncols, alpha, l0, l1, d0, d1, pt, dt, d_off,
+                pstride, sr, so0, so1):
+    """The backward's elementwise step for rows o0, o1 (``two`` false: only o0, row o1 reads as
+    zero) and 16 columns of a tile, fused (bf16 kind, without dropout, pse or dpse): from the
+    raw scores ``s`` and ``dp = dY V^T``, ``P = exp(alpha * s - lse)`` and
+    ``dS = P * (dP - Dsum)`` (l0, l1: lse, d0, d1: Dsum of the two rows), written once as the
+    bf16 operands: P and dS pairs of rows in 4-column panels (``bf16_panels`` layout at
+    ``d_off`` of ``pt`` / ``dt``) and dS rows (uint16 ``sr`` at so0, so1).  The same bits as
+    the scaling pass, ``exp_sub``, ``drop_ds``, ``bf16_panels`` x 2 and ``to_bf16_rows``.
+    Columns >= ncols are not read; their panel entries (inside a started 4-column group) are
+    zero, which the micro-kernel never reads (it clamps A rows past the tile)."""
+    sig = types.void(s, dp, o0, o1, two, ncols, alpha, l0, l1, d0, d1, pt, dt, d_off, pstride,
+                     sr, so0, so1)
+
+    def codegen(context, builder, sig, args):
+        (sv, dpv, o0, o1, two, ncols, alpha, l0, l1, d0, d1, ptv, dtv, d_off, pstride, srv,
+         so0, so1) = args
+        mod = builder.module
+        sb = _data(context, builder, sig.args[0], sv)
+        db = _data(context, builder, sig.args[1], dpv)
+        srb = _data(context, builder, sig.args[15], srv)
+        mload = _fn(mod, "llvm.masked.load.v16f32.p0", _VF, [sb.type, _I32, _VM, _VF])
+        hstore = _fn(mod, "llvm.masked.store.v16i16.p0", ir.VoidType(),
+                     [_VH16, srb.type, _I32, _VM])
+        zero = ir.Constant(_VF, [0.0] * 16)
+        cm = builder.icmp_signed("<", ir.Constant(_VI, list(range(16))),
+                                 _splat(builder, builder.trunc(ncols, _I32), _VI))
+        two_b = context.cast(builder, two, sig.args[4], types.boolean)
+        m1 = builder.and_(cm, _splat(builder, two_b, _VM))
+        alphav = _splat(builder, alpha, _VF)
+        o1c = builder.select(two_b, o1, o0)          # never address past the tile
+        so1c = builder.select(two_b, so1, so0)
+        vals = []
+        for o, so, lse, dsum, m in ((o0, so0, l0, d0, cm), (o1c, so1c, l1, d1, m1)):
+            x = builder.call(mload, [builder.gep(sb, [o]), ir.Constant(_I32, 4), m, zero])
+            y = builder.call(mload, [builder.gep(db, [o]), ir.Constant(_I32, 4), m, zero])
+            p = _exp16(builder, _rounded(builder, builder.fmul(x, alphav)),
+                       _splat(builder, lse, _VF), True)
+            ds = builder.fmul(p, builder.fsub(y, _splat(builder, dsum, _VF)))
+            p = builder.select(m, p, zero)
+            ds = builder.select(m, ds, zero)
+            h = builder.bitcast(builder.fptrunc(ds, _VB16), _VH16)
+            builder.call(hstore, [h, builder.gep(srb, [so]), ir.Constant(_I32, 2), m])
+            vals.append((p, ds))
+        idx = []
+        for c in range(16):
+            idx += [c, 16 + c]
+        for k, arr in ((0, ptv), (1, dtv)):
+            z = builder.shuffle_vector(builder.fptrunc(vals[0][k], _VB16),
+                                       builder.fptrunc(vals[1][k], _VB16),
+                                       ir.Constant(ir.VectorType(_I32, 32), idx))
+            z = builder.bitcast(z, _VI)
+            base = _data(context, builder, sig.args[11 + k], arr)
+            for kk in range(4):
+                # the 4-column group kk only when it starts inside the tile
+                ok = builder.icmp_signed("<", ir.Constant(_I64, 4 * kk), ncols)
+                with builder.if_then(ok):
+                    piece = builder.shuffle_vector(z, ir.Constant(_VI, ir.Undefined),
+                                                   ir.Constant(_V4, [4 * kk + x for x in range(4)]))
+                    off = builder.add(d_off, builder.mul(pstride, ir.Constant(_I64, kk)))
+                    builder.store(piece, builder.bitcast(builder.gep(base, [off]),
+                                                         _V4.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@_jit.kernel
+def pds_panels(s, dp, m, n, alpha, lt, dt_, pt, dt, pstride, sr, ldr):
+    """``_pds_pair16`` over a whole m x n tile (row stride n in ``s`` and ``dp``): P and dS as
+    bf16 pairs of rows in 4-column panels (``pt`` / ``dt``, ``bf16_panels``), dS rows as bf16
+    (uint16 ``sr``, row stride ``ldr``); lt / dt_: lse and Dsum of the rows."""
+    for p in range((m + 1) // 2):
+        r0 = 2 * p
+        two = r0 + 1 < m
+        r1 = r0 + 1 if two else r0
+        for c0 in range(0, n, 16):
+            _pds_pair16(s, dp, r0 * n + c0, r1 * n + c0, two, n - c0, alpha, lt[r0], lt[r1],
+                        dt_[r0], dt_[r1], pt, dt, (c0 // 4) * pstride + p * 4, pstride, sr,
+                        r0 * ldr + c0, r1 * ldr + c0)
+
+
+@intrinsic
 def _cvt1(typingctx, x):
     """bf16 bits (uint16) of one float32 (round to nearest even, as the vector conversion)."""
     sig = types.uint16(x)
@@ -410,9 +494,10 @@ def _make_bwd(kind):
         dropping = gp[desc.DROP_KIND] != desc.DROP_NONE
         dpk = gp[desc.DPSE_KIND]
         pk = gp[desc.PSE_KIND]
-        # AMX without dropout, pse or dpse: P, dS and their three bf16 operands in one pass
-        # (amx.pds_pairs) instead of six; alpha > 0 keeps masked scores -inf before scaling
-        fused = (AMX == 1 and not dropping and pk == desc.PSE_NONE and dpk == 0
+        # bf16 kinds without dropout, pse or dpse: P, dS and their three bf16 operands in one
+        # pass (amx.pds_pairs / pds_panels) instead of six; alpha > 0 keeps masked scores -inf
+        # before scaling
+        fused = (BF == 1 and not dropping and pk == desc.PSE_NONE and dpk == 0
                  and alpha > 0.0 and alpha < np.inf)
         dw = d // W
         dvw = dvd // W
@@ -444,9 +529,9 @@ def _make_bwd(kind):
             # AMX only: P^T and dS^T as transposed pairs (bn rows of hm16 dwords), tile config
             at = np.empty(max(AMX * bn * hm16, 1), np.uint32)
             ast = np.empty(max(AMX * bn * hm16, 1), np.uint32)
-            # AMX fused step: lse and Dsum of the tile's rows (read up to 2 * hm16 + 32 rows in)
-            lt = np.empty(max(AMX * (2 * hm16 + 32), 1), np.float32)
-            dtt = np.empty(max(AMX * (2 * hm16 + 32), 1), np.float32)
+            # fused step: lse and Dsum of the tile's rows (AMX reads up to 2 * hm16 + 32 in)
+            lt = np.empty(max(BF * (2 * hm16 + 32), 1), np.float32)
+            dtt = np.empty(max(BF * (2 * hm16 + 32), 1), np.float32)
             cfg = np.zeros(64, np.uint8)
             for it in range(tptr[t], tptr[t + 1]):
                 n2 = items[it, 2]
@@ -533,27 +618,49 @@ def _make_bwd(kind):
                                     for r in range(m_len):
                                         lt[r] = lse[st + (i0 + r) * gp[desc.ST_RS]]
                                         dtt[r] = dsum[st + (i0 + r) * gp[desc.ST_RS]]
-                                    kpm = kpad((m_len + 1) // 2)
-                                    hnl = (n_len + 1) // 2
-                                    kpn = kpad(hnl)
+                                if fused and not AMX:
                                     sr = sr16.view(np.uint16)
-                                    pds_pairs(s, dp, m_len, n_len, alpha, lt, dtt, at, ast, hm16,
-                                              kpm, sr, 2 * hn16)
+                                    pds_panels(s, dp, m_len, n_len, alpha, lt, dtt, pt, dt, pstr,
+                                               sr, bn)
                                     if n_len % 2 == 1:
                                         for r in range(m_len):      # the odd column's pair
-                                            sr[r * 2 * hn16 + n_len] = 0
-                                    zero_cols(sr16, m_len, hn16, hnl, kpn)
+                                            sr[r * bn + n_len] = 0
+                                    hml = (m_len + 1) // 2
                                     pack_pairs16(dy, dy_off, gp[desc.DY_RS], m_len, dvd,
                                                  yp.view(np.uint16), dvd)
                                     pack_pairs16(q, q_off, gp[desc.Q_RS], m_len, d,
                                                  qp.view(np.uint16), d)
-                                    product_amx(dv, v_off, gp[desc.V_RS], n_len, dvd, at, 0,
-                                                hm16, yp, 0, dvd, kpm, True, cfg)
-                                    product_amx(dk, k_off, gp[desc.K_RS], n_len, d, ast, 0,
-                                                hm16, qp, 0, d, kpm, True, cfg)
-                                    product_amx(dqbuf, q_off, gp[desc.Q_RS], m_len, d, sr16, 0,
-                                                hn16, kp, (jo // 2) * d, d, kpn, True, cfg)
+                                    prod(dv, v_off, gp[desc.V_RS], n_len, dvd, pt, 0, 1, 4, pstr,
+                                         yp, 0, dvd, hml, True)
+                                    prod(dk, k_off, gp[desc.K_RS], n_len, d, dt, 0, 1, 4, pstr,
+                                         qp, 0, d, hml, True)
+                                    prod(dqbuf, q_off, gp[desc.Q_RS], m_len, d, sr16, 0, bn // 2,
+                                         1, 2 * bn, kp, (jo // 2) * d, d, (n_len + 1) // 2, True)
                                     continue
+                                if AMX:
+                                    if fused:
+                                        kpm = kpad((m_len + 1) // 2)
+                                        hnl = (n_len + 1) // 2
+                                        kpn = kpad(hnl)
+                                        sr = sr16.view(np.uint16)
+                                        pds_pairs(s, dp, m_len, n_len, alpha, lt, dtt, at, ast,
+                                                  hm16, kpm, sr, 2 * hn16)
+                                        if n_len % 2 == 1:
+                                            for r in range(m_len):  # the odd column's pair
+                                                sr[r * 2 * hn16 + n_len] = 0
+                                        zero_cols(sr16, m_len, hn16, hnl, kpn)
+                                        pack_pairs16(dy, dy_off, gp[desc.DY_RS], m_len, dvd,
+                                                     yp.view(np.uint16), dvd)
+                                        pack_pairs16(q, q_off, gp[desc.Q_RS], m_len, d,
+                                                     qp.view(np.uint16), d)
+                                        product_amx(dv, v_off, gp[desc.V_RS], n_len, dvd, at, 0,
+                                                    hm16, yp, 0, dvd, kpm, True, cfg)
+                                        product_amx(dk, k_off, gp[desc.K_RS], n_len, d, ast, 0,
+                                                    hm16, qp, 0, d, kpm, True, cfg)
+                                        product_amx(dqbuf, q_off, gp[desc.Q_RS], m_len, d,
+                                                    sr16, 0, hn16, kp, (jo // 2) * d, d, kpn,
+                                                    True, cfg)
+                                        continue
                                 # dp_drop, p_drop (into rb) and ds <- p * (dp_drop - dsum) in dp
                                 drop_ds(seqtab, gp, fp, drop_mask, dsum, st, b, h, i0, m_len, j0,
                                         n_len, s, dp, 0, rb)
