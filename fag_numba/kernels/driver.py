@@ -119,71 +119,83 @@ def rowstats_driver(dy, o, m, l, seqtab, gp, lse, dsum):
             dsum[row] = acc
 
 
-@_jit.kernel
-def online_softmax(s, tm, n_len, ro, cls, mrun, lrun, vrow, acc, dv, sub, cor, seqtab, gp, mask,
-                   b, h, ti0, j0, to16, alpha, p16, ldp):
-    """One key block of the FA-2 online softmax, in place (shared by the BLAS and the native
-    forward drivers).
+def _make_online_softmax(to16):
+    """``online_softmax`` (to16 false) or ``online_softmax16`` (see its docstring)."""
+    TO16 = to16
 
-    s: the block's scores Z, rows [ti0, ti0 + tm) of the item (row stride n_len), becomes
-    P~ = exp(Z - m_new); per item row ``ro + r``: ``m_new = max(m, rowmax)``,
-    ``l = l * exp(m - m_new) + rowsum(P~)``, ``acc *= exp(m - m_new)``; ``vrow`` marks rows with
-    a computed element (a row of -inf computed scores is NaN, not invalid: only the mask makes
-    a row invalid, SPEC §3).  sub, cor: float32 scratch of >= tm.
+    @_jit.kernel
+    def online_softmax(s, tm, n_len, ro, cls, mrun, lrun, vrow, acc, dv, sub, cor, seqtab, gp,
+                       mask, b, h, ti0, j0, alpha, p16, ldp):
+        """One key block of the FA-2 online softmax, in place (shared by the BLAS and the native
+        forward drivers).
 
-    to16 (the native bf16 forward without dropout or pse): s holds Z / alpha (alpha > 0, the
-    scaling pass not done) and stays unchanged; P~ goes to ``p16`` (uint16 bf16 bits, row r at
-    ``r * ldp``) instead, the same bits as scaling, this step and a conversion pass (one pass
-    over the tile instead of three: the row max of Z is alpha times that of Z / alpha, which
-    rounding preserves for alpha > 0).  Otherwise alpha, p16, ldp are unused.
-    """
-    for r in range(tm):
-        # m_new <- max(m, rowmax(s));  corr <- exp(m - m_new)  (exp below, one pass)
-        ri = ro + r
-        sr = s[r * n_len:(r + 1) * n_len]
-        # NaN scores make m NaN (SPEC §9: NaN propagates), never an invalid row
-        if to16:
-            mx = alpha * row_max(sr, n_len, NEG_INF)
-            if mx != mx or mrun[ri] != mrun[ri]:
-                mx = np.float32(np.nan)
-            elif mrun[ri] > mx:
-                mx = mrun[ri]
-        else:
-            mx = row_max(sr, n_len, mrun[ri])
-        if mx == NEG_INF:
-            # all -inf so far: masked, or computed with -inf scores (inf inputs, pse)
-            if vrow[ri] == 0 and (cls == desc.FULL or row_has_computed(
-                    seqtab, gp, mask, b, h, ti0 + r, j0, n_len)):
-                vrow[ri] = 1
-            sub[r] = np.float32(0.0)   # nothing computed yet: exp(-inf - 0) = 0
-            cor[r] = np.float32(0.0)   # corr 1
-        else:
-            sub[r] = mx
-            # first computed block: corr 0 (exp_sub maps -inf to exactly 0)
-            cor[r] = mrun[ri] - mx if mrun[ri] != NEG_INF else NEG_INF
-        mrun[ri] = mx
-    # the corrections of all rows as one vector pass (a libm exp per row and tile was 2% of a
-    # D = 64 forward); exp(0) is exactly 1, so unchanged maxima skip the rescale
-    exp_sub(cor, OFF0, np.float32(0.0), tm)
-    for r in range(tm):
-        # p <- exp(s - m_new);  l <- l * corr + rowsum(p);  acc <- acc * corr
-        ri = ro + r
-        corr = cor[r]
-        if to16:
-            if math.isfinite(sub[r]):
-                rs = exp_scale_bf16_le(s, r * n_len, alpha, sub[r], n_len, p16, r * ldp)
+        s: the block's scores Z, rows [ti0, ti0 + tm) of the item (row stride n_len), becomes
+        P~ = exp(Z - m_new); per item row ``ro + r``: ``m_new = max(m, rowmax)``,
+        ``l = l * exp(m - m_new) + rowsum(P~)``, ``acc *= exp(m - m_new)``; ``vrow`` marks rows
+        with a computed element (a row of -inf computed scores is NaN, not invalid: only the mask
+        makes a row invalid, SPEC §3).  sub, cor: float32 scratch of >= tm.
+
+        ``online_softmax16`` (the native bf16 forward without dropout or pse): s holds
+        Z / alpha (alpha > 0, the scaling pass not done) and stays unchanged; P~ goes to ``p16``
+        (uint16 bf16 bits, row r at ``r * ldp``) instead, the same bits as scaling, this step
+        and a conversion pass (one pass over the tile instead of three: the row max of Z is
+        alpha times that of Z / alpha, which rounding preserves for alpha > 0).
+        ``online_softmax``: alpha, p16, ldp are unused (a closure constant, so neither compiles
+        the other's branch).
+        """
+        for r in range(tm):
+            # m_new <- max(m, rowmax(s));  corr <- exp(m - m_new)  (exp below, one pass)
+            ri = ro + r
+            sr = s[r * n_len:(r + 1) * n_len]
+            # NaN scores make m NaN (SPEC §9: NaN propagates), never an invalid row
+            if TO16:
+                mx = alpha * row_max(sr, n_len, NEG_INF)
+                if mx != mx or mrun[ri] != mrun[ri]:
+                    mx = np.float32(np.nan)
+                elif mrun[ri] > mx:
+                    mx = mrun[ri]
             else:
-                rs = exp_scale_bf16(s, r * n_len, alpha, sub[r], n_len, p16, r * ldp)
-        elif math.isfinite(sub[r]):
-            # every score <= sub (the row max): no NaN/overflow cases to test for
-            rs = exp_sub_le(s, r * n_len, sub[r], n_len)
-        else:
-            rs = exp_sub(s, r * n_len, sub[r], n_len)
-        lrun[ri] = lrun[ri] * corr + rs
-        if corr != 1.0:
-            ar = acc[ri * dv:(ri + 1) * dv]
-            for e in range(dv):
-                ar[e] *= corr
+                mx = row_max(sr, n_len, mrun[ri])
+            if mx == NEG_INF:
+                # all -inf so far: masked, or computed with -inf scores (inf inputs, pse)
+                if vrow[ri] == 0 and (cls == desc.FULL or row_has_computed(
+                        seqtab, gp, mask, b, h, ti0 + r, j0, n_len)):
+                    vrow[ri] = 1
+                sub[r] = np.float32(0.0)   # nothing computed yet: exp(-inf - 0) = 0
+                cor[r] = np.float32(0.0)   # corr 1
+            else:
+                sub[r] = mx
+                # first computed block: corr 0 (exp_sub maps -inf to exactly 0)
+                cor[r] = mrun[ri] - mx if mrun[ri] != NEG_INF else NEG_INF
+            mrun[ri] = mx
+        # the corrections of all rows as one vector pass (a libm exp per row and tile was 2% of a
+        # D = 64 forward); exp(0) is exactly 1, so unchanged maxima skip the rescale
+        exp_sub(cor, OFF0, np.float32(0.0), tm)
+        for r in range(tm):
+            # p <- exp(s - m_new);  l <- l * corr + rowsum(p);  acc <- acc * corr
+            ri = ro + r
+            corr = cor[r]
+            if TO16:
+                if math.isfinite(sub[r]):
+                    rs = exp_scale_bf16_le(s, r * n_len, alpha, sub[r], n_len, p16, r * ldp)
+                else:
+                    rs = exp_scale_bf16(s, r * n_len, alpha, sub[r], n_len, p16, r * ldp)
+            elif math.isfinite(sub[r]):
+                # every score <= sub (the row max): no NaN/overflow cases to test for
+                rs = exp_sub_le(s, r * n_len, sub[r], n_len)
+            else:
+                rs = exp_sub(s, r * n_len, sub[r], n_len)
+            lrun[ri] = lrun[ri] * corr + rs
+            if corr != 1.0:
+                ar = acc[ri * dv:(ri + 1) * dv]
+                for e in range(dv):
+                    ar[e] *= corr
+
+    return online_softmax
+
+
+online_softmax = _make_online_softmax(False)
+online_softmax16 = _make_online_softmax(True)
 
 
 @_jit.kernel
@@ -250,7 +262,7 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
             score_tile(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, ti0, tm, j0, n_len,
                        cls, s, ab)
             online_softmax(s, tm, n_len, ro, cls, mrun, lrun, vrow, acc, dv, sub, cor, seqtab, gp,
-                           mask, b, h, ti0, j0, False, np.float32(1.0), no16, 0)
+                           mask, b, h, ti0, j0, np.float32(1.0), no16, 0)
             if dropping:
                 # p_drop <- R ? p / keep_prob : 0
                 drop_p(seqtab, gp, fp, drop_mask, b, h, ti0, tm, j0, n_len, s, rb)

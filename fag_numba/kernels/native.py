@@ -31,7 +31,8 @@ from .. import _jit
 from ..threads import run_chunks
 from . import desc
 
-from .driver import _dpse_tile, kv_block_range, online_softmax, q_block_range, trim_tile
+from .driver import (_dpse_tile, kv_block_range, online_softmax, online_softmax16,
+                     q_block_range, trim_tile)
 from .llir import (BFloat as _BFloat, I1 as _I1, I16 as _I16, I32 as _I32, I64 as _I64,
                    VB16 as _VB16, VB32 as _VB32, VF as _VF, VH16 as _VH16, VI as _VI, VM as _VM,
                    data as _data, fn as _fn, rounded as _rounded, splat as _splat)
@@ -460,7 +461,7 @@ def all_finite_bf16(x):
     return bad == 0
 
 
-def _make_bwd(kind):
+def _make_bwd(kind, fused):
     """The backward driver with native tile products of ``kind``: "f32", "bf16" (vdpbf16ps
     pairs) or "amx" (AMX tiles, kernels/amx.py; compiled only after ``isa.amx_available``).
 
@@ -475,6 +476,7 @@ def _make_bwd(kind):
     # AMX: branches on this closure constant are pruned by numba before lowering, so the other
     # kinds never reach LLVM with an AMX intrinsic (which aborts on a target without it)
     AMX = 1 if kind == "amx" else 0
+    FUSED = 1 if fused else 0           # pruned like AMX: each variant compiles only its path
     if AMX:
         from .amx import kpad, pds_pairs, product_amx, t_pairs, zero_cols
     else:
@@ -494,11 +496,8 @@ def _make_bwd(kind):
         dropping = gp[desc.DROP_KIND] != desc.DROP_NONE
         dpk = gp[desc.DPSE_KIND]
         pk = gp[desc.PSE_KIND]
-        # bf16 kinds without dropout, pse or dpse: P, dS and their three bf16 operands in one
-        # pass (amx.pds_pairs / pds_panels) instead of six; alpha > 0 keeps masked scores -inf
-        # before scaling
-        fused = (BF == 1 and not dropping and pk == desc.PSE_NONE and dpk == 0
-                 and alpha > 0.0 and alpha < np.inf)
+        # FUSED (``fusable``: a bf16 kind, no dropout, pse or dpse, 0 < alpha < inf): P, dS
+        # and their three bf16 operands in one pass (amx.pds_pairs / pds_panels) instead of six
         dw = d // W
         dvw = dvd // W
         q32 = q.view(np.uint32)
@@ -592,7 +591,7 @@ def _make_bwd(kind):
                                     prod(s, 0, n_len, m_len, n_len, q32, q_off // W,
                                          gp[desc.Q_RS] // W, 1, 4 * gp[desc.Q_RS] // W, kt, jo,
                                          bn, dw, False)
-                                if fused:
+                                if FUSED:
                                     # masks only (no pse): -inf on the unscaled scores
                                     adjust_scores(seqtab, gp, fp, pse, slopes, mask, b, h, i0,
                                                   m_len, j0, n_len, cls, s)
@@ -614,67 +613,33 @@ def _make_bwd(kind):
                                     prod(dp, 0, n_len, m_len, n_len, y32, dy_off // W,
                                          gp[desc.DY_RS] // W, 1, 4 * gp[desc.DY_RS] // W, vt,
                                          jo, bn, dvw, False)
-                                if fused:
+                                if FUSED:
+                                    # P, dS and their bf16 operands in one pass below
                                     for r in range(m_len):
                                         lt[r] = lse[st + (i0 + r) * gp[desc.ST_RS]]
                                         dtt[r] = dsum[st + (i0 + r) * gp[desc.ST_RS]]
-                                if fused and not AMX:
-                                    sr = sr16.view(np.uint16)
-                                    pds_panels(s, dp, m_len, n_len, alpha, lt, dtt, pt, dt, pstr,
-                                               sr, bn)
-                                    if n_len % 2 == 1:
-                                        for r in range(m_len):      # the odd column's pair
-                                            sr[r * bn + n_len] = 0
-                                    hml = (m_len + 1) // 2
-                                    pack_pairs16(dy, dy_off, gp[desc.DY_RS], m_len, dvd,
-                                                 yp.view(np.uint16), dvd)
-                                    pack_pairs16(q, q_off, gp[desc.Q_RS], m_len, d,
-                                                 qp.view(np.uint16), d)
-                                    prod(dv, v_off, gp[desc.V_RS], n_len, dvd, pt, 0, 1, 4, pstr,
-                                         yp, 0, dvd, hml, True)
-                                    prod(dk, k_off, gp[desc.K_RS], n_len, d, dt, 0, 1, 4, pstr,
-                                         qp, 0, d, hml, True)
-                                    prod(dqbuf, q_off, gp[desc.Q_RS], m_len, d, sr16, 0, bn // 2,
-                                         1, 2 * bn, kp, (jo // 2) * d, d, (n_len + 1) // 2, True)
-                                    continue
-                                if AMX:
-                                    if fused:
-                                        kpm = kpad((m_len + 1) // 2)
-                                        hnl = (n_len + 1) // 2
-                                        kpn = kpad(hnl)
-                                        sr = sr16.view(np.uint16)
-                                        pds_pairs(s, dp, m_len, n_len, alpha, lt, dtt, at, ast,
-                                                  hm16, kpm, sr, 2 * hn16)
-                                        if n_len % 2 == 1:
-                                            for r in range(m_len):  # the odd column's pair
-                                                sr[r * 2 * hn16 + n_len] = 0
-                                        zero_cols(sr16, m_len, hn16, hnl, kpn)
-                                        pack_pairs16(dy, dy_off, gp[desc.DY_RS], m_len, dvd,
-                                                     yp.view(np.uint16), dvd)
-                                        pack_pairs16(q, q_off, gp[desc.Q_RS], m_len, d,
-                                                     qp.view(np.uint16), d)
-                                        product_amx(dv, v_off, gp[desc.V_RS], n_len, dvd, at, 0,
-                                                    hm16, yp, 0, dvd, kpm, True, cfg)
-                                        product_amx(dk, k_off, gp[desc.K_RS], n_len, d, ast, 0,
-                                                    hm16, qp, 0, d, kpm, True, cfg)
-                                        product_amx(dqbuf, q_off, gp[desc.Q_RS], m_len, d,
-                                                    sr16, 0, hn16, kp, (jo // 2) * d, d, kpn,
-                                                    True, cfg)
-                                        continue
-                                # dp_drop, p_drop (into rb) and ds <- p * (dp_drop - dsum) in dp
-                                drop_ds(seqtab, gp, fp, drop_mask, dsum, st, b, h, i0, m_len, j0,
-                                        n_len, s, dp, 0, rb)
+                                else:
+                                    # dp_drop, p_drop (into rb), ds <- p * (dp_drop - dsum) in dp
+                                    drop_ds(seqtab, gp, fp, drop_mask, dsum, st, b, h, i0, m_len,
+                                            j0, n_len, s, dp, 0, rb)
                                 pd = rb if dropping else s
+                                sr = sr16.view(np.uint16)
                                 if AMX:
                                     # A operands: P^T, dS^T (transposed pairs) and dS rows,
                                     # bf16 (SPEC §3), zero-padded to whole 16-pair chunks
                                     kpm = kpad((m_len + 1) // 2)
                                     hnl = (n_len + 1) // 2
                                     kpn = kpad(hnl)
-                                    t_pairs(pd, m_len, n_len, n_len, at, hm16, kpm)
-                                    t_pairs(dp, m_len, n_len, n_len, ast, hm16, kpm)
-                                    to_bf16_rows(dp, m_len, n_len, n_len, sr16.view(np.uint16),
-                                                 2 * hn16)
+                                    if FUSED:
+                                        pds_pairs(s, dp, m_len, n_len, alpha, lt, dtt, at, ast,
+                                                  hm16, kpm, sr, 2 * hn16)
+                                        if n_len % 2 == 1:
+                                            for r in range(m_len):  # the odd column's pair
+                                                sr[r * 2 * hn16 + n_len] = 0
+                                    else:
+                                        t_pairs(pd, m_len, n_len, n_len, at, hm16, kpm)
+                                        t_pairs(dp, m_len, n_len, n_len, ast, hm16, kpm)
+                                        to_bf16_rows(dp, m_len, n_len, n_len, sr, 2 * hn16)
                                     zero_cols(sr16, m_len, hn16, hnl, kpn)
                                     pack_pairs16(dy, dy_off, gp[desc.DY_RS], m_len, dvd,
                                                  yp.view(np.uint16), dvd)
@@ -691,9 +656,16 @@ def _make_bwd(kind):
                                     # P and dS rounded to bf16 (SPEC §3), pairs along the rows
                                     # for dV / dK, along the columns for dQ
                                     hml = (m_len + 1) // 2
-                                    bf16_panels(pd, m_len, n_len, n_len, pt, pstr)
-                                    bf16_panels(dp, m_len, n_len, n_len, dt, pstr)
-                                    to_bf16_rows(dp, m_len, n_len, n_len, sr16.view(np.uint16), bn)
+                                    if FUSED:
+                                        pds_panels(s, dp, m_len, n_len, alpha, lt, dtt, pt, dt,
+                                                   pstr, sr, bn)
+                                        if n_len % 2 == 1:
+                                            for r in range(m_len):  # the odd column's pair
+                                                sr[r * bn + n_len] = 0
+                                    else:
+                                        bf16_panels(pd, m_len, n_len, n_len, pt, pstr)
+                                        bf16_panels(dp, m_len, n_len, n_len, dt, pstr)
+                                        to_bf16_rows(dp, m_len, n_len, n_len, sr, bn)
                                     pack_pairs16(dy, dy_off, gp[desc.DY_RS], m_len, dvd,
                                                  yp.view(np.uint16), dvd)
                                     pack_pairs16(q, q_off, gp[desc.Q_RS], m_len, d,
@@ -722,7 +694,7 @@ def _make_bwd(kind):
     return bwd
 
 
-def _make_fwd(kind):
+def _make_fwd(kind, fused):
     """The forward driver with native products (``driver.fwd_driver``'s items, online softmax
     and ownership; S = Q K^T and O += P V through the micro-kernel or AMX tiles, P rounded to
     bf16 for the bf16 and amx kinds).  Kinds and arrays as in ``_make_bwd``."""
@@ -731,6 +703,8 @@ def _make_fwd(kind):
     W = 2 if bf else 1
     BF = 1 if bf else 0
     AMX = 1 if kind == "amx" else 0           # pruned before lowering (see _make_bwd)
+    FUSED = 1 if fused else 0
+    UNFUSED = 1 - FUSED
     if AMX:
         from .amx import kpad, product_amx, zero_cols
     else:
@@ -746,10 +720,8 @@ def _make_fwd(kind):
         g = gp[desc.G]
         alpha = score_alpha(gp, fp)
         dropping = gp[desc.DROP_KIND] != desc.DROP_NONE
-        # bf16 kinds without dropout or pse: scaling, exp and the bf16 conversion of P in one
-        # pass (online_softmax's to16); alpha > 0 keeps masked scores -inf before scaling
-        fused = (BF == 1 and not dropping and gp[desc.PSE_KIND] == desc.PSE_NONE
-                 and alpha > 0.0 and alpha < np.inf)
+        # FUSED (``fusable``: a bf16 kind, no dropout or pse, 0 < alpha < inf): scaling, exp
+        # and the bf16 conversion of P in one pass (online_softmax16) instead of three
         dw = d // W
         q32 = q.view(np.uint32)
         k32 = k.view(np.uint32)
@@ -811,21 +783,26 @@ def _make_fwd(kind):
                     else:
                         prod(s, 0, n_len, m_len, n_len, q32, q_off // W, gp[desc.Q_RS] // W, 1,
                              4 * gp[desc.Q_RS] // W, kt, 0, bn, dw, False)
-                    if alpha != 1.0 and not fused:
-                        s_ = s[:mn]
-                        for x in range(mn):
-                            s_[x] *= alpha
+                    if UNFUSED:
+                        if alpha != 1.0:
+                            s_ = s[:mn]
+                            for x in range(mn):
+                                s_[x] *= alpha
                     # (fused: masks only, -inf on the unscaled scores)
                     adjust_scores(seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0, n_len,
                                   cls, s)
                     p16h = p16.view(np.uint16)
                     ldp16 = 2 * ldp if AMX else 2 * hn
-                    online_softmax(s, m_len, n_len, 0, cls, mrun, lrun, vrow, acc, dv, sub,
-                                   cor, seqtab, gp, mask, b, h, i0, j0, fused, alpha, p16h,
-                                   ldp16)
-                    if dropping:
-                        drop_p(seqtab, gp, fp, drop_mask, b, h, i0, m_len, j0, n_len, s, rb)
-                    if fused:
+                    if FUSED:
+                        online_softmax16(s, m_len, n_len, 0, cls, mrun, lrun, vrow, acc, dv, sub,
+                                         cor, seqtab, gp, mask, b, h, i0, j0, alpha, p16h, ldp16)
+                    else:
+                        online_softmax(s, m_len, n_len, 0, cls, mrun, lrun, vrow, acc, dv, sub,
+                                       cor, seqtab, gp, mask, b, h, i0, j0, alpha, p16h, ldp16)
+                    if UNFUSED:
+                        if dropping:
+                            drop_p(seqtab, gp, fp, drop_mask, b, h, i0, m_len, j0, n_len, s, rb)
+                    if FUSED:
                         if n_len % 2 == 1:
                             for r in range(m_len):      # the odd column's pair (P = 0)
                                 p16h[r * ldp16 + n_len] = 0
@@ -885,21 +862,44 @@ def _make_fwd(kind):
 
 
 _DRIVERS = {}
+_CHUNKS = {}
+
+
+def fusable(name, kind, gp, fp):
+    """Whether a call takes the fused variant of the bf16 kinds (``_make_fwd`` / ``_make_bwd``
+    with ``fused``): no dropout, no pse (and, backward, no dpse) and 0 < scale < inf, so
+    scaling commutes with the row max and masked scores stay -inf."""
+    if kind == "f32":
+        return False
+    scale = float(fp[desc.SCALE])
+    return bool(gp[desc.DROP_KIND] == desc.DROP_NONE and gp[desc.PSE_KIND] == desc.PSE_NONE
+                and (name == "fwd" or gp[desc.DPSE_KIND] == 0)
+                and 0.0 < scale < float("inf"))
+
+
+def _chunk(name, kind, fused):
+    """The chunk kernel of (name, kind, fused), made once (each compiles on its first call, so a
+    process that never meets dropout or pse never compiles the unfused variant)."""
+    key = (name, kind, fused)
+    if key not in _CHUNKS:
+        _CHUNKS[key] = {"bwd": _make_bwd, "fwd": _make_fwd}[name](kind, fused)
+    return _CHUNKS[key]
 
 
 def driver(name, kind):
     """The native driver ``name`` ("fwd", "bwd") of ``kind`` ("f32", "bf16", "amx"; a bool means
-    "bf16" / "f32"): its chunk kernel (compiled on first call) run once per chunk of the plan by
-    ``threads.run_chunks``; the arguments are those of ``driver.fwd_driver`` /
-    ``driver.bwd_driver`` without ``bad``."""
+    "bf16" / "f32"): its chunk kernel (the fused or the unfused variant, ``fusable``; compiled
+    on first call) run once per chunk of the plan by ``threads.run_chunks``; the arguments are
+    those of ``driver.fwd_driver`` / ``driver.bwd_driver`` without ``bad``."""
     if isinstance(kind, (bool, int)):
         kind = "bf16" if kind else "f32"
     key = (name, kind)
     if key not in _DRIVERS:
-        chunk = {"bwd": _make_bwd, "fwd": _make_fwd}[name](kind)
+        gi, fi = (11, 12) if name == "fwd" else (17, 18)    # gp, fp in the argument list
 
         def run(*args):
             tptr = args[-2]                  # (..., items, tptr, visits)
+            chunk = _chunk(name, kind, fusable(name, kind, args[gi], args[fi]))
             run_chunks(chunk, tptr.size - 1, args)
 
         _DRIVERS[key] = run
