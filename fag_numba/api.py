@@ -419,7 +419,7 @@ def _run_forward(P, q, k, v):
     out = np.zeros(int(np.prod(P.dy_shape)), np.float32)
     m = np.full(nrows, -_FLT_MAX, np.float32)
     l = np.full(nrows, _FLT_MAX, np.float32)
-    items, tptr = plan_forward(st, P.dims.N1, bm, bn)
+    items, tptr = plan_forward(st, P.dims.N1, bm, bn, P.dims.D + P.dims.Dv)
     gp[desc.PV_ROWS], gp[desc.PV_KEYS] = forward_pv_split(P.dims.Dv)
     visits = np.zeros(tptr.size - 1, np.int64)
     if items.shape[0]:
@@ -637,7 +637,7 @@ def _run_backward(P, q, k, v, y, o, m, l):
     dk = np.zeros(P.raw[1].size, np.float32)
     dv = np.zeros(P.raw[2].size, np.float32)
     pp = P.pse
-    items, tptr, nsplit = plan_backward(st, d.N2, d.G, bm, bn, pp.merge_b)
+    items, tptr, nsplit = plan_backward(st, d.N2, d.G, bm, bn, pp.merge_b, d.D + d.Dv)
     gp[desc.NSPLIT] = nsplit
     gp[desc.BWD_GROUP] = backward_group(bm)
     gp[desc.DPSE_KIND] = pp.dpse_kind

@@ -128,10 +128,31 @@ def _by_cost(cost):
     return np.argsort(-cost, kind="stable")
 
 
-def plan_forward(seqtab, n1, bm, bn):
-    """Items int64 [n, 3] ordered by thread chunk, and tptr int64 [threads + 1]."""
+def chunk_count(seqtab, n1, width, limit):
+    """Chunks (threads) a plan is split over: 1 when the call's work ``N1 * sum_b S1_b * S2_b *
+    width`` (width = D + Dv: the dense multiply-adds per score, masks ignored) is at most
+    ``limit`` (config.SERIAL_WORK_FWD / _BWD), else ``threads.num_threads()``.
+
+    Below the limit the hand-off of a chunk to a pool thread and the wait for it (~0.05-0.1 ms)
+    cost more than the second thread saves.  Shape-only, and which chunk runs an item never
+    changes its result, so results stay bitwise identical whatever the thread count.
+    ``width=None``: always ``num_threads()``.
+    """
+    nt = max(1, num_threads())
+    if nt == 1 or width is None:
+        return nt
+    # float64: S1_b * S2_b can exceed int64 for absurd shapes; only small sums matter here
+    work = float(n1) * float(np.dot(seqtab[:, desc.S1].astype(np.float64),
+                                    seqtab[:, desc.S2].astype(np.float64))) * float(width)
+    return 1 if work <= limit else nt
+
+
+def plan_forward(seqtab, n1, bm, bn, width=None):
+    """Items int64 [n, 3] ordered by thread chunk, and tptr int64 [chunks + 1] (chunk count:
+    :func:`chunk_count` with config.SERIAL_WORK_FWD; width = D + Dv)."""
     items, cost = _fwd_items(seqtab, n1, bm, bn)
-    order, tptr = _assign(cost, _by_cost(cost), max(1, num_threads()))
+    nt = chunk_count(seqtab, n1, width, config.SERIAL_WORK_FWD)
+    order, tptr = _assign(cost, _by_cost(cost), nt)
     return np.ascontiguousarray(items[order]), tptr
 
 
@@ -185,11 +206,13 @@ def split_count(n_groups, n2, max_kv_blocks):
     return int(max(1, min(want, max_kv_blocks)))
 
 
-def plan_backward(seqtab, n2, g, bm, bn, merge_b):
-    """Backward plan: (items int64 [n, 4], tptr, nsplit)."""
+def plan_backward(seqtab, n2, g, bm, bn, merge_b, width=None):
+    """Backward plan: (items int64 [n, 4], tptr, nsplit); chunk count: :func:`chunk_count`
+    with config.SERIAL_WORK_BWD (width = D + Dv).  nsplit never depends on it."""
     nb = seqtab.shape[0]
     max_s2 = int(seqtab[:, desc.S2].max()) if nb else 0
     nsplit = split_count(1 if merge_b else nb, n2, -(-max_s2 // bn))
     items, cost = _bwd_items(seqtab, n2, g, bm, bn, nsplit, merge_b)
-    order, tptr = _assign(cost, _by_cost(cost), max(1, num_threads()))
+    nt = chunk_count(seqtab, n2 * g, width, config.SERIAL_WORK_BWD)
+    order, tptr = _assign(cost, _by_cost(cost), nt)
     return np.ascontiguousarray(items[order]), tptr, nsplit
