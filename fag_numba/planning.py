@@ -147,13 +147,42 @@ def chunk_count(seqtab, n1, width, limit):
     return 1 if work <= limit else nt
 
 
+#: plans of calls with at most this many sequences are cached (the key holds their bytes)
+PLAN_CACHE_SEQS = 64
+#: cached plans kept (the cache is emptied when full: decode loops repeat a few shapes)
+PLAN_CACHE_SIZE = 256
+_plans = {}
+# the seqtab columns the plans read (_fwd_items, _bwd_items, split_count)
+_PLAN_COLS = [desc.S1, desc.S2, desc.LO, desc.HI, desc.PREFIX]
+
+
+def _cached(key, seqtab, make):
+    """``make()`` -> tuple of arrays, memoised by ``key`` + the seqtab columns the plans read
+    when the call has at most PLAN_CACHE_SEQS sequences.  Returns fresh copies (the caller may
+    hand them to kernels; a cached array is never exposed).  Every input of a plan is in the
+    key: seqtab's band/length columns, the block sizes, head counts and the chunk count."""
+    if seqtab.shape[0] > PLAN_CACHE_SEQS:
+        return make()
+    key = key + (seqtab[:, _PLAN_COLS].tobytes(),)
+    hit = _plans.get(key)
+    if hit is None:
+        hit = make()
+        if len(_plans) >= PLAN_CACHE_SIZE:
+            _plans.clear()
+        _plans[key] = hit
+    return tuple(x.copy() if isinstance(x, np.ndarray) else x for x in hit)
+
+
 def plan_forward(seqtab, n1, bm, bn, width=None):
     """Items int64 [n, 3] ordered by thread chunk, and tptr int64 [chunks + 1] (chunk count:
-    :func:`chunk_count` with config.SERIAL_WORK_FWD; width = D + Dv)."""
-    items, cost = _fwd_items(seqtab, n1, bm, bn)
+    :func:`chunk_count` with config.SERIAL_WORK_FWD; width = D + Dv).  Cached per shape."""
     nt = chunk_count(seqtab, n1, width, config.SERIAL_WORK_FWD)
-    order, tptr = _assign(cost, _by_cost(cost), nt)
-    return np.ascontiguousarray(items[order]), tptr
+
+    def make():
+        items, cost = _fwd_items(seqtab, n1, bm, bn)
+        order, tptr = _assign(cost, _by_cost(cost), nt)
+        return np.ascontiguousarray(items[order]), tptr
+    return _cached(("fwd", int(n1), int(bm), int(bn), nt, LPT_ITEMS), seqtab, make)
 
 
 def backward_blocks(d):
@@ -208,11 +237,16 @@ def split_count(n_groups, n2, max_kv_blocks):
 
 def plan_backward(seqtab, n2, g, bm, bn, merge_b, width=None):
     """Backward plan: (items int64 [n, 4], tptr, nsplit); chunk count: :func:`chunk_count`
-    with config.SERIAL_WORK_BWD (width = D + Dv).  nsplit never depends on it."""
+    with config.SERIAL_WORK_BWD (width = D + Dv).  nsplit never depends on it.  Cached per
+    shape."""
     nb = seqtab.shape[0]
     max_s2 = int(seqtab[:, desc.S2].max()) if nb else 0
     nsplit = split_count(1 if merge_b else nb, n2, -(-max_s2 // bn))
-    items, cost = _bwd_items(seqtab, n2, g, bm, bn, nsplit, merge_b)
     nt = chunk_count(seqtab, n2 * g, width, config.SERIAL_WORK_BWD)
-    order, tptr = _assign(cost, _by_cost(cost), nt)
-    return np.ascontiguousarray(items[order]), tptr, nsplit
+
+    def make():
+        items, cost = _bwd_items(seqtab, n2, g, bm, bn, nsplit, merge_b)
+        order, tptr = _assign(cost, _by_cost(cost), nt)
+        return np.ascontiguousarray(items[order]), tptr, nsplit
+    return _cached(("bwd", int(n2), int(g), int(bm), int(bn), bool(merge_b), nsplit, nt,
+                    LPT_ITEMS), seqtab, make)

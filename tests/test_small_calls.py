@@ -92,3 +92,66 @@ def test_small_calls_serial_and_bitwise_as_chunked(layout, dtype, causal, monkey
         serial = _calls(args, kw)
     assert seen and set(seen) == {1}              # every plan of these calls: one chunk
     assert serial == chunked
+
+
+def _random_seqtab(rng, nb):
+    st = _seqtab(rng.integers(0, 300, nb), rng.integers(0, 300, nb))
+    st[:, desc.LO] = np.where(rng.random(nb) < 0.5, -config.BAND_INF, -rng.integers(0, 50, nb))
+    st[:, desc.HI] = np.where(rng.random(nb) < 0.5, config.BAND_INF, rng.integers(0, 50, nb))
+    st[:, desc.PREFIX] = np.where(rng.random(nb) < 0.2, rng.integers(0, 40, nb), 0)
+    return st
+
+
+def _uncached(monkeypatch):
+    monkeypatch.setattr(planning, "PLAN_CACHE_SEQS", -1)
+
+
+@pytest.mark.parametrize("nt", sorted({1, NT}))
+def test_plan_cache_returns_the_uncached_plans(nt, monkeypatch):
+    """planning's plan cache: the same plans as computed afresh for random band/prefix tables,
+    block sizes, GQA and merge_b, at 1 and every thread; fresh arrays on every hit (writing one
+    does not reach the next call); a different band column or thread count is a different
+    plan."""
+    rng = np.random.default_rng(5)
+    planning._plans.clear()
+    cases = []
+    for _ in range(30):
+        st = _random_seqtab(rng, int(rng.integers(1, 6)))
+        cases.append((st, int(rng.integers(1, 4)), int(rng.integers(1, 3)),
+                      int(rng.integers(4, 40)), int(rng.integers(4, 40)), bool(rng.random() < .3)))
+    with fag_numba.threads(nt):
+        for st, n2, g, bm, bn, merge_b in cases:
+            got = [planning.plan_forward(st, n2 * g, bm, bn, 32),
+                   planning.plan_backward(st, n2, g, bm, bn, merge_b, 32)]
+            again = [planning.plan_forward(st, n2 * g, bm, bn, 32),      # hits
+                     planning.plan_backward(st, n2, g, bm, bn, merge_b, 32)]
+            with monkeypatch.context() as m:
+                _uncached(m)
+                want = [planning.plan_forward(st, n2 * g, bm, bn, 32),
+                        planning.plan_backward(st, n2, g, bm, bn, merge_b, 32)]
+            for a, b, c in zip(got, again, want):
+                for x, y, z in zip(a, b, c):
+                    np.testing.assert_array_equal(x, z)
+                    np.testing.assert_array_equal(y, z)
+                    if isinstance(x, np.ndarray):
+                        assert x is not y and x.flags.writeable
+        st, n2, g, bm, bn, merge_b = cases[0]
+        items, tptr = planning.plan_forward(st, n2 * g, bm, bn, 32)
+        items[:] = -1
+        tptr[:] = -1
+        items2, tptr2 = planning.plan_forward(st, n2 * g, bm, bn, 32)
+        assert items2.min() >= 0 and tptr2[-1] == items2.shape[0]
+        st2 = st.copy()
+        st2[0, desc.HI] = 0 if st[0, desc.HI] != 0 else 1        # another band: another plan
+        with monkeypatch.context() as m:
+            _uncached(m)
+            want2 = planning.plan_forward(st2, n2 * g, bm, bn, 32)
+        got2 = planning.plan_forward(st2, n2 * g, bm, bn, 32)
+        np.testing.assert_array_equal(got2[0], want2[0])
+    if NT > 1:
+        st = _seqtab([40, 30], [40, 50])
+        with fag_numba.threads(NT):
+            a = planning.plan_forward(st, 4, 8, 8, 32)
+        with fag_numba.threads(1):
+            b = planning.plan_forward(st, 4, 8, 8, 32)
+        assert a[1].size == NT + 1 and b[1].size == 2
