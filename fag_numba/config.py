@@ -81,6 +81,11 @@ DEFAULTS = {
     # the amx kind measured 1 thread faster up to (1,8,1024) in that run: not used, see README.)
     "SERIAL_WORK_FWD": 1 << 24,
     "SERIAL_WORK_BWD": 1 << 23,
+    # planning.py caches the plans of calls with at most PLAN_CACHE_SEQS sequences (the key
+    # holds their lengths and bands; decode loops repeat a few shapes), up to PLAN_CACHE_SIZE
+    # plans (then emptied).  A cached plan skips ~10-20 us of numpy per call.
+    "PLAN_CACHE_SEQS": 64,
+    "PLAN_CACHE_SIZE": 256,
 }
 
 BLOCK_M = DEFAULTS["BLOCK_M"]
@@ -100,6 +105,8 @@ BF16_PRODUCTS = DEFAULTS["BF16_PRODUCTS"]
 CONVERT_THREAD_MIN = DEFAULTS["CONVERT_THREAD_MIN"]
 SERIAL_WORK_FWD = DEFAULTS["SERIAL_WORK_FWD"]
 SERIAL_WORK_BWD = DEFAULTS["SERIAL_WORK_BWD"]
+PLAN_CACHE_SEQS = DEFAULTS["PLAN_CACHE_SEQS"]
+PLAN_CACHE_SIZE = DEFAULTS["PLAN_CACHE_SIZE"]
 
 # Numba policy (STYLE b4): never the blanket fastmath flag.  'reassoc' lets row reductions vectorise,
 # 'contract' allows FMA; nnan/ninf are excluded because masking relies on -inf.

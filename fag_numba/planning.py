@@ -147,10 +147,6 @@ def chunk_count(seqtab, n1, width, limit):
     return 1 if work <= limit else nt
 
 
-#: plans of calls with at most this many sequences are cached (the key holds their bytes)
-PLAN_CACHE_SEQS = 64
-#: cached plans kept (the cache is emptied when full: decode loops repeat a few shapes)
-PLAN_CACHE_SIZE = 256
 _plans = {}
 # the seqtab columns the plans read (_fwd_items, _bwd_items, split_count)
 _PLAN_COLS = [desc.S1, desc.S2, desc.LO, desc.HI, desc.PREFIX]
@@ -158,16 +154,17 @@ _PLAN_COLS = [desc.S1, desc.S2, desc.LO, desc.HI, desc.PREFIX]
 
 def _cached(key, seqtab, make):
     """``make()`` -> tuple of arrays, memoised by ``key`` + the seqtab columns the plans read
-    when the call has at most PLAN_CACHE_SEQS sequences.  Returns fresh copies (the caller may
-    hand them to kernels; a cached array is never exposed).  Every input of a plan is in the
-    key: seqtab's band/length columns, the block sizes, head counts and the chunk count."""
-    if seqtab.shape[0] > PLAN_CACHE_SEQS:
+    when the call has at most config.PLAN_CACHE_SEQS sequences.  Returns fresh copies (the
+    caller may hand them to kernels; a cached array is never exposed).  Every input of a plan
+    is in the key: seqtab's band/length columns, the block sizes, head counts and the chunk
+    count (dict get/set are atomic: concurrent calls at worst compute a plan twice)."""
+    if seqtab.shape[0] > config.PLAN_CACHE_SEQS:
         return make()
     key = key + (seqtab[:, _PLAN_COLS].tobytes(),)
     hit = _plans.get(key)
     if hit is None:
         hit = make()
-        if len(_plans) >= PLAN_CACHE_SIZE:
+        if len(_plans) >= config.PLAN_CACHE_SIZE:
             _plans.clear()
         _plans[key] = hit
     return tuple(x.copy() if isinstance(x, np.ndarray) else x for x in hit)

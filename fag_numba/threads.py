@@ -146,7 +146,9 @@ def _blas_libs():
     """threadpoolctl's controllers of the loaded BLAS libraries (found once, with the
     controller)."""
     ctl = _controller()
-    return () if ctl is None else tuple(lib for lib in ctl.lib_controllers if lib.user_api == "blas")
+    if ctl is None:
+        return ()
+    return tuple(lib for lib in ctl.lib_controllers if lib.user_api == "blas")
 
 
 @contextlib.contextmanager

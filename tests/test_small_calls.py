@@ -103,7 +103,7 @@ def _random_seqtab(rng, nb):
 
 
 def _uncached(monkeypatch):
-    monkeypatch.setattr(planning, "PLAN_CACHE_SEQS", -1)
+    monkeypatch.setattr(config, "PLAN_CACHE_SEQS", -1)
 
 
 @pytest.mark.parametrize("nt", sorted({1, NT}))
