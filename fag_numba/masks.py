@@ -398,6 +398,87 @@ def dense_flat(mask):
     return np.ascontiguousarray(mask).reshape(-1).view(np.uint8)
 
 
+def _bounds(sparse_mode, pre, nxt, prefix, seq_q, seq_k, batch):
+    """(lo, hi, prefix, full) of a masked call, after the token and prefix rules of its mode
+    (FagValueError).  Fresh arrays; memoised for calls of at most ``config.PLAN_CACHE_SEQS``
+    sequences (every input is in the key; only successful results are kept): ~20 us of numpy
+    per masked call."""
+    if batch > config.PLAN_CACHE_SEQS:
+        return _bounds_of(sparse_mode, pre, nxt, prefix, seq_q, seq_k, batch)
+    key = (sparse_mode, pre, nxt, None if prefix is None else tuple(_prefix_values(prefix)),
+           batch, seq_q.tobytes(), seq_k.tobytes())
+    hit = _bounds_memo.get(key)
+    if hit is None:
+        hit = _bounds_of(sparse_mode, pre, nxt, prefix, seq_q, seq_k, batch)
+        if len(_bounds_memo) >= config.PLAN_CACHE_SIZE:
+            _bounds_memo.clear()
+        _bounds_memo[key] = hit
+    lo, hi, pfx, full = hit
+    return lo.copy(), hi.copy(), pfx.copy(), full
+
+
+_bounds_memo = {}
+
+
+def _bounds_of(sparse_mode, pre, nxt, prefix, seq_q, seq_k, batch):
+    """:func:`_bounds`, computed."""
+    zeros = np.zeros(batch, np.int64)
+    nonempty = (seq_q > 0) & (seq_k > 0)
+    delta = seq_k - seq_q
+    lo = np.full(batch, -_INF, np.int64)
+    hi = np.full(batch, _INF, np.int64)
+    pfx = zeros.copy()
+    pc = np.int64(max(-_INF, min(_INF, pre)))      # clamped: arithmetic below cannot overflow
+    nc = np.int64(max(-_INF, min(_INF, nxt)))
+
+    if sparse_mode == 0:
+        _check_tokens(0, pre, nxt, seq_q, seq_k, nonempty)
+        lo[:] = -pc
+        hi[:] = nc
+    elif sparse_mode == 2:
+        hi[:] = 0
+    elif sparse_mode == 3:
+        hi[:] = delta
+    elif sparse_mode == 4:
+        _check_tokens(4, pre, nxt, seq_q, seq_k, nonempty)
+        lo[:] = delta - pc
+        hi[:] = delta + nc
+    elif sparse_mode in (5, 6):
+        pfx = _check_prefix(sparse_mode, prefix, seq_q, seq_k, batch)
+        hi[:] = delta
+    elif sparse_mode in (7, 8):
+        hi[:] = delta if sparse_mode == 7 else 0
+        cand = np.flatnonzero(seq_q > 0)
+        if sparse_mode == 7:
+            bad = nonempty & (seq_q > seq_k)
+            bad[cand[-1:]] = False
+            if bad.any():
+                b = int(np.flatnonzero(bad)[0])
+                raise FagValueError(
+                    f"actual_seq_qlen, actual_seq_kvlen: sparse_mode 7 needs S1_b <= S2_b for "
+                    f"every sequence but the last non-empty one (a right-down causal cut), got "
+                    f"S1={seq_q[b]}, S2={seq_k[b]} for sequence {b}")
+        if cand.size:
+            band = int(cand[-1] if sparse_mode == 7 else cand[0])
+            which = np.zeros(batch, dtype=bool)
+            which[band] = nonempty[band]
+            _check_tokens(sparse_mode, pre, nxt, seq_q, seq_k, which, band=True)
+            lo[band] = delta[band] - pc
+            hi[band] = delta[band] + nc
+    # canonical bounds: a limit that excludes nothing in sequence b (every i - j >= -(S1_b - 1),
+    # every j - i <= S2_b - 1) is stored as exactly -/+BAND_INF; this also clamps to the range
+    lo[lo <= 1 - seq_q] = -_INF
+    hi[hi >= seq_k - 1] = _INF
+    np.clip(lo, -_INF, _INF, out=lo)
+    np.clip(hi, -_INF, _INF, out=hi)
+
+    # full: _band_tile_class(lo, hi, prefix, 0, S1, 0, S2) == FULL for every non-empty sequence,
+    # vectorised (B may be large in non-TND layouts)
+    jm = np.maximum(pfx, 0)
+    covered = (seq_k <= pfx) | ((lo <= jm - (seq_q - 1)) & (seq_k - 1 <= hi))
+    return lo, hi, pfx, bool(np.all(covered | ~nonempty))
+
+
 def plan_masks(atten_mask, sparse_mode, pre_tokens, next_tokens, prefix, seq_q, seq_k, *,
                batch: int, n1: int, tnd: bool, s1: int | None = None,
                s2: int | None = None, defer: bool = False) -> MaskPlan:
@@ -509,67 +590,15 @@ def plan_masks(atten_mask, sparse_mode, pre_tokens, next_tokens, prefix, seq_q, 
     else:
         _check_compressed(mask, sparse_mode)
 
-    nonempty = (seq_q > 0) & (seq_k > 0)
-    delta = seq_k - seq_q
-    lo = np.full(batch, -_INF, np.int64)
-    hi = np.full(batch, _INF, np.int64)
-    pfx = zeros.copy()
-    pc = np.int64(max(-_INF, min(_INF, pre)))      # clamped: arithmetic below cannot overflow
-    nc = np.int64(max(-_INF, min(_INF, nxt)))
-
-    if sparse_mode == 0:
-        _check_tokens(0, pre, nxt, seq_q, seq_k, nonempty)
-        lo[:] = -pc
-        hi[:] = nc
-    elif sparse_mode == 2:
-        hi[:] = 0
-    elif sparse_mode == 3:
-        hi[:] = delta
-    elif sparse_mode == 4:
-        _check_tokens(4, pre, nxt, seq_q, seq_k, nonempty)
-        lo[:] = delta - pc
-        hi[:] = delta + nc
-    elif sparse_mode in (5, 6):
-        pfx = _check_prefix(sparse_mode, prefix, seq_q, seq_k, batch)
-        hi[:] = delta
-    elif sparse_mode in (7, 8):
-        hi[:] = delta if sparse_mode == 7 else 0
-        cand = np.flatnonzero(seq_q > 0)
-        if sparse_mode == 7:
-            bad = nonempty & (seq_q > seq_k)
-            bad[cand[-1:]] = False
-            if bad.any():
-                b = int(np.flatnonzero(bad)[0])
-                raise FagValueError(
-                    f"actual_seq_qlen, actual_seq_kvlen: sparse_mode 7 needs S1_b <= S2_b for "
-                    f"every sequence but the last non-empty one (a right-down causal cut), got "
-                    f"S1={seq_q[b]}, S2={seq_k[b]} for sequence {b}")
-        if cand.size:
-            band = int(cand[-1] if sparse_mode == 7 else cand[0])
-            which = np.zeros(batch, dtype=bool)
-            which[band] = nonempty[band]
-            _check_tokens(sparse_mode, pre, nxt, seq_q, seq_k, which, band=True)
-            lo[band] = delta[band] - pc
-            hi[band] = delta[band] + nc
-    # canonical bounds: a limit that excludes nothing in sequence b (every i - j >= -(S1_b - 1),
-    # every j - i <= S2_b - 1) is stored as exactly -/+BAND_INF; this also clamps to the range
-    lo[lo <= 1 - seq_q] = -_INF
-    hi[hi >= seq_k - 1] = _INF
-    np.clip(lo, -_INF, _INF, out=lo)
-    np.clip(hi, -_INF, _INF, out=hi)
+    lo, hi, pfx, full = _bounds(sparse_mode, pre, nxt, prefix, seq_q, seq_k, batch)
 
     if sparse_mode in _DENSE_MODES:
         # defer: the caller converts later (dense_flat), after every other argument's checks
         dense = mask if defer else dense_flat(mask)
         return MaskPlan(lo=lo, hi=hi, prefix=pfx, has_dense=True, dense=dense, dense_boff=boff,
                         dense_hs=int(hs), dense_rs=int(rs), sparse_mode=sparse_mode, full=False)
-    # full: _band_tile_class(lo, hi, prefix, 0, S1, 0, S2) == FULL for every non-empty sequence,
-    # vectorised (B may be large in non-TND layouts)
-    jm = np.maximum(pfx, 0)
-    covered = (seq_k <= pfx) | ((lo <= jm - (seq_q - 1)) & (seq_k - 1 <= hi))
-    full = bool(np.all(covered | ~nonempty))
     return MaskPlan(lo=lo, hi=hi, prefix=pfx, has_dense=False, dense=np.zeros(1, np.uint8),
-                    dense_boff=zeros.copy(), dense_hs=0, dense_rs=0, sparse_mode=sparse_mode,
+                    dense_boff=zeros, dense_hs=0, dense_rs=0, sparse_mode=sparse_mode,
                     full=full)
 
 

@@ -818,3 +818,44 @@ def test_random_against_reference_builder():
                         assert bc == _cls(got)
                 checked += 1
     assert checked > 100
+
+
+def test_bounds_memo_equals_fresh_plans(monkeypatch):
+    """masks._bounds memoises the band/prefix bounds of small calls: on random masked calls
+    (every mode, random tokens, lengths, prefixes; each made twice so the second is a hit) the
+    plans equal those computed with the memo off, hits hand out fresh arrays, and a call that
+    breaks a token or prefix rule raises every time (failures are never memoised)."""
+    from fag_numba import masks
+    rng = np.random.default_rng(21)
+    masks._bounds_memo.clear()
+    fields = ("lo", "hi", "prefix", "dense_boff")
+    seen = errors = 0
+    for _ in range(300):
+        mode = int(rng.integers(0, 9))
+        tnd = mode in (7, 8) or (mode != 5 and rng.random() < 0.3)
+        nb = int(rng.integers(1, 4))
+        sq = [int(x) for x in rng.integers(0, 7, nb)] if tnd else [int(rng.integers(1, 8))] * nb
+        sk = [int(x) for x in rng.integers(0, 7, nb)] if tnd else [int(rng.integers(1, 8))] * nb
+        pre, nxt = (int(x) for x in rng.integers(-8, 9, 2))
+        mask = (np.zeros((max(sq), max(sk)), bool) if mode in (0, 1, 5)
+                else (TRI6 if mode == 6 else TRI))
+        prefix = [int(x) for x in rng.integers(0, 8, nb)] if mode in (5, 6) else None
+        kw = dict(pre=pre, nxt=nxt, prefix=prefix, sq=sq, sk=sk, tnd=tnd)
+        with monkeypatch.context() as m:
+            m.setattr(config, "PLAN_CACHE_SEQS", -1)
+            try:
+                want = plan(mask, mode, **kw)
+            except FagValueError as e:
+                for _ in range(2):
+                    raises(FagValueError, str(e).split(":")[0], plan, mask, mode, **kw)
+                errors += 1
+                continue
+        for _ in range(2):
+            got = plan(mask, mode, **kw)
+            for f in fields:
+                np.testing.assert_array_equal(getattr(got, f), getattr(want, f))
+            assert got.full == want.full
+        got.lo[:] = 7                       # a hit is a fresh array
+        assert not np.array_equal(plan(mask, mode, **kw).lo, got.lo) or np.all(want.lo == 7)
+        seen += 1
+    assert seen > 100 and errors > 20
