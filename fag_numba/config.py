@@ -82,9 +82,11 @@ DEFAULTS = {
     "SERIAL_WORK_FWD": 1 << 24,
     "SERIAL_WORK_BWD": 1 << 23,
     # planning.py caches the plans of calls with at most PLAN_CACHE_SEQS sequences (the key
-    # holds their lengths and bands; decode loops repeat a few shapes), up to PLAN_CACHE_SIZE
-    # plans (then emptied).  A cached plan skips ~10-20 us of numpy per call.
+    # holds their lengths and bands; decode loops repeat a few shapes) and at most
+    # PLAN_CACHE_ITEMS work items (<= 128 KB each), up to PLAN_CACHE_SIZE plans (then
+    # emptied: <= 32 MB).  A cached plan skips ~10-20 us of numpy per call.
     "PLAN_CACHE_SEQS": 64,
+    "PLAN_CACHE_ITEMS": 4096,
     "PLAN_CACHE_SIZE": 256,
 }
 
@@ -106,6 +108,7 @@ CONVERT_THREAD_MIN = DEFAULTS["CONVERT_THREAD_MIN"]
 SERIAL_WORK_FWD = DEFAULTS["SERIAL_WORK_FWD"]
 SERIAL_WORK_BWD = DEFAULTS["SERIAL_WORK_BWD"]
 PLAN_CACHE_SEQS = DEFAULTS["PLAN_CACHE_SEQS"]
+PLAN_CACHE_ITEMS = DEFAULTS["PLAN_CACHE_ITEMS"]
 PLAN_CACHE_SIZE = DEFAULTS["PLAN_CACHE_SIZE"]
 
 # Numba policy (STYLE b4): never the blanket fastmath flag.  'reassoc' lets row reductions vectorise,

@@ -154,7 +154,8 @@ _PLAN_COLS = [desc.S1, desc.S2, desc.LO, desc.HI, desc.PREFIX]
 
 def _cached(key, seqtab, make):
     """``make()`` -> tuple of arrays, memoised by ``key`` + the seqtab columns the plans read
-    when the call has at most config.PLAN_CACHE_SEQS sequences.  Returns fresh copies (the
+    when the call has at most config.PLAN_CACHE_SEQS sequences and the plan at most
+    config.PLAN_CACHE_ITEMS items (bounded memory).  Returns fresh copies (the
     caller may hand them to kernels; a cached array is never exposed).  Every input of a plan
     is in the key: seqtab's band/length columns, the block sizes, head counts and the chunk
     count (dict get/set are atomic: concurrent calls at worst compute a plan twice)."""
@@ -164,6 +165,8 @@ def _cached(key, seqtab, make):
     hit = _plans.get(key)
     if hit is None:
         hit = make()
+        if hit[0].shape[0] > config.PLAN_CACHE_ITEMS:
+            return hit                   # a large plan: its numpy cost is small next to its run
         if len(_plans) >= config.PLAN_CACHE_SIZE:
             _plans.clear()
         _plans[key] = hit

@@ -155,3 +155,15 @@ def test_plan_cache_returns_the_uncached_plans(nt, monkeypatch):
         with fag_numba.threads(1):
             b = planning.plan_forward(st, 4, 8, 8, 32)
         assert a[1].size == NT + 1 and b[1].size == 2
+
+
+def test_plan_cache_keeps_only_small_plans(monkeypatch):
+    """Plans of more than config.PLAN_CACHE_ITEMS items are not kept (bounded memory)."""
+    planning._plans.clear()
+    st = _seqtab([64, 64], [64, 64])
+    monkeypatch.setattr(config, "PLAN_CACHE_ITEMS", 3)
+    items, _ = planning.plan_forward(st, 2, 8, 8, 32)            # 2 * 2 * 8 = 32 items
+    assert items.shape[0] > 3 and not planning._plans
+    monkeypatch.setattr(config, "PLAN_CACHE_ITEMS", 10**6)
+    planning.plan_forward(st, 2, 8, 8, 32)
+    assert len(planning._plans) == 1
