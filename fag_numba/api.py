@@ -422,7 +422,7 @@ def _run_forward(P, q, k, v):
     out = np.zeros(int(np.prod(P.dy_shape)), np.float32)
     m = np.full(nrows, -_FLT_MAX, np.float32)
     l = np.full(nrows, _FLT_MAX, np.float32)
-    items, tptr = plan_forward(st, P.dims.N1, bm, bn)
+    items, tptr = plan_forward(st, P.dims.N1, bm, bn, P.dims.D + P.dims.Dv)
     gp[desc.PV_ROWS], gp[desc.PV_KEYS] = forward_pv_split(P.dims.Dv)
     visits = np.zeros(tptr.size - 1, np.int64)
     if items.shape[0]:
@@ -640,7 +640,7 @@ def _run_backward(P, q, k, v, y, o, m, l):
     dk = np.zeros(P.raw[1].size, np.float32)
     dv = np.zeros(P.raw[2].size, np.float32)
     pp = P.pse
-    items, tptr, nsplit = plan_backward(st, d.N2, d.G, bm, bn, pp.merge_b)
+    items, tptr, nsplit = plan_backward(st, d.N2, d.G, bm, bn, pp.merge_b, d.D + d.Dv)
     gp[desc.NSPLIT] = nsplit
     gp[desc.BWD_GROUP] = backward_group(bm)
     gp[desc.DPSE_KIND] = pp.dpse_kind
@@ -649,8 +649,8 @@ def _run_backward(P, q, k, v, y, o, m, l):
     dslope = np.zeros((d.B, d.N1, nsplit) if pp.dpse_kind == 3 else (1, 1, 1), np.float32)
     visits = np.zeros(tptr.size - 1, np.int64)
     if items.shape[0] and nrows:
-        with blas_single_thread():
-            rowstats_driver(y, o, m, l, st, gp, lse, dsum)
+        # (plain loops, no BLAS: no thread limit to set; ~10 us of set/restore calls saved)
+        rowstats_driver(y, o, m, l, st, gp, lse, dsum)
         # statistics rows: dsum = rowsum(dy * attention_in) carries non-finite attention_in
         # rows; an lse of NaN / -inf makes a computed P of a -inf score NaN (guard.p_guard)
         with np.errstate(invalid="ignore"):

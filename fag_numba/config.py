@@ -90,6 +90,21 @@ DEFAULTS = {
     #   4M        892 / 584  880 / 568  868 / 551  876 / 553
     # (the hand-off to a pool thread costs 20-70 us; below ~1M one thread is faster)
     "CONVERT_THREAD_MIN": 1 << 20,
+    # Small calls run on the calling thread alone (planning.chunk_count): when the call's work
+    # N1 * sum_b S1_b * S2_b * (D + Dv) is at most this (forward / backward).  Same plans and
+    # results, only chunked once.  1 vs 2 threads, fp32 BNSD D=64, medians of 7 x 7 alternating
+    # calls (2-core Xeon, load ~1), ms: forward (1,2,128) 0.27 / 0.37, (1,2,256) 0.49 / 0.52,
+    # (1,4,256) 0.81 / 0.71; backward (1,2,128) 0.44 / 0.55, (1,2,256) 0.92 / 0.84.  (bf16 on
+    # the amx kind measured 1 thread faster up to (1,8,1024) in that run: not used, see README.)
+    "SERIAL_WORK_FWD": 1 << 24,
+    "SERIAL_WORK_BWD": 1 << 23,
+    # planning.py caches the plans of calls with at most PLAN_CACHE_SEQS sequences (the key
+    # holds their lengths and bands; decode loops repeat a few shapes) and at most
+    # PLAN_CACHE_ITEMS work items (<= 128 KB each), up to PLAN_CACHE_SIZE plans (then
+    # emptied: <= 32 MB).  A cached plan skips ~10-20 us of numpy per call.
+    "PLAN_CACHE_SEQS": 64,
+    "PLAN_CACHE_ITEMS": 4096,
+    "PLAN_CACHE_SIZE": 256,
 }
 
 BLOCK_M = DEFAULTS["BLOCK_M"]
@@ -110,6 +125,11 @@ FWD_PV_MIN_ROWS = DEFAULTS["FWD_PV_MIN_ROWS"]
 NATIVE = DEFAULTS["NATIVE"]
 BF16_PRODUCTS = DEFAULTS["BF16_PRODUCTS"]
 CONVERT_THREAD_MIN = DEFAULTS["CONVERT_THREAD_MIN"]
+SERIAL_WORK_FWD = DEFAULTS["SERIAL_WORK_FWD"]
+SERIAL_WORK_BWD = DEFAULTS["SERIAL_WORK_BWD"]
+PLAN_CACHE_SEQS = DEFAULTS["PLAN_CACHE_SEQS"]
+PLAN_CACHE_ITEMS = DEFAULTS["PLAN_CACHE_ITEMS"]
+PLAN_CACHE_SIZE = DEFAULTS["PLAN_CACHE_SIZE"]
 
 # Numba policy (STYLE b4): never the blanket fastmath flag.  'reassoc' lets row reductions vectorise,
 # 'contract' allows FMA; nnan/ninf are excluded because masking relies on -inf.

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 import fag_numba
+from fag_numba.masks import compressed_mask
 from fag_numba.torch.npu import _draw_seed, numpy_to_tensor, tensor_to_numpy
 
 __all__ = [
@@ -57,7 +58,8 @@ __all__ = [
 
 INT32_MAX = 2147483647
 FLASH_ATTN_VERSION = "2.8.3+fag_numba"
-_CAUSAL = np.triu(np.ones((2048, 2048), dtype=bool), 1)
+# the library's own canonical mask: immutable, so calls skip the per-call check of its 4 MB
+_CAUSAL = compressed_mask(3)
 
 
 # ----------------------------------------------------------------------------------------------

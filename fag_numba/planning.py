@@ -128,11 +128,61 @@ def _by_cost(cost):
     return np.argsort(-cost, kind="stable")
 
 
-def plan_forward(seqtab, n1, bm, bn):
-    """Items int64 [n, 3] ordered by thread chunk, and tptr int64 [threads + 1]."""
-    items, cost = _fwd_items(seqtab, n1, bm, bn)
-    order, tptr = _assign(cost, _by_cost(cost), max(1, num_threads()))
-    return np.ascontiguousarray(items[order]), tptr
+def chunk_count(seqtab, n1, width, limit):
+    """Chunks (threads) a plan is split over: 1 when the call's work ``N1 * sum_b S1_b * S2_b *
+    width`` (width = D + Dv: the dense multiply-adds per score, masks ignored) is at most
+    ``limit`` (config.SERIAL_WORK_FWD / _BWD), else ``threads.num_threads()``.
+
+    Below the limit the hand-off of a chunk to a pool thread and the wait for it (~0.05-0.1 ms)
+    cost more than the second thread saves.  Shape-only, and which chunk runs an item never
+    changes its result, so results stay bitwise identical whatever the thread count.
+    ``width=None``: always ``num_threads()``.
+    """
+    nt = max(1, num_threads())
+    if nt == 1 or width is None:
+        return nt
+    # float64: S1_b * S2_b can exceed int64 for absurd shapes; only small sums matter here
+    work = float(n1) * float(np.dot(seqtab[:, desc.S1].astype(np.float64),
+                                    seqtab[:, desc.S2].astype(np.float64))) * float(width)
+    return 1 if work <= limit else nt
+
+
+_plans = {}
+# the seqtab columns the plans read (_fwd_items, _bwd_items, split_count)
+_PLAN_COLS = [desc.S1, desc.S2, desc.LO, desc.HI, desc.PREFIX]
+
+
+def _cached(key, seqtab, make):
+    """``make()`` -> tuple of arrays, memoised by ``key`` + the seqtab columns the plans read
+    when the call has at most config.PLAN_CACHE_SEQS sequences and the plan at most
+    config.PLAN_CACHE_ITEMS items (bounded memory).  Returns fresh copies (the
+    caller may hand them to kernels; a cached array is never exposed).  Every input of a plan
+    is in the key: seqtab's band/length columns, the block sizes, head counts and the chunk
+    count (dict get/set are atomic: concurrent calls at worst compute a plan twice)."""
+    if seqtab.shape[0] > config.PLAN_CACHE_SEQS:
+        return make()
+    key = key + (seqtab[:, _PLAN_COLS].tobytes(),)
+    hit = _plans.get(key)
+    if hit is None:
+        hit = make()
+        if hit[0].shape[0] > config.PLAN_CACHE_ITEMS:
+            return hit                   # a large plan: its numpy cost is small next to its run
+        if len(_plans) >= config.PLAN_CACHE_SIZE:
+            _plans.clear()
+        _plans[key] = hit
+    return tuple(x.copy() if isinstance(x, np.ndarray) else x for x in hit)
+
+
+def plan_forward(seqtab, n1, bm, bn, width=None):
+    """Items int64 [n, 3] ordered by thread chunk, and tptr int64 [chunks + 1] (chunk count:
+    :func:`chunk_count` with config.SERIAL_WORK_FWD; width = D + Dv).  Cached per shape."""
+    nt = chunk_count(seqtab, n1, width, config.SERIAL_WORK_FWD)
+
+    def make():
+        items, cost = _fwd_items(seqtab, n1, bm, bn)
+        order, tptr = _assign(cost, _by_cost(cost), nt)
+        return np.ascontiguousarray(items[order]), tptr
+    return _cached(("fwd", int(n1), int(bm), int(bn), nt, LPT_ITEMS), seqtab, make)
 
 
 def backward_blocks(d, kind=None):
@@ -188,11 +238,18 @@ def split_count(n_groups, n2, max_kv_blocks):
     return int(max(1, min(want, max_kv_blocks)))
 
 
-def plan_backward(seqtab, n2, g, bm, bn, merge_b):
-    """Backward plan: (items int64 [n, 4], tptr, nsplit)."""
+def plan_backward(seqtab, n2, g, bm, bn, merge_b, width=None):
+    """Backward plan: (items int64 [n, 4], tptr, nsplit); chunk count: :func:`chunk_count`
+    with config.SERIAL_WORK_BWD (width = D + Dv).  nsplit never depends on it.  Cached per
+    shape."""
     nb = seqtab.shape[0]
     max_s2 = int(seqtab[:, desc.S2].max()) if nb else 0
     nsplit = split_count(1 if merge_b else nb, n2, -(-max_s2 // bn))
-    items, cost = _bwd_items(seqtab, n2, g, bm, bn, nsplit, merge_b)
-    order, tptr = _assign(cost, _by_cost(cost), max(1, num_threads()))
-    return np.ascontiguousarray(items[order]), tptr, nsplit
+    nt = chunk_count(seqtab, n2 * g, width, config.SERIAL_WORK_BWD)
+
+    def make():
+        items, cost = _bwd_items(seqtab, n2, g, bm, bn, nsplit, merge_b)
+        order, tptr = _assign(cost, _by_cost(cost), nt)
+        return np.ascontiguousarray(items[order]), tptr, nsplit
+    return _cached(("bwd", int(n2), int(g), int(bm), int(bn), bool(merge_b), nsplit, nt,
+                    LPT_ITEMS), seqtab, make)

@@ -75,7 +75,7 @@ def _controller():
 # call and left the user's numpy/SciPy at one thread.
 _blas_lock = threading.Lock()
 _blas_depth = 0
-_blas_limiter = None
+_blas_saved = None
 # The chunk runner's worker threads (created on first use; a forked child starts a new pool:
 # the parent's threads do not exist there).
 _pool_lock = threading.Lock()
@@ -85,11 +85,11 @@ _pool = None
 def _after_fork_in_child():
     """Locks held by other threads at fork time are dead in the child, and so are the pool's
     threads: start from scratch (the child then computes normally: no OpenMP runtime is used)."""
-    global _blas_depth, _blas_limiter, _blas_lock, _pool_lock, _pool
+    global _blas_depth, _blas_saved, _blas_lock, _pool_lock, _pool
     _blas_lock = threading.Lock()
     _pool_lock = threading.Lock()
     _blas_depth = 0
-    _blas_limiter = None
+    _blas_saved = None
     _pool = None
 
 
@@ -141,26 +141,46 @@ def run_chunks(kernel, nchunks, args):
         raise error
 
 
+@functools.lru_cache(maxsize=1)
+def _blas_libs():
+    """threadpoolctl's controllers of the loaded BLAS libraries (found once, with the
+    controller)."""
+    ctl = _controller()
+    if ctl is None:
+        return ()
+    return tuple(lib for lib in ctl.lib_controllers if lib.user_api == "blas")
+
+
 @contextlib.contextmanager
 def blas_single_thread():
     """Around every driver call: hold the BLAS libraries at one thread while any call runs (the
-    chunk kernels call BLAS from several threads at once), restored when the last call ends."""
-    global _blas_depth, _blas_limiter
-    ctl = _controller()
-    if ctl is not None:
+    chunk kernels call BLAS from several threads at once), restored when the last call ends.
+
+    Each library's own get/set_num_threads, not ``ThreadpoolController.limit``: the limiter
+    object and its info dicts cost ~30 us per call, noticeable on small calls; a library
+    already at one thread is not touched."""
+    global _blas_depth, _blas_saved
+    libs = _blas_libs()
+    if libs:
         with _blas_lock:
             if _blas_depth == 0:
-                _blas_limiter = ctl.limit(limits=1, user_api="blas")
+                saved = [(lib, lib.num_threads) for lib in libs]
+                for lib, n in saved:
+                    if n != 1:
+                        lib.set_num_threads(1)
+                _blas_saved = saved
             _blas_depth += 1
     try:
         yield
     finally:
-        if ctl is not None:
+        if libs:
             with _blas_lock:
                 _blas_depth -= 1
-                if _blas_depth == 0 and _blas_limiter is not None:
-                    _blas_limiter.restore_original_limits()
-                    _blas_limiter = None
+                if _blas_depth == 0 and _blas_saved is not None:
+                    for lib, n in _blas_saved:
+                        if n != 1:
+                            lib.set_num_threads(n)
+                    _blas_saved = None
 
 
 def runtime_info():

@@ -8,8 +8,9 @@
   a private ``FAG_NUMBA_CACHE_DIR`` for this session, so the subprocesses tests start (CLI,
   ring, install probes) share one cache: the first compiles, the others load.
 - Fixtures: ``rng`` (a session-wide seeded generator), ``blocks`` (patch the tile sizes and the
-  S2 split target for one test; restored automatically), and an autouse guard that restores
-  every ``fag_numba.config`` tunable after each test.
+  S2 split target for one test; restored automatically), an autouse guard that restores
+  every ``fag_numba.config`` tunable after each test, and an autouse patch that keeps small
+  calls chunked over every thread (``_chunked_small_calls``).
 
 The repository root is put on ``sys.path`` so the tests use the checkout (the package is not
 installed); ``tests/`` itself is on ``sys.path`` through pytest's rootdir-less import mode, so
@@ -87,6 +88,16 @@ def _restore_config():
     yield
     for k, v in saved.items():
         setattr(config, k, v)
+
+
+@pytest.fixture(autouse=True)
+def _chunked_small_calls(monkeypatch):
+    """Tests run small inputs: without this every call would sit below
+    ``config.SERIAL_WORK_FWD`` / ``_BWD`` and run on the calling thread alone, and the
+    multi-chunk paths (thread hand-off, determinism across thread counts) would go untested.
+    Tests of the serial rule itself set the limits back (tests/test_small_calls.py)."""
+    monkeypatch.setattr(config, "SERIAL_WORK_FWD", 0)
+    monkeypatch.setattr(config, "SERIAL_WORK_BWD", 0)
 
 
 @pytest.fixture

@@ -5,6 +5,9 @@ line per check."""
 import sys, os, threading, time
 import numpy as np
 import fag_numba, numba
+# these calls are small: keep them on the worker threads (planning.chunk_count), which is what
+# this worker checks
+fag_numba.config.SERIAL_WORK_FWD = fag_numba.config.SERIAL_WORK_BWD = 0
 from threadpoolctl import threadpool_info
 q = np.random.default_rng(0).standard_normal((1, 2, 300, 32)).astype(np.float32)
 before = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]

@@ -514,6 +514,107 @@ def test_non_canonical_compressed_mask(mode, where):
     raises(FagValueError, "atten_mask.*canonical", plan, m.astype(np.uint8), mode, **kw)
 
 
+def _forms(m):
+    """The forms a compressed mask reaches the check in: bool and uint8, writeable and
+    read-only (numba types them apart), 4-D, 8-byte misaligned and strided (the numpy
+    fallback), and a uint8 copy holding 3 for masked (canonical as booleans)."""
+    ro = m.copy()
+    ro.flags.writeable = False
+    buf = np.zeros(m.size + 1, np.uint8)
+    odd = buf[1:].view(bool).reshape(m.shape)            # misaligned: not the word kernel
+    odd[...] = m
+    wide = np.zeros((m.shape[0], 2 * m.shape[1]), bool)
+    wide[:, ::2] = m
+    return [m, m.astype(np.uint8), m.astype(np.uint8) * 3, ro, m.reshape((1, 1) + m.shape),
+            odd, wide[:, ::2]]
+
+
+# every place a row's expected bytes change: the first and last rows and columns, both sides
+# of the diagonal, both sides of a word boundary (the check reads 8 bytes at a time), mode 6's
+# first / last extra rows and both sides of their column 1024
+_FLIPS = [(0, 0), (0, 1), (0, 7), (0, 8), (0, 2047), (7, 7), (7, 8), (8, 8), (8, 9), (1000, 999),
+          (1000, 1000), (1000, 1001), (1023, 1024), (2046, 2047), (2047, 2046), (2047, 2047),
+          (2048, 0), (2048, 1023), (2048, 1024), (2048, 2047), (2500, 1023), (2500, 1024),
+          (3071, 1023), (3071, 1024), (3071, 2047)]
+
+
+@pytest.mark.parametrize("mode", [3, 6])
+def test_canonical_check_every_form_and_single_flips(mode):
+    """The canonical check accepts the canonical mask in every form and refuses each single
+    flipped element (SPEC §7: a non-canonical compressed mask is always an error)."""
+    canon = TRI6 if mode == 6 else TRI
+    kw = dict(sq=[4], sk=[4], prefix=[0] if mode == 6 else None)
+    for m in _forms(canon):
+        plan(m, mode, **kw)
+    for r, c in _FLIPS:
+        if r >= canon.shape[0]:
+            continue
+        m = canon.copy()
+        m[r, c] = ~m[r, c]
+        for x in _forms(m):
+            raises(FagValueError, r"atten_mask.*canonical.*element \[%d, %d\]" % (r, c), plan,
+                   x, mode, **kw)
+
+
+def test_canonical_check_kernel_against_numpy():
+    """masks._first_bad_row against a numpy row comparison, on random sets of flipped
+    elements (seeded), and on a mask canonical as booleans but not as 0/1 bytes (a difference
+    for the word kernel: the caller then compares as booleans).  Under NUMBA_DISABLE_JIT (the
+    coverage lane: a Python loop over the words) on 48-row slices: the triangle's top rows and
+    mode 6's extra rows alone (``split=0``: every row is a t = 1024 row)."""
+    import numba
+    from fag_numba.masks import _first_bad_row
+    rng = np.random.default_rng(7)
+    if numba.config.DISABLE_JIT:
+        cases = [(TRI[:48], 2048), (TRI6[2048:2096], 0)]
+    else:
+        cases = [(TRI, 2048), (TRI6, 2048)]
+    for canon, split in cases:
+        canon = np.ascontiguousarray(canon)
+        assert _first_bad_row(canon.reshape(-1).view(np.uint64), 256, split) == -1
+        for _ in range(40):
+            m = canon.copy()
+            n = int(rng.integers(1, 4))
+            rows = rng.integers(0, m.shape[0], n)
+            cols = rng.integers(0, 2048, n)
+            m[rows, cols] = ~m[rows, cols]
+            want = int(np.flatnonzero((m != canon).any(axis=1))[0])
+            assert _first_bad_row(m.reshape(-1).view(np.uint64), 256, split) == want
+        m3 = canon.astype(np.uint8) * 3
+        assert _first_bad_row(m3.reshape(-1).view(np.uint64), 256, split) == 0
+
+
+def test_compressed_mask_is_immutable_and_skips_the_check(monkeypatch):
+    """masks.compressed_mask: the canonical masks, read-only over immutable memory (cannot be
+    made writeable), accepted without reading (the word kernel is not called for it or its
+    4-D reshape); every other array, a copy or read-only, is still read and checked."""
+    from fag_numba import masks
+    m3, m6 = masks.compressed_mask(3), masks.compressed_mask(6)
+    assert m3 is masks.compressed_mask(2) and m3.dtype == np.bool_
+    np.testing.assert_array_equal(m3, TRI)
+    np.testing.assert_array_equal(m6, TRI6)
+    for m in (m3, m6):
+        assert not m.flags.writeable
+        with pytest.raises(ValueError):
+            m.flags.writeable = True
+    raises(FagValueError, "sparse_mode", masks.compressed_mask, 1)
+    calls = []
+    real = masks._first_bad_row
+    monkeypatch.setattr(masks, "_first_bad_row", lambda *a: calls.append(1) or real(*a))
+    plan(m3, 3)
+    plan(m3.reshape(1, 1, 2048, 2048), 3)
+    nonTND(m6, 6, 4, 4, prefix=[0])
+    assert calls == []
+    bad = m3.copy()                       # a copy is the user's: read, and refused when wrong
+    bad[5, 5] = True
+    bad.flags.writeable = False
+    raises(FagValueError, "canonical", plan, bad, 3)
+    other = np.frombuffer(bad.tobytes(), dtype=bool).reshape(2048, 2048)   # immutable too
+    raises(FagValueError, "canonical", plan, other, 3)
+    import numba
+    assert len(calls) == (0 if numba.config.DISABLE_JIT else 2)   # (no kernel without the JIT)
+
+
 def test_full_mask_shapes():
     z = lambda *s: np.zeros(s, bool)                    # noqa: E731
     raises(FagValueError, "atten_mask", nonTND, z(5, 7), 0, 4, 7)
@@ -717,3 +818,44 @@ def test_random_against_reference_builder():
                         assert bc == _cls(got)
                 checked += 1
     assert checked > 100
+
+
+def test_bounds_memo_equals_fresh_plans(monkeypatch):
+    """masks._bounds memoises the band/prefix bounds of small calls: on random masked calls
+    (every mode, random tokens, lengths, prefixes; each made twice so the second is a hit) the
+    plans equal those computed with the memo off, hits hand out fresh arrays, and a call that
+    breaks a token or prefix rule raises every time (failures are never memoised)."""
+    from fag_numba import masks
+    rng = np.random.default_rng(21)
+    masks._bounds_memo.clear()
+    fields = ("lo", "hi", "prefix", "dense_boff")
+    seen = errors = 0
+    for _ in range(300):
+        mode = int(rng.integers(0, 9))
+        tnd = mode in (7, 8) or (mode != 5 and rng.random() < 0.3)
+        nb = int(rng.integers(1, 4))
+        sq = [int(x) for x in rng.integers(0, 7, nb)] if tnd else [int(rng.integers(1, 8))] * nb
+        sk = [int(x) for x in rng.integers(0, 7, nb)] if tnd else [int(rng.integers(1, 8))] * nb
+        pre, nxt = (int(x) for x in rng.integers(-8, 9, 2))
+        mask = (np.zeros((max(sq), max(sk)), bool) if mode in (0, 1, 5)
+                else (TRI6 if mode == 6 else TRI))
+        prefix = [int(x) for x in rng.integers(0, 8, nb)] if mode in (5, 6) else None
+        kw = dict(pre=pre, nxt=nxt, prefix=prefix, sq=sq, sk=sk, tnd=tnd)
+        with monkeypatch.context() as m:
+            m.setattr(config, "PLAN_CACHE_SEQS", -1)
+            try:
+                want = plan(mask, mode, **kw)
+            except FagValueError as e:
+                for _ in range(2):
+                    raises(FagValueError, str(e).split(":")[0], plan, mask, mode, **kw)
+                errors += 1
+                continue
+        for _ in range(2):
+            got = plan(mask, mode, **kw)
+            for f in fields:
+                np.testing.assert_array_equal(getattr(got, f), getattr(want, f))
+            assert got.full == want.full
+        got.lo[:] = 7                       # a hit is a fresh array
+        assert not np.array_equal(plan(mask, mode, **kw).lo, got.lo) or np.all(want.lo == 7)
+        seen += 1
+    assert seen > 100 and errors > 20
