@@ -22,8 +22,9 @@ DEFAULTS = {
     # AMX backward (native kind "amx") below WIDE_D: query rows per tile are BLOCK_M times this
     # factor (a factor, not a size, so tests that patch BLOCK_M small keep small AMX tiles).
     # The products accumulate dK, dV through C tile loads and stores once per query tile, so
-    # taller tiles move less C per flop; the result is bitwise the same for any factor (the
-    # tile products add their 16-pair chunks in the same order).  Same-process A/B, bf16
+    # taller tiles move less C per flop; for tiles of whole 16-pair chunks (32-row multiples,
+    # as 96 and 192) the result is bitwise the same for any factor (the tile products add the
+    # same chunks in the same order).  Same-process A/B, bf16
     # backward, 2 threads: 192 rows (1,4,4096,64) 0.85 / 0.89, (1,1,8192,64) 0.94,
     # (2,16,512,64) 0.99 of the 96-row time; 256 rows 0.98; at D = 128 (BLOCK_M_WIDE) 192 or
     # 256 rows measured no gain (1.03 / 1.05).

@@ -161,13 +161,15 @@ def test_fused_backward_step_bitwise_equals_six_passes(name, case, path, blocks,
 
 
 def test_amx_taller_backward_tiles_bitwise_equal(path, blocks, rng, monkeypatch):
-    """The AMX backward's BWD_AMX_ROWS_FACTOR changes the tiles only: dK, dV, dQ accumulate the
-    same 16-pair chunks in the same order whatever the tile height, so 1x, 2x and 3x rows give
-    the same bits (and the factor is really applied: the tile counts differ)."""
+    """The AMX backward's BWD_AMX_ROWS_FACTOR changes the tiles only: with tiles of whole
+    16-pair chunks (32-row multiples, as the defaults) dK, dV, dQ accumulate the same chunks in
+    the same order whatever the tile height, so 1x, 2x and 3x rows give the same bits (and the
+    factor is really applied: the tile counts differ).  Smaller tiles cut the contraction into
+    other chunks (``amx.product_amx``), which may round differently."""
     from fag_numba import api as api_mod
     path("amx")
-    blocks(bm=6, bn=10)
-    q, k, v, dy = make_qkv("BSND", 2, 4, 2, 61, 47, 16, 16, BF16, rng)
+    blocks(bm=32, bn=10)
+    q, k, v, dy = make_qkv("BSND", 2, 4, 2, 192, 47, 16, 16, BF16, rng)
     out = fag_numba.flash_attention_score(q, k, v, 4, "BSND", scale_value=0.3)
     kw = dict(softmax_max=out.softmax_max, softmax_sum=out.softmax_sum,
               attention_in=out.attention_out, scale_value=0.3)

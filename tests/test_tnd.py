@@ -26,7 +26,7 @@ from fag_numba import api
 from fag_numba.errors import FagTypeError, FagValueError
 from reference import FLT_MAX, ref_backward, ref_computed, ref_forward, tnd_sequences
 from tolerances import tolerance
-from utils import assert_close, fwd_block_n, make_qkv
+from utils import assert_close, bwd_block_m, fwd_block_n, make_qkv
 
 F32 = np.dtype(np.float32)
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -135,7 +135,7 @@ def check_tnd(cq, ck, N1, N2, D, Dv, dtype, seed, *, extra_q=0, extra_k=0, softm
     for x in (fo.attention_out, fo.softmax_max, fo.softmax_sum, *g[:3]):
         assert np.isfinite(np.asarray(x, dtype=np.float64)).all()
     # tiles: exactly the non-EMPTY ones, local tiling per sequence
-    assert bwd_tiles == tile_count(cq, ck, N1, BM, BN, **kw)
+    assert bwd_tiles == tile_count(cq, ck, N1, bwd_block_m(BM, dtype, D, Dv), BN, **kw)
     assert api.last_tile_count["forward"] == tile_count(cq, ck, N1, FBM,
                                                         fwd_block_n(FBN, dtype, D, Dv), **kw)
     return (q, k, v, dy), fo, g

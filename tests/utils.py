@@ -269,3 +269,16 @@ def fwd_block_n(fbn, dtype, d, dv):
 
     kind = isa.native_kind(np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16), d, dv)
     return fbn + fbn % 2 if kind in ("bf16", "amx") else fbn
+
+
+def bwd_block_m(bm, dtype, d, dv):
+    """The backward tile height a call runs for a configured ``BLOCK_M`` of ``bm`` (below
+    ``config.WIDE_D``): the "amx" kind takes ``BWD_AMX_ROWS_FACTOR`` times as many rows, the
+    bf16-pair kinds round it up to even.  For tests that count tiles."""
+    import ml_dtypes
+    from fag_numba import config, isa
+
+    kind = isa.native_kind(np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16), d, dv)
+    if kind == "amx" and d < config.WIDE_D:
+        bm *= max(int(config.BWD_AMX_ROWS_FACTOR), 1)
+    return bm + bm % 2 if kind in ("bf16", "amx") else bm
