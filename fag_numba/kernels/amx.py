@@ -282,6 +282,17 @@ def _product(c, c_off, ldc, m, n, a, a_off, lda, b, b_off, ldb, kp, accum, cfg):
 
 
 
+def _edges(builder, nrows, ncols):
+    """(mask of the block's columns < ncols, its last row index clamped to >= 0): rows past
+    nrows are addressed as that row (never outside the operand) and masked off."""
+    colmask = builder.icmp_signed("<", ir.Constant(_VI, list(range(16))),
+                                  _splat(builder, builder.trunc(ncols, _I32), _VI))
+    last = builder.sub(nrows, ir.Constant(_I64, 1))
+    last = builder.select(builder.icmp_signed("<", last, ir.Constant(_I64, 0)),
+                          ir.Constant(_I64, 0), last)
+    return colmask, last
+
+
 @intrinsic
 def _tpairs16(typingctx, src, s_off, ld, nrows, ncols, dst, d_off, ldd):
     """One 32-row x 16-column block of float32 ``src`` (rows ``ld`` apart from ``s_off``) as
@@ -299,12 +310,7 @@ def _tpairs16(typingctx, src, s_off, ld, nrows, ncols, dst, d_off, ldd):
         mload = _fn(mod, "llvm.masked.load.v16f32.p0", _VF, [sbase.type, _I32, _VM, _VF])
         mstore = _fn(mod, "llvm.masked.store.v16i32.p0", _VOID, [_VI, dbase.type, _I32, _VM])
         zero = ir.Constant(_VF, [0.0] * 16)
-        ncols32 = builder.trunc(ncols, _I32)
-        colmask = builder.icmp_signed("<", ir.Constant(_VI, list(range(16))),
-                                      _splat(builder, ncols32, _VI))
-        last = builder.sub(nrows, ir.Constant(_I64, 1))
-        last = builder.select(builder.icmp_signed("<", last, ir.Constant(_I64, 0)),
-                              ir.Constant(_I64, 0), last)
+        colmask, last = _edges(builder, nrows, ncols)
         rows = []
         for r in range(32):
             rc = ir.Constant(_I64, r)
@@ -387,12 +393,7 @@ def _pds16(typingctx, s, dp, t_off, ld, nrows, ncols, alpha, lt, dt, r0, at, ast
         hstore = _fn(mod, "llvm.masked.store.v16i16.p0", _VOID,
                      [ir.VectorType(_I16, 16), srb.type, _I32, _VM])
         zero = ir.Constant(_VF, [0.0] * 16)
-        ncols32 = builder.trunc(ncols, _I32)
-        colmask = builder.icmp_signed("<", ir.Constant(_VI, list(range(16))),
-                                      _splat(builder, ncols32, _VI))
-        last = builder.sub(nrows, ir.Constant(_I64, 1))
-        last = builder.select(builder.icmp_signed("<", last, ir.Constant(_I64, 0)),
-                              ir.Constant(_I64, 0), last)
+        colmask, last = _edges(builder, nrows, ncols)
         alphav = _splat(builder, alpha, _VF)
         prow, dsrow = [], []
         for r in range(32):

@@ -59,3 +59,16 @@ def rounded(builder, v):
     are the AVX-512 kernels)."""
     f = fn(builder.module, f"llvm.arithmetic.fence.v{v.type.count}f32", v.type, [v.type])
     return builder.call(f, [v])
+
+
+def store(builder, v, ptr, align, mask=None):
+    """Store the vector ``v`` at ``ptr``: all lanes, or those of the <n x i1> ``mask`` (LLVM's
+    masked store, named after v's type: v16f32, v16i16, v16i32, ...)."""
+    if mask is None:
+        builder.store(v, ptr, align=align)
+        return
+    el = v.type.element
+    tag = "f32" if isinstance(el, ir.FloatType) else f"i{el.width}"
+    f = fn(builder.module, f"llvm.masked.store.v{v.type.count}{tag}.p0", VOID,
+           [v.type, ptr.type, I32, mask.type])
+    builder.call(f, [v, ptr, ir.Constant(I32, align), mask])

@@ -18,7 +18,7 @@ from ..masks import _band_tile_class, _dense_tile_class
 from . import desc
 from .llir import (F32 as _F32, I32 as _I32, I64 as _I64, VB16 as _VB16, VF as _VF, VH16 as _VH16,
                    VI as _VI, VM as _VM, data as _data, fn as _llvm_fn, rounded as _rounded,
-                   splat as _splat)
+                   splat as _splat, store as _store)
 
 # numba's own BLAS entry (it calls SciPy's cython_blas sgemm): single-threaded here because the
 # chunk kernels run it on several threads at once and hold OpenBLAS to one thread (threads.py).
@@ -177,21 +177,11 @@ def _make_exp_row(full, to16=False):
                 """Store the values of element i on: in place, or as bf16 into dst."""
                 if to16:
                     h = builder.bitcast(builder.fptrunc(v, _VB16), _VH16)
-                    ph = builder.bitcast(builder.gep(dbase, [i]), _VH16.as_pointer())
-                    if mask is None:
-                        builder.store(h, ph, align=2)
-                    else:
-                        hs = _llvm_fn(mod, "llvm.masked.store.v16i16.p0", ir.VoidType(),
-                                      [_VH16, ph.type, _I32, _VM])
-                        builder.call(hs, [h, ph, ir.Constant(_I32, 2), mask])
-                    return
-                pf = builder.bitcast(builder.gep(base, [i]), _VF.as_pointer())
-                if mask is None:
-                    builder.store(v, pf, align=4)
+                    _store(builder, h, builder.bitcast(builder.gep(dbase, [i]),
+                                                       _VH16.as_pointer()), 2, mask)
                 else:
-                    ms = _llvm_fn(mod, "llvm.masked.store.v16f32.p0", ir.VoidType(),
-                                  [_VF, pf.type, _I32, _VM])
-                    builder.call(ms, [v, pf, ir.Constant(_I32, 4), mask])
+                    _store(builder, v, builder.bitcast(builder.gep(base, [i]),
+                                                       _VF.as_pointer()), 4, mask)
             zero = _vc(_ZERO)
             nvec = builder.and_(n, ir.Constant(_I64, -16))
             entry = builder.block
