@@ -35,9 +35,9 @@ from numba.extending import intrinsic
 
 from .. import _jit, isa
 from .tile import _exp16
-from .llir import (I1 as _I1, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64, VB16 as _VB16,
-                   VF as _VF, VI as _VI, VM as _VM, VOID as _VOID, fn as _fn, rounded as _rounded,
-                   splat as _splat)
+from .llir import (I1 as _I1, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64, VF as _VF,
+                   VB16 as _VB16, VI as _VI, VM as _VM, VOID as _VOID, bf16_pairs as _bf16_pairs,
+                   fn as _fn, rounded as _rounded, splat as _splat)
 
 # the tile-data permission, asked at import so a direct user of these kernels (a benchmark, a
 # test) cannot run a tile instruction without it (SIGILL); the drivers ask through
@@ -348,16 +348,7 @@ def _transpose16(builder, vec):
 
 def _pair_rows(builder, rows):
     """32 float32 rows -> 16 <16 x i32> of bf16 pairs (row 2p, row 2p + 1) per lane."""
-    idx = []
-    for c in range(16):
-        idx += [c, 16 + c]
-    out = []
-    for p in range(16):
-        z = builder.shuffle_vector(builder.fptrunc(rows[2 * p], _VB16),
-                                   builder.fptrunc(rows[2 * p + 1], _VB16),
-                                   ir.Constant(ir.VectorType(_I32, 32), idx))
-        out.append(builder.bitcast(z, _VI))
-    return out
+    return [_bf16_pairs(builder, rows[2 * p], rows[2 * p + 1]) for p in range(16)]
 
 
 @intrinsic

@@ -72,3 +72,14 @@ def store(builder, v, ptr, align, mask=None):
     f = fn(builder.module, f"llvm.masked.store.v{v.type.count}{tag}.p0", VOID,
            [v.type, ptr.type, I32, mask.type])
     builder.call(f, [v, ptr, ir.Constant(I32, align), mask])
+
+
+def bf16_pairs(builder, x0, x1):
+    """Two <16 x float> rows as one <16 x i32> of bf16 pairs: lane c holds (bf16(x0[c]),
+    bf16(x1[c])) (round to nearest even), the "VNNI" dword of rows 2p, 2p + 1."""
+    idx = []
+    for c in range(16):
+        idx += [c, 16 + c]
+    z = builder.shuffle_vector(builder.fptrunc(x0, VB16), builder.fptrunc(x1, VB16),
+                               ir.Constant(ir.VectorType(I32, 32), idx))
+    return builder.bitcast(z, VI)

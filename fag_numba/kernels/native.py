@@ -35,7 +35,8 @@ from .driver import (_dpse_tile, kv_block_range, online_softmax, online_softmax1
                      q_block_range, trim_tile)
 from .llir import (BFloat as _BFloat, I1 as _I1, I16 as _I16, I32 as _I32, I64 as _I64,
                    VB16 as _VB16, VB32 as _VB32, VF as _VF, VH16 as _VH16, VI as _VI, VM as _VM,
-                   data as _data, fn as _fn, rounded as _rounded, splat as _splat)
+                   bf16_pairs as _bf16_pairs, data as _data, fn as _fn, rounded as _rounded,
+                   splat as _splat)
 from .guard import row_keeps_computed
 from .tile import (NEG_INF, _exp16, adjust_scores, drop_ds, drop_p, exp_sub, score_alpha,
                    tile_class)
@@ -189,14 +190,21 @@ def _cvt16(typingctx, src, s_off, dst, d_off):
 _V4 = ir.VectorType(_I32, 4)
 
 
-def _store_panels(builder, vec16, base, d_off, pstride):
-    """Store dwords 4k..4k+3 of a <16 x i32> at ``base[d_off + k * pstride]`` (k < 4)."""
+def _store_panels(builder, vec16, base, d_off, pstride, ncols=None):
+    """Store dwords 4k..4k+3 of a <16 x i32> at ``base[d_off + k * pstride]`` (k < 4); with
+    ``ncols`` (i64) only the groups that start inside it (4k < ncols)."""
     for kk in range(4):
-        piece = builder.shuffle_vector(vec16, ir.Constant(_VI, ir.Undefined),
-                                       ir.Constant(_V4, [4 * kk + x for x in range(4)]))
-        off = builder.add(d_off, builder.mul(pstride, ir.Constant(_I64, kk)))
-        builder.store(piece, builder.bitcast(builder.gep(base, [off]), _V4.as_pointer()),
-                      align=4)
+        def put():
+            piece = builder.shuffle_vector(vec16, ir.Constant(_VI, ir.Undefined),
+                                           ir.Constant(_V4, [4 * kk + x for x in range(4)]))
+            off = builder.add(d_off, builder.mul(pstride, ir.Constant(_I64, kk)))
+            builder.store(piece, builder.bitcast(builder.gep(base, [off]), _V4.as_pointer()),
+                          align=4)
+        if ncols is None:
+            put()
+        else:
+            with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, 4 * kk), ncols)):
+                put()
 
 
 @intrinsic
@@ -225,12 +233,7 @@ def _panel_bf16(typingctx, src, o0, o1, dst, d_off, pstride):
         base = _data(context, builder, sig.args[0], sv)
         x0 = builder.load(builder.bitcast(builder.gep(base, [o0]), _VF.as_pointer()), align=4)
         x1 = builder.load(builder.bitcast(builder.gep(base, [o1]), _VF.as_pointer()), align=4)
-        idx = []
-        for c in range(16):
-            idx += [c, 16 + c]
-        z = builder.shuffle_vector(builder.fptrunc(x0, _VB16), builder.fptrunc(x1, _VB16),
-                                   ir.Constant(ir.VectorType(_I32, 32), idx))
-        _store_panels(builder, builder.bitcast(z, _VI),
+        _store_panels(builder, _bf16_pairs(builder, x0, x1),
                       _data(context, builder, sig.args[3], dv), do, ps)
         return context.get_dummy_value()
 
@@ -282,24 +285,10 @@ def _pds_pair16(typingctx, s, dp, o0, o1, two, ncols, alpha, l0, l1, d0, d1, pt,
             h = builder.bitcast(builder.fptrunc(ds, _VB16), _VH16)
             builder.call(hstore, [h, builder.gep(srb, [so]), ir.Constant(_I32, 2), m])
             vals.append((p, ds))
-        idx = []
-        for c in range(16):
-            idx += [c, 16 + c]
         for k, arr in ((0, ptv), (1, dtv)):
-            z = builder.shuffle_vector(builder.fptrunc(vals[0][k], _VB16),
-                                       builder.fptrunc(vals[1][k], _VB16),
-                                       ir.Constant(ir.VectorType(_I32, 32), idx))
-            z = builder.bitcast(z, _VI)
-            base = _data(context, builder, sig.args[11 + k], arr)
-            for kk in range(4):
-                # the 4-column group kk only when it starts inside the tile
-                ok = builder.icmp_signed("<", ir.Constant(_I64, 4 * kk), ncols)
-                with builder.if_then(ok):
-                    piece = builder.shuffle_vector(z, ir.Constant(_VI, ir.Undefined),
-                                                   ir.Constant(_V4, [4 * kk + x for x in range(4)]))
-                    off = builder.add(d_off, builder.mul(pstride, ir.Constant(_I64, kk)))
-                    builder.store(piece, builder.bitcast(builder.gep(base, [off]),
-                                                         _V4.as_pointer()), align=4)
+            # the 4-column groups that start inside the tile
+            _store_panels(builder, _bf16_pairs(builder, vals[0][k], vals[1][k]),
+                          _data(context, builder, sig.args[11 + k], arr), d_off, pstride, ncols)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -529,8 +518,8 @@ def _make_bwd(kind, fused):
             at = np.empty(max(AMX * bn * hm16, 1), np.uint32)
             ast = np.empty(max(AMX * bn * hm16, 1), np.uint32)
             # fused step: lse and Dsum of the tile's rows (AMX reads up to 2 * hm16 + 32 in)
-            lt = np.empty(max(BF * (2 * hm16 + 32), 1), np.float32)
-            dtt = np.empty(max(BF * (2 * hm16 + 32), 1), np.float32)
+            lt = np.empty(max(FUSED * (2 * hm16 + 32), 1), np.float32)
+            dtt = np.empty(max(FUSED * (2 * hm16 + 32), 1), np.float32)
             cfg = np.zeros(64, np.uint8)
             for it in range(tptr[t], tptr[t + 1]):
                 n2 = items[it, 2]
