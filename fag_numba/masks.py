@@ -59,6 +59,7 @@ import numba
 import numpy as np
 
 from . import _jit, config
+from .memo import memoised
 from .errors import FagTypeError, FagValueError
 from .kernels.desc import EMPTY, FULL, PARTIAL
 from .validation import check_int, is_int
@@ -407,14 +408,8 @@ def _bounds(sparse_mode, pre, nxt, prefix, seq_q, seq_k, batch):
         return _bounds_of(sparse_mode, pre, nxt, prefix, seq_q, seq_k, batch)
     key = (sparse_mode, pre, nxt, None if prefix is None else tuple(_prefix_values(prefix)),
            batch, seq_q.tobytes(), seq_k.tobytes())
-    hit = _bounds_memo.get(key)
-    if hit is None:
-        hit = _bounds_of(sparse_mode, pre, nxt, prefix, seq_q, seq_k, batch)
-        if len(_bounds_memo) >= config.PLAN_CACHE_SIZE:
-            _bounds_memo.clear()
-        _bounds_memo[key] = hit
-    lo, hi, pfx, full = hit
-    return lo.copy(), hi.copy(), pfx.copy(), full
+    return memoised(_bounds_memo, key,
+                    lambda: _bounds_of(sparse_mode, pre, nxt, prefix, seq_q, seq_k, batch))
 
 
 _bounds_memo = {}

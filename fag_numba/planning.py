@@ -12,6 +12,7 @@ from .threads import num_threads
 import numpy as np
 
 from . import config
+from .memo import memoised
 from .kernels import desc
 
 
@@ -153,24 +154,16 @@ _PLAN_COLS = [desc.S1, desc.S2, desc.LO, desc.HI, desc.PREFIX]
 
 
 def _cached(key, seqtab, make):
-    """``make()`` -> tuple of arrays, memoised by ``key`` + the seqtab columns the plans read
-    when the call has at most config.PLAN_CACHE_SEQS sequences and the plan at most
-    config.PLAN_CACHE_ITEMS items (bounded memory).  Returns fresh copies (the
-    caller may hand them to kernels; a cached array is never exposed).  Every input of a plan
-    is in the key: seqtab's band/length columns, the block sizes, head counts and the chunk
-    count (dict get/set are atomic: concurrent calls at worst compute a plan twice)."""
+    """``make()`` -> tuple of arrays, memoised (:func:`memo.memoised`: fresh copies) by ``key``
+    + the seqtab columns the plans read, when the call has at most config.PLAN_CACHE_SEQS
+    sequences and the plan at most config.PLAN_CACHE_ITEMS items (bounded memory).  Every
+    input of a plan is in the key: seqtab's band/length columns, the block sizes, head counts
+    and the chunk count."""
     if seqtab.shape[0] > config.PLAN_CACHE_SEQS:
         return make()
-    key = key + (seqtab[:, _PLAN_COLS].tobytes(),)
-    hit = _plans.get(key)
-    if hit is None:
-        hit = make()
-        if hit[0].shape[0] > config.PLAN_CACHE_ITEMS:
-            return hit                   # a large plan: its numpy cost is small next to its run
-        if len(_plans) >= config.PLAN_CACHE_SIZE:
-            _plans.clear()
-        _plans[key] = hit
-    return tuple(x.copy() if isinstance(x, np.ndarray) else x for x in hit)
+    # a large plan is not kept: its numpy cost is small next to its run
+    return memoised(_plans, key + (seqtab[:, _PLAN_COLS].tobytes(),), make,
+                    keep=lambda plan: plan[0].shape[0] <= config.PLAN_CACHE_ITEMS)
 
 
 def plan_forward(seqtab, n1, bm, bn, width=None):
