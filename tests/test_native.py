@@ -115,6 +115,15 @@ def test_paths_match_reference(name, case, dtype, path, blocks, rng):
         assert_close(g.dpse, r[3], tolerance(np.float32, "dpse"), "dpse")
 
 
+def _fused_case(case, rng):
+    """(layout, N1, q, k, v, dy, kwargs, zero pse) of a CASES entry in bf16: a zero pse of type 1
+    ((X + 0) * scale: the same scaled scores) forces the unfused passes of the bf16 kinds."""
+    lay, B, N1, N2, S1, S2, D, kw = case
+    q, k, v, dy = make_qkv(lay, B, N1, N2, S1, S2, D, D, BF16, rng)
+    kw = dict(_kwargs(kw, N1), scale_value=0.3)
+    return lay, N1, q, k, v, dy, kw, np.zeros((B, N1, S1, S2), np.float32)
+
+
 @pytest.mark.parametrize("name", ["amx", "bf16"])
 @pytest.mark.parametrize("case", CASES[:3], ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES[:3])])
 def test_fused_forward_softmax_bitwise_equals_three_passes(name, case, path, blocks, rng):
@@ -123,13 +132,9 @@ def test_fused_forward_softmax_bitwise_equals_three_passes(name, case, path, blo
     scores) takes the three passes.  Outputs and statistics must be bitwise equal."""
     used = path(name)
     blocks(bm=6, bn=10)
-    lay, B, N1, N2, S1, S2, D, kw = case
-    kw = _kwargs(kw, N1)
-    q, k, v, _ = make_qkv(lay, B, N1, N2, S1, S2, D, D, BF16, rng)
-    fused = fag_numba.flash_attention_score(q, k, v, N1, lay, scale_value=0.3, **kw)
-    zero = np.zeros((B, N1, S1, S2), np.float32)
-    passes = fag_numba.flash_attention_score(q, k, v, N1, lay, scale_value=0.3, pse=zero,
-                                             pse_type=1, **kw)
+    lay, N1, q, k, v, _, kw, zero = _fused_case(case, rng)
+    fused = fag_numba.flash_attention_score(q, k, v, N1, lay, **kw)
+    passes = fag_numba.flash_attention_score(q, k, v, N1, lay, pse=zero, pse_type=1, **kw)
     assert used == [name, name]
     for a, e in zip(fused, passes):
         assert a.tobytes() == e.tobytes()
@@ -144,14 +149,11 @@ def test_fused_backward_step_bitwise_equals_six_passes(name, case, path, blocks,
     equal."""
     used = path(name)
     blocks(bm=6, bn=10)
-    lay, B, N1, N2, S1, S2, D, kw = case
-    kw = _kwargs(kw, N1)
-    q, k, v, dy = make_qkv(lay, B, N1, N2, S1, S2, D, D, BF16, rng)
-    out = fag_numba.flash_attention_score(q, k, v, N1, lay, scale_value=0.3, **kw)
+    lay, N1, q, k, v, dy, kw, zero = _fused_case(case, rng)
+    out = fag_numba.flash_attention_score(q, k, v, N1, lay, **kw)
     stats = dict(softmax_max=out.softmax_max, softmax_sum=out.softmax_sum,
-                 attention_in=out.attention_out, scale_value=0.3, **kw)
+                 attention_in=out.attention_out, **kw)
     fused = fag_numba.flash_attention_score_grad(q, k, v, dy, N1, lay, **stats)
-    zero = np.zeros((B, N1, S1, S2), np.float32)
     passes = fag_numba.flash_attention_score_grad(q, k, v, dy, N1, lay, pse=zero, pse_type=1,
                                                   **stats)
     assert used == [name] * 3
@@ -166,7 +168,6 @@ def test_amx_taller_backward_tiles_bitwise_equal(path, blocks, rng, monkeypatch)
     the same order whatever the tile height, so 1x, 2x and 3x rows give the same bits (and the
     factor is really applied: the tile counts differ).  Smaller tiles cut the contraction into
     other chunks (``amx.product_amx``), which may round differently."""
-    from fag_numba import api as api_mod
     path("amx")
     blocks(bm=32, bn=10)
     q, k, v, dy = make_qkv("BSND", 2, 4, 2, 192, 47, 16, 16, BF16, rng)
@@ -178,7 +179,7 @@ def test_amx_taller_backward_tiles_bitwise_equal(path, blocks, rng, monkeypatch)
         monkeypatch.setattr(config, "BWD_AMX_ROWS_FACTOR", f)
         g = fag_numba.flash_attention_score_grad(q, k, v, dy, 4, "BSND", **kw)
         res.append([x.tobytes() for x in g[:3]])
-        tiles.append(api_mod.last_tile_count["backward"])
+        tiles.append(api.last_tile_count["backward"])
     assert res[0] == res[1] == res[2]
     assert tiles[0] > tiles[1] > tiles[2]
 
