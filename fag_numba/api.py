@@ -28,7 +28,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import config, dtypes, layout, memory, validation
+from . import dtypes, layout, memory, validation
 from .errors import FagTypeError, FagValueError
 from .kernels import desc
 from .threads import blas_single_thread
@@ -409,13 +409,10 @@ def _bad_rows(gp, parts):
 def _run_forward(P, q, k, v):
     """Run the forward driver; returns (out float32 flat in the dy layout, m, l row arrays)."""
     from .kernels.driver import fwd_driver
-    from .planning import forward_pv_split, plan_forward
+    from .planning import forward_blocks, forward_pv_split, plan_forward
 
     kind, arrays = _native_inputs(P, q, k, v, None)
-    if kind == "amx":
-        bm, bn = config.FWD_BLOCK_M_AMX, config.FWD_BLOCK_N_AMX
-    else:
-        bm, bn = config.FWD_BLOCK_M, config.FWD_BLOCK_N
+    bm, bn = forward_blocks(kind)
     if kind in ("bf16", "amx"):          # bf16 pairs of keys start on even columns
         bn += bn % 2
     st, gp, fp, nrows = _tables(P, bm, bn)

@@ -178,6 +178,14 @@ def plan_forward(seqtab, n1, bm, bn, width=None):
     return _cached(("fwd", int(n1), int(bm), int(bn), nt, LPT_ITEMS), seqtab, make)
 
 
+def forward_blocks(kind=None):
+    """Forward tile (FWD_BLOCK_M, FWD_BLOCK_N); the native kind "amx" has its own
+    (FWD_BLOCK_M_AMX/N_AMX, measured there)."""
+    if kind == "amx":
+        return config.FWD_BLOCK_M_AMX, config.FWD_BLOCK_N_AMX
+    return config.FWD_BLOCK_M, config.FWD_BLOCK_N
+
+
 def backward_blocks(d, kind=None):
     """Backward tile (BLOCK_M, BLOCK_N) for head dim D (config: wider tiles from WIDE_D on;
     taller ones for the native kind "amx" below it, ``BWD_AMX_ROWS_FACTOR``)."""
