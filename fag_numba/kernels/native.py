@@ -514,6 +514,7 @@ def _make_bwd(kind, fused):
             qp = np.zeros(max(BF * (hm16 if AMX else hm) * d, 1), np.uint32)
             yp = np.zeros(max(BF * (hm16 if AMX else hm) * dvd, 1), np.uint32)
             sr16 = np.empty(max(BF * bm * (hn16 if AMX else hn), 1), np.uint32)
+            sr = sr16.view(np.uint16)
             # AMX only: P^T and dS^T as transposed pairs (bn rows of hm16 dwords), tile config
             at = np.empty(max(AMX * bn * hm16, 1), np.uint32)
             ast = np.empty(max(AMX * bn * hm16, 1), np.uint32)
@@ -612,7 +613,6 @@ def _make_bwd(kind, fused):
                                     drop_ds(seqtab, gp, fp, drop_mask, dsum, st, b, h, i0, m_len,
                                             j0, n_len, s, dp, 0, rb)
                                 pd = rb if dropping else s
-                                sr = sr16.view(np.uint16)
                                 if AMX:
                                     # A operands: P^T, dS^T (transposed pairs) and dS rows,
                                     # bf16 (SPEC §3), zero-padded to whole 16-pair chunks
@@ -731,6 +731,8 @@ def _make_fwd(kind, fused):
             # bf16: V rows in pairs (AMX: zeroed, rows past a tile finite), P rows
             vp = np.zeros(max(BF * ldp * dv, 1), np.uint32)
             p16 = np.empty(max(BF * bm * ldp, 1), np.uint32)
+            p16h = p16.view(np.uint16)
+            ldp16 = 2 * ldp if AMX else 2 * hn       # P rows, in bf16 elements
             cfg = np.zeros(64, np.uint8)
             for it in range(tptr[t], tptr[t + 1]):
                 b = items[it, 0]
@@ -780,8 +782,6 @@ def _make_fwd(kind, fused):
                     # (fused: masks only, -inf on the unscaled scores)
                     adjust_scores(seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0, n_len,
                                   cls, s)
-                    p16h = p16.view(np.uint16)
-                    ldp16 = 2 * ldp if AMX else 2 * hn
                     if FUSED:
                         online_softmax16(s, m_len, n_len, 0, cls, mrun, lrun, vrow, acc, dv, sub,
                                          cor, seqtab, gp, mask, b, h, i0, j0, alpha, p16h, ldp16)
