@@ -37,7 +37,8 @@ from .. import _jit, isa
 from .tile import _exp16
 from .llir import (I1 as _I1, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64, VF as _VF,
                    VB16 as _VB16, VI as _VI, VM as _VM, VOID as _VOID, bf16_pairs as _bf16_pairs,
-                   fn as _fn, rounded as _rounded, splat as _splat)
+                   fn as _fn, loop_entry as _loop_entry, rounded as _rounded,
+                   splat as _splat)
 
 # the tile-data permission, asked at import so a direct user of these kernels (a benchmark, a
 # test) cannot run a tile instruction without it (SIGILL); the drivers ask through
@@ -128,11 +129,7 @@ def _make_block(mt, nt):
                         builder.call(zero, [_tile(_C[2 * i + j])])
             a16 = builder.mul(lda, sixteen)
             bchunk = builder.mul(kc, ldb)
-            pre = builder.block
-            loop = builder.append_basic_block("amx.loop")
-            done = builder.append_basic_block("amx.done")
-            builder.cbranch(builder.icmp_signed(">", nch, ir.Constant(_I64, 0)), loop, done)
-            builder.position_at_end(loop)
+            pre, loop, done = _loop_entry(builder, nch, "amx")
             k = builder.phi(_I64)
             k.add_incoming(ir.Constant(_I64, 0), pre)
             ao = builder.phi(_I64)

@@ -83,3 +83,15 @@ def bf16_pairs(builder, x0, x1):
     z = builder.shuffle_vector(builder.fptrunc(x0, VB16), builder.fptrunc(x1, VB16),
                                ir.Constant(ir.VectorType(I32, 32), idx))
     return builder.bitcast(z, VI)
+
+
+def loop_entry(builder, count, name):
+    """Enter a counted loop: new blocks ``name.loop`` and ``name.done``, a branch to the loop
+    when ``count`` (i64) > 0 (else past it), the builder left at the loop's start.  Returns
+    (pre, loop, done): pre is the block the phis' initial values come from."""
+    pre = builder.block
+    loop = builder.append_basic_block(f"{name}.loop")
+    done = builder.append_basic_block(f"{name}.done")
+    builder.cbranch(builder.icmp_signed(">", count, ir.Constant(I64, 0)), loop, done)
+    builder.position_at_end(loop)
+    return pre, loop, done

@@ -35,8 +35,8 @@ from .driver import (_dpse_tile, kv_block_range, online_softmax, online_softmax1
                      q_block_range, trim_tile)
 from .llir import (BFloat as _BFloat, I1 as _I1, I16 as _I16, I32 as _I32, I64 as _I64,
                    VB16 as _VB16, VB32 as _VB32, VF as _VF, VH16 as _VH16, VI as _VI, VM as _VM,
-                   bf16_pairs as _bf16_pairs, data as _data, fn as _fn, rounded as _rounded,
-                   splat as _splat)
+                   bf16_pairs as _bf16_pairs, data as _data, fn as _fn, loop_entry as _loop_entry,
+                   rounded as _rounded, splat as _splat)
 from .guard import row_keeps_computed
 from .tile import (NEG_INF, _exp16, adjust_scores, drop_ds, drop_p, exp_sub, score_alpha,
                    tile_class)
@@ -101,11 +101,7 @@ def _make_mk(fp32):
                     init.append(builder.call(mload, [p, ir.Constant(_I32, 4), m, zero]))
             arow0 = [builder.gep(aptr, [aro[r]]) for r in range(_MR)]
             brow0 = builder.gep(bptr, [b_off])
-            pre = builder.block
-            loop = builder.append_basic_block("mk.loop")
-            done = builder.append_basic_block("mk.done")
-            builder.cbranch(builder.icmp_signed(">", npairs, ir.Constant(_I64, 0)), loop, done)
-            builder.position_at_end(loop)
+            pre, loop, done = _loop_entry(builder, npairs, "mk")
             # pointer phis (one add per row and iteration): keeps the loop free of multiplies and
             # of spills, ~35% faster than indexing with p * stride
             pidx = builder.phi(_I64)

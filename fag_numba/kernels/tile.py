@@ -17,8 +17,8 @@ from ..dropout import _counter_start, _mask_keep_row, _philox_keep_row
 from ..masks import _band_tile_class, _dense_tile_class
 from . import desc
 from .llir import (F32 as _F32, I32 as _I32, I64 as _I64, VB16 as _VB16, VF as _VF, VH16 as _VH16,
-                   VI as _VI, VM as _VM, data as _data, fn as _llvm_fn, rounded as _rounded,
-                   splat as _splat, store as _store)
+                   VI as _VI, VM as _VM, data as _data, fn as _llvm_fn, loop_entry as _loop_entry,
+                   rounded as _rounded, splat as _splat, store as _store)
 
 # numba's own BLAS entry (it calls SciPy's cython_blas sgemm): single-threaded here because the
 # chunk kernels run it on several threads at once and hold OpenBLAS to one thread (threads.py).
@@ -327,12 +327,8 @@ def _vmax_codegen(context, builder, sig, args):
     red = _llvm_fn(mod, "llvm.vector.reduce.fmaximum.v16f32", f32, [vf])
     mload = _llvm_fn(mod, "llvm.masked.load.v16f32.p0", vf, [base.type, i32, vm, vf])
     splat = _splat(builder, init, vf)
-    pre = builder.block
     nb = builder.sdiv(n, ir.Constant(i64, 64))
-    loop = builder.append_basic_block("vmax.loop")
-    after = builder.append_basic_block("vmax.after")
-    builder.cbranch(builder.icmp_signed(">", nb, ir.Constant(i64, 0)), loop, after)
-    builder.position_at_end(loop)
+    pre, loop, after = _loop_entry(builder, nb, "vmax")
     i = builder.phi(i64)
     i.add_incoming(ir.Constant(i64, 0), pre)
     accs = []
