@@ -423,3 +423,24 @@ def test_amx_production_tiles_match_reference(case, path, rng):
     assert_close(out.attention_out, ro, tolerance(BF16, "fwd"), "attention_out")
     for a, e, nm in zip(g[:3], r[:3], ("dq", "dk", "dv")):
         assert_close(a, e, tolerance(BF16, "bwd"), nm)
+
+
+@pytest.mark.skipif(not HAS_F32, reason="numba's target has no AVX-512")
+@pytest.mark.parametrize("m, n, ld, ldd, off", [(384, 64, 64, 384, 0), (37, 5, 9, 40, 3),
+                                                (16, 16, 16, 16, 0), (1, 1, 1, 1, 0),
+                                                (17, 33, 40, 50, 7), (100, 48, 64, 112, 320)])
+def test_pack_t32_is_the_dword_transpose(m, n, ld, ldd, off, rng):
+    """``native.pack_t32`` (16 x 16 register blocks, masked at the edges) writes exactly the
+    transpose and nothing else: the other dwords of dst keep their values, and src is read
+    only inside its bounds (an exact-size src; a read past it would fault or show in dst)."""
+    from fag_numba.kernels import native
+    src = rng.integers(0, 2 ** 32, off + (m - 1) * ld + n, dtype=np.uint64).astype(np.uint32)
+    dst = rng.integers(0, 2 ** 32, (n - 1) * ldd + m + 19, dtype=np.uint64).astype(np.uint32)
+    want = dst.copy()
+    for j in range(m):
+        for p in range(n):
+            want[p * ldd + j] = src[off + j * ld + p]
+    before = src.copy()
+    native.pack_t32(src, off, ld, m, n, dst, ldd)
+    np.testing.assert_array_equal(dst, want)
+    np.testing.assert_array_equal(src, before)

@@ -37,8 +37,8 @@ from .. import _jit, isa
 from .tile import _exp16
 from .llir import (I1 as _I1, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64, VF as _VF,
                    VB16 as _VB16, VI as _VI, VM as _VM, VOID as _VOID, bf16_pairs as _bf16_pairs,
-                   fn as _fn, loop_entry as _loop_entry, rounded as _rounded,
-                   splat as _splat)
+                   edges, fn as _fn, loop_entry as _loop_entry, rounded as _rounded,
+                   splat as _splat, transpose16)
 
 # the tile-data permission, asked at import so a direct user of these kernels (a benchmark, a
 # test) cannot run a tile instruction without it (SIGILL); the drivers ask through
@@ -279,17 +279,6 @@ def _product(c, c_off, ldc, m, n, a, a_off, lda, b, b_off, ldb, kp, accum, cfg):
 
 
 
-def _edges(builder, nrows, ncols):
-    """(mask of the block's columns < ncols, its last row index clamped to >= 0): rows past
-    nrows are addressed as that row (never outside the operand) and masked off."""
-    colmask = builder.icmp_signed("<", ir.Constant(_VI, list(range(16))),
-                                  _splat(builder, builder.trunc(ncols, _I32), _VI))
-    last = builder.sub(nrows, ir.Constant(_I64, 1))
-    last = builder.select(builder.icmp_signed("<", last, ir.Constant(_I64, 0)),
-                          ir.Constant(_I64, 0), last)
-    return colmask, last
-
-
 @intrinsic
 def _tpairs16(typingctx, src, s_off, ld, nrows, ncols, dst, d_off, ldd):
     """One 32-row x 16-column block of float32 ``src`` (rows ``ld`` apart from ``s_off``) as
@@ -307,7 +296,7 @@ def _tpairs16(typingctx, src, s_off, ld, nrows, ncols, dst, d_off, ldd):
         mload = _fn(mod, "llvm.masked.load.v16f32.p0", _VF, [sbase.type, _I32, _VM, _VF])
         mstore = _fn(mod, "llvm.masked.store.v16i32.p0", _VOID, [_VI, dbase.type, _I32, _VM])
         zero = ir.Constant(_VF, [0.0] * 16)
-        colmask, last = _edges(builder, nrows, ncols)
+        colmask, last = edges(builder, nrows, ncols)
         rows = []
         for r in range(32):
             rc = ir.Constant(_I64, r)
@@ -317,7 +306,7 @@ def _tpairs16(typingctx, src, s_off, ld, nrows, ncols, dst, d_off, ldd):
             m = builder.and_(colmask, _splat(builder, ok, _VM))
             rows.append(builder.call(mload, [p, ir.Constant(_I32, 4), m, zero]))
         vec = _pair_rows(builder, rows)
-        _transpose16(builder, vec)
+        transpose16(builder, vec)
         allm = _splat(builder, ir.Constant(_I1, 1), _VM)
         for j in range(16):
             ok = builder.icmp_signed("<", ir.Constant(_I64, j), ncols)
@@ -327,20 +316,6 @@ def _tpairs16(typingctx, src, s_off, ld, nrows, ncols, dst, d_off, ldd):
         return context.get_dummy_value()
 
     return sig, codegen
-
-
-def _transpose16(builder, vec):
-    """vec[p][j] -> vec[j][p] for 16 <16 x i32>: stage b swaps bit b of the row index with bit
-    b of the lane (4 stages of 16 two-source shuffles), in place."""
-    for b in (8, 4, 2, 1):
-        for i in range(16):
-            if i & b:
-                continue
-            x, y = vec[i], vec[i + b]
-            lo = [l if not l & b else 16 + l - b for l in range(16)]
-            hi = [l + b if not l & b else 16 + l for l in range(16)]
-            vec[i] = builder.shuffle_vector(x, y, ir.Constant(_VI, lo))
-            vec[i + b] = builder.shuffle_vector(x, y, ir.Constant(_VI, hi))
 
 
 def _pair_rows(builder, rows):
@@ -381,7 +356,7 @@ def _pds16(typingctx, s, dp, t_off, ld, nrows, ncols, alpha, lt, dt, r0, at, ast
         hstore = _fn(mod, "llvm.masked.store.v16i16.p0", _VOID,
                      [ir.VectorType(_I16, 16), srb.type, _I32, _VM])
         zero = ir.Constant(_VF, [0.0] * 16)
-        colmask, last = _edges(builder, nrows, ncols)
+        colmask, last = edges(builder, nrows, ncols)
         alphav = _splat(builder, alpha, _VF)
         prow, dsrow = [], []
         for r in range(32):
@@ -407,7 +382,7 @@ def _pds16(typingctx, s, dp, t_off, ld, nrows, ncols, alpha, lt, dt, r0, at, ast
         allm = _splat(builder, ir.Constant(_I1, 1), _VM)
         for rows, base in ((prow, atb), (dsrow, astb)):
             vec = _pair_rows(builder, rows)
-            _transpose16(builder, vec)
+            transpose16(builder, vec)
             for j in range(16):
                 ok = builder.icmp_signed("<", ir.Constant(_I64, j), ncols)
                 ptr = builder.gep(base, [builder.add(d_off, builder.mul(ir.Constant(_I64, j),

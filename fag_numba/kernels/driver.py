@@ -24,7 +24,8 @@ from . import desc
 from .guard import (any_bad, computed_tile, dropped_nan_row_out, ds_guard, gemm_guard, p_guard,
                     row_has_computed)
 from .tile import (NEG_INF, OFF0, TRANS_N, TRANS_T, drop_ds, drop_p, exp_scale_bf16,
-                   exp_scale_bf16_le, exp_sub, exp_sub_le, gemm, row_max, score_tile, tile_class)
+                   exp_scale_bf16_le, exp_sub, exp_sub_le, gemm, row_max, score_tile, scratch,
+                   tile_class)
 
 _FLT_MAX = np.float32(3.4028234663852886e38)
 
@@ -215,13 +216,13 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
     pv_rows = gp[desc.PV_ROWS]     # > 0: P @ V as sub-products of PV_ROWS x PV_KEYS
     pv_keys = max(gp[desc.PV_KEYS], 1)
     # careful path scratch (guard.py), 1 element when every input is finite
-    cm = np.empty(bm * bn if careful_on else 1, np.uint8)
-    gbuf = np.empty(bn * max(dv, 1) if careful_on else 1, np.float32)
+    cm = scratch(bm * bn if careful_on else 1, np.uint8)
+    gbuf = scratch(bn * max(dv, 1) if careful_on else 1, np.float32)
     vrow = np.empty(bm, np.uint8)      # row has a computed element (only the mask invalidates)
     # scratch: s, rb: BLOCK_M*BLOCK_N; acc: BLOCK_M*Dv; row vectors: BLOCK_M
-    s = np.empty(bm * bn, np.float32)
-    rb = np.empty(bm * bn, np.float32)
-    acc = np.empty(bm * max(dv, 1), np.float32)
+    s = scratch(bm * bn, np.float32)
+    rb = scratch(bm * bn, np.float32)
+    acc = scratch(bm * max(dv, 1), np.float32)
     mrun = np.empty(bm, np.float32)
     lrun = np.empty(bm, np.float32)
     sub = np.empty(bm, np.float32)
@@ -353,14 +354,14 @@ def _bwd_chunk(t, q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, sl
     dpk = gp[desc.DPSE_KIND]
     pk = gp[desc.PSE_KIND]
     careful_on = gp[desc.NONFINITE] != 0
-    cm = np.empty(bm * bn if careful_on else 1, np.uint8)
-    gbuf = np.empty(max(bm, bn) * max(d, 1) if careful_on else 1, np.float32)
+    cm = scratch(bm * bn if careful_on else 1, np.uint8)
+    gbuf = scratch(max(bm, bn) * max(d, 1) if careful_on else 1, np.float32)
     # tiles per run sharing the score and dy v^T products (1 when gp leaves it 0)
     grp = max(gp[desc.BWD_GROUP], 1)
     # scratch: s (p), dp (ds): a run of tiles; rb (keep bits, then p_drop): one tile
-    s = np.empty(grp * bm * bn, np.float32)
-    dp = np.empty(grp * bm * bn, np.float32)
-    rb = np.empty(bm * bn, np.float32)
+    s = scratch(grp * bm * bn, np.float32)
+    dp = scratch(grp * bm * bn, np.float32)
+    rb = scratch(bm * bn, np.float32)
     ab = np.empty(2, np.float32)
     for it in range(tptr[t], tptr[t + 1]):
         n2 = items[it, 2]

@@ -95,3 +95,28 @@ def loop_entry(builder, count, name):
     builder.cbranch(builder.icmp_signed(">", count, ir.Constant(I64, 0)), loop, done)
     builder.position_at_end(loop)
     return pre, loop, done
+
+
+def edges(builder, nrows, ncols):
+    """(mask of the block's columns < ncols, its last row index clamped to >= 0): rows past
+    nrows are addressed as that row (never outside the operand) and masked off."""
+    colmask = builder.icmp_signed("<", ir.Constant(VI, list(range(16))),
+                                  splat(builder, builder.trunc(ncols, I32), VI))
+    last = builder.sub(nrows, ir.Constant(I64, 1))
+    last = builder.select(builder.icmp_signed("<", last, ir.Constant(I64, 0)),
+                          ir.Constant(I64, 0), last)
+    return colmask, last
+
+
+def transpose16(builder, vec):
+    """vec[p][j] -> vec[j][p] for 16 <16 x i32>: stage b swaps bit b of the row index with bit
+    b of the lane (4 stages of 16 two-source shuffles), in place."""
+    for b in (8, 4, 2, 1):
+        for i in range(16):
+            if i & b:
+                continue
+            x, y = vec[i], vec[i + b]
+            lo = [l if not l & b else 16 + l - b for l in range(16)]
+            hi = [l + b if not l & b else 16 + l for l in range(16)]
+            vec[i] = builder.shuffle_vector(x, y, ir.Constant(VI, lo))
+            vec[i + b] = builder.shuffle_vector(x, y, ir.Constant(VI, hi))

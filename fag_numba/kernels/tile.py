@@ -31,6 +31,17 @@ TRANS_T = np.int64(ord("T"))
 OFF0 = np.int64(0)   # "offset 0" for scratch tiles, for the same reason
 
 
+@_jit.kernel(inline="always")
+def scratch(n, dtype):
+    """``np.empty(n, dtype)`` starting on a 64-byte cache line: numba aligns its arrays to 32
+    bytes, so half of the scratch tiles (by where the heap put them) started mid-line, and
+    every 64-byte vector or AMX tile row of them touched two lines (the same process ran the
+    bf16 forward at 21 or 26 ms by its heap state)."""
+    buf = np.empty(n + 64, dtype)
+    skip = ((-buf.ctypes.data) % 64) // buf.itemsize
+    return buf[skip:skip + n]
+
+
 @_jit.kernel
 def gemm(ta, tb, m, n, k, alpha, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc, ab):
     """Row-major ``C[m, n] = alpha * op(A) @ op(B) + beta * C`` on flat float32 buffers.
