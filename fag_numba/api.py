@@ -416,7 +416,7 @@ def _run_forward(P, q, k, v):
     if kind in ("bf16", "amx"):          # bf16 pairs of keys start on even columns
         bn += bn % 2
     st, gp, fp, nrows = _tables(P, bm, bn)
-    out = np.zeros(int(np.prod(P.dy_shape)), np.float32)
+    out = memory.zeros64(int(np.prod(P.dy_shape)))
     m = np.full(nrows, -_FLT_MAX, np.float32)
     l = np.full(nrows, _FLT_MAX, np.float32)
     items, tptr = plan_forward(st, P.dims.N1, bm, bn, P.dims.D + P.dims.Dv)
@@ -633,15 +633,15 @@ def _run_backward(P, q, k, v, y, o, m, l):
     st, gp, fp, nrows = _tables(P, bm, bn)
     lse = np.zeros(nrows, np.float32)
     dsum = np.zeros(nrows, np.float32)
-    dq = np.zeros(P.raw[0].size, np.float32)
-    dk = np.zeros(P.raw[1].size, np.float32)
-    dv = np.zeros(P.raw[2].size, np.float32)
+    dq = memory.zeros64(P.raw[0].size)
+    dk = memory.zeros64(P.raw[1].size)
+    dv = memory.zeros64(P.raw[2].size)
     pp = P.pse
     items, tptr, nsplit = plan_backward(st, d.N2, d.G, bm, bn, pp.merge_b, d.D + d.Dv)
     gp[desc.NSPLIT] = nsplit
     gp[desc.BWD_GROUP] = backward_group(bm)
     gp[desc.DPSE_KIND] = pp.dpse_kind
-    dqp = np.zeros((nsplit - 1, dq.size) if nsplit > 1 else (1, 1), np.float32)
+    dqp = memory.zeros64((nsplit - 1, dq.size) if nsplit > 1 else (1, 1))
     dpse = np.zeros(pp.flat.size if pp.dpse_kind == 1 else 1, np.float32)
     dslope = np.zeros((d.B, d.N1, nsplit) if pp.dpse_kind == 3 else (1, 1, 1), np.float32)
     visits = np.zeros(tptr.size - 1, np.int64)

@@ -34,6 +34,18 @@ import numpy as np
 from . import config
 from .errors import FagMemoryError
 
+def zeros64(shape, dtype=np.float32):
+    """``np.zeros(shape, dtype)`` starting on a 64-byte cache line.  numpy's large arrays start
+    16 bytes past a page (the allocator's header), so every 64-byte row access of the kernels
+    to the results they accumulate in (dq, dk, dv as AMX C tiles, attention_out) touched two
+    lines.  One extra line of memory; the zeros stay calloc's lazily zeroed pages."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape))
+    buf = np.zeros(n * dtype.itemsize + 64, np.uint8)
+    skip = -buf.ctypes.data % 64
+    return buf[skip:skip + n * dtype.itemsize].view(dtype).reshape(shape)
+
+
 #: bytes of descriptor tables per sequence: seqtab (``desc.NSEQ`` int64) plus ~26 int64 per-batch
 #: arrays of the layout / mask / pse plans
 PER_SEQ_BYTES = 8 * (20 + 26)

@@ -87,6 +87,27 @@ def test_memory_check_uses_available_memory(monkeypatch):
     fwd(q, q, q, 2, "BNSD")
 
 
+@pytest.mark.parametrize("shape", [1, 5, (3, 7), 1 << 20])
+def test_zeros64_is_zeros_on_a_cache_line(shape):
+    """The result buffers the kernels accumulate in start on a 64-byte line (numpy's large
+    arrays start 16 bytes past one), are zero, C-contiguous and writable."""
+    z = memory.zeros64(shape)
+    assert z.ctypes.data % 64 == 0
+    assert z.shape == np.zeros(shape).shape and z.dtype == np.float32
+    assert z.flags.c_contiguous and z.flags.writeable and not z.any()
+
+
+def test_results_start_on_a_cache_line():
+    rng = np.random.default_rng(0)
+    q, k, v, dy = (rng.standard_normal((1, 2, 300, 64), dtype=np.float32) for _ in range(4))
+    out = fag_numba.flash_attention_score(q, k, v, 2, "BNSD")
+    g = fag_numba.flash_attention_score_grad(
+        q, k, v, dy, 2, "BNSD", softmax_max=out.softmax_max, softmax_sum=out.softmax_sum,
+        attention_in=out.attention_out)
+    for x in (out.attention_out, *g[:3]):
+        assert x.ctypes.data % 64 == 0
+
+
 def test_available_bytes_is_positive_here():
     a = memory.available_bytes()
     assert a is None or a > 0
