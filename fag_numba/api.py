@@ -408,6 +408,7 @@ def _bad_rows(gp, parts):
 
 def _run_forward(P, q, k, v):
     """Run the forward driver; returns (out float32 flat in the dy layout, m, l row arrays)."""
+    memory.keep_freed_memory()
     from .kernels.driver import fwd_driver
     from .planning import forward_blocks, forward_pv_split, plan_forward
 
@@ -622,6 +623,7 @@ def _grads_out(P, query, key, value, res):
 
 def _run_backward(P, q, k, v, y, o, m, l):
     """Row statistics pass, then the backward driver; dq/dk scaled once at the end (as the NPU)."""
+    memory.keep_freed_memory()
     from .kernels.driver import bwd_driver, rowstats_driver
     from .planning import backward_blocks, backward_group, plan_backward
 
