@@ -49,14 +49,16 @@ DEFAULTS = {
     # items pack them less often.  A single head with S1 <= 512 is one item (one thread).
     "FWD_BLOCK_M": 512,
     "FWD_BLOCK_N": 256,
-    # Forward tile of the native kind "amx".  Same-process A/B, bf16 forward, 2 threads,
-    # 384 x 384 vs 512 x 256: (1,8,2048,128) 0.72-0.82, its causal 0.71, (1,4,4096,64) 0.86 /
-    # causal 0.93, (1,1,8192,64) 0.92, (2,16,512,64) 0.89; 512 x 512 measured 1.47 and 256 x 384
-    # 0.83-0.88 (power-of-two row strides of the score tile and of the packed K^T seem to cost:
-    # 384 keys are 1.5 KB rows).  The float32 forward measured neutral with 384 x 384 (0.99),
-    # the "bf16" kind (Zen 4) is unmeasured, so both keep FWD_BLOCK_M/N.
-    "FWD_BLOCK_M_AMX": 384,
-    "FWD_BLOCK_N_AMX": 384,
+    # Forward tile of the native kind "amx".  Measured again once the tile scratch sat on
+    # 64-byte lines (tile.scratch; before, half of the runs had split-line tiles, and 384 x 384
+    # had measured 0.71-0.93 of 512 x 256): same-process A/B, bf16 forward, 2 threads, 7-9
+    # rounds, 512 x 256 vs 384 x 384: (1,8,2048,128) 0.93, (1,4,4096,64) 0.975, (1,8,1024,64)
+    # 0.96, (2,16,512,64) 0.92, (1,1,8192,64) 0.95; causal (1,8,2048,128) / (1,4,4096,64)
+    # 1.01 / 1.02.  768 x 256 0.94 / 0.94 (at S = 2048 / 512), 512 x 192 0.95 / 0.97,
+    # 512 x 128 1.01, 512 x 384 1.08 / 1.04.  So the same as FWD_BLOCK_M/N, kept separate to
+    # tune per kind (the "bf16" kind, Zen 4, is unmeasured and uses FWD_BLOCK_M/N).
+    "FWD_BLOCK_M_AMX": 512,
+    "FWD_BLOCK_N_AMX": 256,
     # Forward P @ V split into sub-products that OpenBLAS runs through its small-matrix kernel
     # (SkylakeX and later: M*N*K <= 100**3, no packing): PV_KEYS keys and as many rows (a
     # multiple of 16) as fit FWD_PV_MNK, when that is at least FWD_PV_MIN_ROWS
