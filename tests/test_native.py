@@ -444,3 +444,41 @@ def test_pack_t32_is_the_dword_transpose(m, n, ld, ldd, off, rng):
     native.pack_t32(src, off, ld, m, n, dst, ldd)
     np.testing.assert_array_equal(dst, want)
     np.testing.assert_array_equal(src, before)
+
+
+_EXP_BITS = """
+import sys, numpy as np
+from fag_numba.kernels import tile
+tile._FORCE_NO_SCALEF[0] = sys.argv[1] == "portable"
+assert tile._scalef_ok() == (sys.argv[1] == "scalef")
+rng = np.random.default_rng(0)
+x = np.concatenate([rng.uniform(-100, 0, 1 << 18), rng.uniform(-88, -86, 1 << 14),
+                    np.linspace(-90, 89, 1 << 14),
+                    [-np.inf, np.inf, np.nan, 0.0, -0.0, -87.33654, -87.3365, -87.34, 88.72,
+                     88.8, 1e30, -1e30]]).astype(np.float32)
+full = x.copy()
+s1 = tile.exp_sub(full, 0, np.float32(0.5), full.size)
+le = np.nan_to_num(np.minimum(x, 0), nan=0.0).astype(np.float32)
+s2 = tile.exp_sub_le(le, 0, np.float32(0.0), le.size)
+np.save(sys.argv[2], np.concatenate([full.view(np.uint32), le.view(np.uint32),
+                                     np.array([s1, s2], np.float32).view(np.uint32)]))
+"""
+
+
+@pytest.mark.skipif(not HAS_F32, reason="numba's target has no AVX-512")
+def test_exp_with_vscalefps_gives_the_bits_of_the_portable_form(tmp_path):
+    """``tile._exp16`` scales by 2**n with vscalefps on AVX-512 targets; the values (and row
+    sums) are bitwise those of the portable integer-exponent form, over the whole range,
+    subnormal results, the clamps, +-inf and NaN.  Fresh processes: each compiles one form."""
+    import os
+    import subprocess
+    import sys
+    got = {}
+    env = dict(os.environ, FAG_NUMBA_CACHE="0")
+    for form in ("portable", "scalef"):
+        path = tmp_path / f"{form}.npy"
+        res = subprocess.run([sys.executable, "-c", _EXP_BITS, form, str(path)], env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        got[form] = np.load(path)
+    np.testing.assert_array_equal(got["portable"], got["scalef"])

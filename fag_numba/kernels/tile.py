@@ -116,6 +116,16 @@ def _vc(x):
     return ir.Constant(_VF, [float(np.float32(x))] * 16)
 
 
+def _scalef_ok():
+    """Whether ``_exp16`` may emit vscalefps (AVX-512F in numba's target and the host; LLVM
+    aborts on the intrinsic for a target without it)."""
+    from .. import isa
+    return isa.target_has("avx512f") and not _FORCE_NO_SCALEF[0]
+
+
+_FORCE_NO_SCALEF = [False]      # tests: build the portable form on an AVX-512 machine too
+
+
 def _exp16(builder, x, subv, full):
     """IR: 16 lanes of ``exp(x - sub)`` with the special cases of ``exp_sub`` (``full``), or
     only the underflow-to-0 one (``exp_sub_le``: the caller guarantees x <= sub, finite sub)."""
@@ -136,10 +146,19 @@ def _exp16(builder, x, subv, full):
     for p in (_P1, _P2, _P3, _P4, _P5):
         y = builder.call(fma, [y, t, _vc(p)])
     y = builder.fadd(builder.call(fma, [y, builder.fmul(t, t), t]), _vc(_ONE))
-    # 2**n from its exponent bits; n >= -126 after the clamp, so always a normal number
-    bits = builder.shl(builder.add(builder.fptosi(fx, _VI), ir.Constant(_VI, [127] * 16)),
-                       ir.Constant(_VI, [23] * 16))
-    y = builder.fmul(y, builder.bitcast(bits, _VF))
+    # y * 2**n, n >= -126 after the clamp (2**n a normal number): with AVX-512 one vscalefps,
+    # which rounds exactly as the product with 2**n does (exact unless the result is
+    # subnormal, then the same IEEE rounding), instead of convert, add, shift and multiply
+    if _scalef_ok():
+        scalef = _llvm_fn(mod, "llvm.x86.avx512.mask.scalef.ps.512", _VF,
+                          [_VF, _VF, _VF, ir.IntType(16), _I32])
+        y = builder.call(scalef, [y, fx, _vc(_ZERO), ir.Constant(ir.IntType(16), -1),
+                                  ir.Constant(_I32, 4)])        # 4: the current rounding mode
+    else:
+        # 2**n from its exponent bits
+        bits = builder.shl(builder.add(builder.fptosi(fx, _VI), ir.Constant(_VI, [127] * 16)),
+                           ir.Constant(_VI, [23] * 16))
+        y = builder.fmul(y, builder.bitcast(bits, _VF))
     v = builder.select(builder.fcmp_ordered(">=", d, _vc(_XMIN)), y, _vc(_ZERO))
     if not full:
         return v
