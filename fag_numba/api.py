@@ -705,7 +705,7 @@ def _native_bits(P):
 
     raw = [None if x is None else np.ascontiguousarray(x).reshape(-1).view(np.uint16)
            for x in P.raw]
-    if all(x is None or native.all_finite_bf16(x) for x in raw):
+    if native.all_finite_bf16(raw):
         return kind, raw
     return None
 

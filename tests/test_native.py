@@ -482,3 +482,25 @@ def test_exp_with_vscalefps_gives_the_bits_of_the_portable_form(tmp_path):
         assert res.returncode == 0, res.stderr[-2000:]
         got[form] = np.load(path)
     np.testing.assert_array_equal(got["portable"], got["scalef"])
+
+
+@pytest.mark.parametrize("nchunks_min", [1 << 30, 1])      # one chunk / one per thread
+@pytest.mark.parametrize("which", [0, 1, 2, 3])
+@pytest.mark.parametrize("bits", [0x7F80, 0xFF80, 0x7FC0, 0xFFFF, 0x7F81])
+def test_all_finite_bf16_finds_every_inf_and_nan(bits, which, nchunks_min, monkeypatch, rng):
+    """Any inf/NaN bit pattern, in any of the four arrays, at either end of a thread's share
+    or inside it, is found; the largest finite values (0x7F7F, 0xFF7F) are not."""
+    from fag_numba.kernels import native
+    monkeypatch.setattr(config, "CONVERT_THREAD_MIN", nchunks_min)
+    sizes = [1000, 333, 4097, 64]
+    xs = [rng.standard_normal(n).astype(ml_dtypes.bfloat16).view(np.uint16) for n in sizes]
+    xs[0][5] = 0x7F7F
+    xs[2][7] = 0xFF7F
+    assert native.all_finite_bf16(xs)
+    assert native.all_finite_bf16(xs[:3] + [None])
+    n = sizes[which]
+    # share edges: 64-element multiples (512 of 1000 and 64 of 64 elements; 2112 of 4097)
+    for pos in sorted({p for p in (0, 63, 64, 511, 512, 2111, 2112, n // 2, n - 1) if p < n}):
+        ys = [x.copy() for x in xs]
+        ys[which][pos] = bits
+        assert not native.all_finite_bf16(ys), pos

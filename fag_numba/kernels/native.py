@@ -474,12 +474,48 @@ def all_finite_f32(x):
 
 
 @_jit.kernel
-def all_finite_bf16(x):
+def _finite_bf16(x):
     """Whether every bf16 (uint16 bits) element is finite (exponent not all ones)."""
     bad = 0
     for i in range(x.size):
         bad |= np.int64((x[i] & 0x7F80) == 0x7F80)
     return bad == 0
+
+
+@_jit.kernel(inline="always")
+def _share_finite(x, t, nchunks):
+    """``_finite_bf16`` of share t of nchunks of x (64-element multiples; a slice, not a
+    lo..hi loop: that form vectorised 4x worse)."""
+    n = x.size
+    step = (n + nchunks - 1) // nchunks
+    step = (step + 63) // 64 * 64
+    lo = min(n, t * step)
+    return _finite_bf16(x[lo:min(n, lo + step)])
+
+
+@_jit.kernel
+def finite_bf16_chunk(t, q, k, v, dy, nchunks, bad):
+    """A ``run_chunks`` kernel: ``bad[t]`` = whether share t of q, k, v or dy (flat uint16
+    bf16 bits) holds an inf or NaN."""
+    bad[t] = not (_share_finite(q, t, nchunks) and _share_finite(k, t, nchunks) and
+                  _share_finite(v, t, nchunks) and _share_finite(dy, t, nchunks))
+
+
+def all_finite_bf16(arrays):
+    """Whether every element of the flat uint16 bf16 bit arrays (up to four; None entries
+    skipped) is finite: one share of each per thread from ``config.CONVERT_THREAD_MIN``
+    elements in all (the check runs at one core's memory bandwidth: 3 x 2M elements took
+    0.84 ms on one thread, 0.54 ms on two)."""
+    from .. import config
+    from ..threads import num_threads
+    none = np.zeros(0, np.uint16)
+    xs = [none if x is None else x for x in arrays]
+    xs += [none] * (4 - len(xs))
+    total = sum(x.size for x in xs)
+    nchunks = 1 if total < config.CONVERT_THREAD_MIN else max(1, num_threads())
+    bad = np.zeros(nchunks, np.uint8)
+    run_chunks(finite_bf16_chunk, nchunks, (*xs, nchunks, bad))
+    return not bad.any()
 
 
 def _make_bwd(kind, fused):
