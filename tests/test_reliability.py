@@ -7,6 +7,7 @@ for real: a conversion or allocation would die in numpy's MemoryError instead.
 """
 import sys
 
+import numba
 import numpy as np
 import pytest
 
@@ -132,6 +133,7 @@ print(min(faults(), faults(), faults()))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+@pytest.mark.skipif(numba.config.DISABLE_JIT, reason="a (1,4,1024,64) call as plain Python")
 def test_keep_freed_memory_stops_page_faults_per_call():
     """When glibc maps and unmaps each call's MB-sized buffers afresh (seen once torch had run
     after fag_numba's first calls: ~1000 page faults per bf16 backward of this shape, ~4000
