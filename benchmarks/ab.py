@@ -16,6 +16,9 @@ processes used more than 8% of the machine is set aside and retried after the ma
 down (``common.LoadMeter`` / ``wait_for_idle``).  Prints the medians, new/old (< 1: the working
 tree is faster), the min ratio, and max |new - old| / max |old| of the outputs (0: bitwise the
 same).  ``--set KEY=VALUE`` sets a ``fag_numba.config`` tunable on the working tree's side only.
+``--after-torch`` runs torch's SDPA forward of the same shape right before every timed call: a
+mixed torch + fag_numba workload, where torch's OpenMP workers spin (~3 ms, libgomp's default
+wait policy) on a core the fag_numba call needs.
 """
 from __future__ import annotations
 
@@ -54,9 +57,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a fag_numba.config tunable for the working tree only")
+    ap.add_argument("--after-torch", action="store_true",
+                    help="run torch's SDPA forward of the same shape right before each timed "
+                         "call (a mixed torch + fag_numba workload: torch's OpenMP workers "
+                         "then spin into the fag_numba call)")
     args = ap.parse_args(argv)
 
-    import torch  # noqa: F401  (README: torch's OpenMP before numba's, as the other benchmarks)
+    import torch  # (README: torch's OpenMP before numba's, as the other benchmarks)
     import ml_dtypes
     import numpy as np
 
@@ -88,6 +95,14 @@ def main(argv=None) -> int:
             return lambda: fag.flash_attention_score_grad(q, k, v, dy, args.N, "BNSD", **gkw)
 
         fns = {"new": callable_of(new), "old": callable_of(old)}
+        torch_op = None
+        if args.after_torch:
+            tq, tk, tv = (torch.from_numpy(np.asarray(x, np.float32)).to(
+                torch.bfloat16 if args.dtype == "bf16" else torch.float32) for x in (q, k, v))
+
+            def torch_op():
+                torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
+            torch_op()
         outs = {name: fn() for name, fn in fns.items()}
         pick = (lambda r: [r.attention_out]) if args.pass_ == "fwd" else (lambda r: list(r[:3]))
         err = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))
@@ -102,6 +117,8 @@ def main(argv=None) -> int:
             with common.LoadMeter() as meter:
                 got = {}
                 for name in order:
+                    if torch_op is not None:
+                        torch_op()
                     t0 = time.perf_counter()
                     fns[name]()
                     got[name] = time.perf_counter() - t0
@@ -112,7 +129,8 @@ def main(argv=None) -> int:
             for name, t in got.items():
                 times[name].append(t)
         med = {name: float(np.median(ts)) for name, ts in times.items()}
-        print(f"{shape} {args.dtype} {args.pass_}{' causal' if args.causal else ''} "
+        print(f"{shape} {args.dtype} {args.pass_}{' causal' if args.causal else ''}"
+              f"{' after torch' if args.after_torch else ''} "
               f"vs {args.base}{' ' + ' '.join(args.set) if args.set else ''}: "
               f"new {med['new'] * 1e3:.1f} ms, old {med['old'] * 1e3:.1f} ms, "
               f"new/old {med['new'] / med['old']:.3f} "

@@ -27,6 +27,9 @@ torch's OpenMP kernel degrades badly when a core is taken away, so rows with oth
 are not comparable.  Rounds measured while others used more than ``--max-other`` percent are
 retried (up to 4x); if the machine never got quiet enough the least loaded rounds are used and
 other% is starred.  ``--wait-idle 300`` also waits for a quiet machine before each row.
+Right after a torch call, torch's OpenMP workers spin for ~3 ms (libgomp's default wait policy)
+on a core the next fag_numba call needs: ``--omp-passive`` sets ``OMP_WAIT_POLICY=PASSIVE``
+before torch loads (torch itself measured ~4% slower with it on a 4 ms call).
 """
 from __future__ import annotations
 
@@ -40,6 +43,9 @@ from pathlib import Path
 
 if __package__ in (None, ""):                     # run as a script: python benchmarks/compare.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if "--omp-passive" in sys.argv[1:]:   # before torch loads (benchmarks.common imports it)
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 from benchmarks import common, flops, shapes  # noqa: E402
 
@@ -241,7 +247,14 @@ def main(argv=None) -> int:
                         help="print new/base times against a JSON written by an earlier --json")
     parser.add_argument("--plot", type=Path, metavar="OUT.png",
                         help="draw time and GFLOP/s vs S (needs matplotlib: the bench extra)")
+    parser.add_argument("--omp-passive", action="store_true",
+                        help="OMP_WAIT_POLICY=PASSIVE for torch (set before torch loads): its "
+                             "OpenMP workers then sleep after each call instead of spinning "
+                             "~3 ms on a core the next fag_numba call needs (README, Threads)")
     args = parser.parse_args(argv)
+    if args.omp_passive and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        parser.error("--omp-passive: torch was imported before the flag was seen (OpenMP read "
+                     "its wait policy then); set OMP_WAIT_POLICY=PASSIVE in the environment")
 
     try:
         rows = shapes.select(args.shapes)
@@ -269,6 +282,7 @@ def main(argv=None) -> int:
                           f"threads={threads} (torch {info.get('torch_threads')}) | "
                           f"{info['cpu']} | load avg {os.getloadavg()[0]:.2f} | "
                           f"median of {args.rounds} A/B rounds after warm-up | "
+                          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} | "
                           f"sgemm ceiling {ceiling:.0f} GFLOP/s ({threads} threads)")
                     if info.get("torch_own_libgomp") is False:
                         print("# WARNING: torch runs on the system libgomp (numba's OpenMP pool "
