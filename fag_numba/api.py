@@ -406,8 +406,11 @@ def _bad_rows(gp, parts):
     return bad
 
 
-def _run_forward(P, q, k, v):
-    """Run the forward driver; returns (out float32 flat in the dy layout, m, l row arrays)."""
+def _run_forward(P, q, k, v, bf16_out=False):
+    """Run the forward driver; returns (out float32 flat in the dy layout, m, l row arrays).
+    ``bf16_out``: the caller wants a bfloat16 attention_out; on the native bf16 kinds the
+    kernel then writes its bits (out is bfloat16 flat: the same bits as converting the float32
+    output, without that buffer and pass)."""
     memory.keep_freed_memory()
     from .kernels.driver import fwd_driver
     from .planning import forward_blocks, forward_pv_split, plan_forward
@@ -417,7 +420,9 @@ def _run_forward(P, q, k, v):
     if kind in ("bf16", "amx"):          # bf16 pairs of keys start on even columns
         bn += bn % 2
     st, gp, fp, nrows = _tables(P, bm, bn)
-    out = memory.zeros64(int(np.prod(P.dy_shape)))
+    nout = int(np.prod(P.dy_shape))
+    direct = bf16_out and kind in ("bf16", "amx") and P.out_dtype == dtypes.BFLOAT16
+    out = memory.zeros64(nout, np.uint16 if direct else np.float32)
     m = np.full(nrows, -_FLT_MAX, np.float32)
     l = np.full(nrows, _FLT_MAX, np.float32)
     items, tptr = plan_forward(st, P.dims.N1, bm, bn, P.dims.D + P.dims.Dv)
@@ -429,6 +434,8 @@ def _run_forward(P, q, k, v):
         bad = _bad_rows(gp, [(desc.BAD_V, v, P.dims.Dv)] if v is not None else [])
         if gp[desc.NONFINITE]:
             kind = None                  # the careful path lives in the BLAS drivers
+            if direct:                   # (which write float32)
+                out, direct = memory.zeros64(nout), False
         with blas_single_thread():
             if kind is None:
                 fwd_driver(q, k, v, out, m, l, P.pse.flat, P.pse.slopes, P.mask.dense,
@@ -440,7 +447,7 @@ def _run_forward(P, q, k, v):
                     q, k, v, out, m, l, P.pse.flat, P.pse.slopes, P.mask.dense, P.drop_flat, st,
                     gp, fp, items, tptr, visits)
     last_tile_count["forward"] = int(visits.sum())
-    return out, m, l
+    return (out.view(dtypes.BFLOAT16) if direct else out), m, l
 
 
 def _stats_out(P, rows):
@@ -501,7 +508,7 @@ def flash_attention_score(query, key, value, head_num, input_layout, *, pse=None
     _materialize(P, "flash_attention_score", {"query": query, "key": key, "value": value},
                  False, False, pse, atten_mask, drop_mask)
     q, k, v, _ = _inputs(P, query, key, value)
-    out, m, l = _run_forward(P, q, k, v)
+    out, m, l = _run_forward(P, q, k, v, bf16_out=True)
     return FlashAttentionOutput(dtypes.from_f32(out, P.dy_shape, P.out_dtype),
                                 _stats_out(P, m), _stats_out(P, l))
 

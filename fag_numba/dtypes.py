@@ -75,7 +75,8 @@ def to_f32_flat(x, scale=1.0):
 
 def from_f32(flat, shape, dtype):
     """Reshape a fresh float32 buffer and cast it to the output dtype (no copy for float32;
-    bf16/fp16 through ``kernels.convert.from_f32``: bitwise ``astype``, 4-8x faster)."""
+    bf16/fp16 through ``kernels.convert.from_f32``: bitwise ``astype``, 4-8x faster; a buffer
+    already in the output dtype, as the native forward's bf16 output, is only reshaped)."""
     return cast(flat.reshape(shape), dtype)
 
 

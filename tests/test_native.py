@@ -504,3 +504,30 @@ def test_all_finite_bf16_finds_every_inf_and_nan(bits, which, nchunks_min, monke
         ys = [x.copy() for x in xs]
         ys[which][pos] = bits
         assert not native.all_finite_bf16(ys), pos
+
+
+@pytest.mark.parametrize("name", ["amx", "bf16"])
+@pytest.mark.parametrize("case", ["dense", "masked_rows", "causal_odd"])
+def test_bf16_output_written_by_the_kernel_equals_the_converted_float32(name, case, path,
+                                                                        blocks, rng):
+    """The native forward writes a bf16 attention_out's bits itself; they are the bits of its
+    float32 output (out_dtype=float32, the other compiled variant) converted by the host,
+    including rows masked out entirely (zeros) and odd sizes."""
+    path(name)
+    S1, S2, kw = {"dense": (37, 45, {}),
+                  "masked_rows": (40, 33, {}),
+                  "causal_odd": (29, 51, dict(sparse_mode=3, atten_mask="causal"))}[case]
+    q, k, v, _ = make_qkv("BNSD", 1, 2, 2, S1, S2, 16, 16, BF16, rng)
+    kw = _kwargs(kw, 2)
+    if case == "masked_rows":
+        m = rng.random((S1, S2)) < 0.3
+        m[[3, 17, 30]] = True                  # three rows masked entirely: zero output
+        kw["atten_mask"] = m
+    o16 = fag_numba.flash_attention_score(q, k, v, 2, "BNSD", **kw)
+    o32 = fag_numba.flash_attention_score(q, k, v, 2, "BNSD", out_dtype=np.float32, **kw)
+    assert o16.attention_out.dtype == BF16 and o32.attention_out.dtype == np.float32
+    np.testing.assert_array_equal(o16.attention_out.view(np.uint16),
+                                  o32.attention_out.astype(BF16).view(np.uint16))
+    np.testing.assert_array_equal(o16.softmax_max, o32.softmax_max)
+    if case == "masked_rows":
+        assert not o16.attention_out[0, :, [3, 17, 30]].astype(np.float32).any()

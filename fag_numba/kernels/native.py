@@ -29,6 +29,7 @@ from numba.extending import intrinsic
 
 from .. import _jit
 from ..threads import run_chunks
+from .convert import bf16_from_f32
 from . import desc
 
 from .driver import (_dpse_tile, kv_block_range, online_softmax, online_softmax16,
@@ -754,10 +755,12 @@ def _make_bwd(kind, fused):
     return bwd
 
 
-def _make_fwd(kind, fused):
+def _make_fwd(kind, fused, out16=False):
     """The forward driver with native products (``driver.fwd_driver``'s items, online softmax
     and ownership; S = Q K^T and O += P V through the micro-kernel or AMX tiles, P rounded to
-    bf16 for the bf16 and amx kinds).  Kinds and arrays as in ``_make_bwd``."""
+    bf16 for the bf16 and amx kinds).  Kinds and arrays as in ``_make_bwd``; ``out16``: ``out``
+    is uint16 and takes the output's bf16 bits directly (a bf16 ``attention_out``: no float32
+    output buffer and no conversion pass on the host)."""
     bf = kind != "f32"
     prod = product_bf16 if bf else product_f32
     W = 2 if bf else 1
@@ -765,6 +768,7 @@ def _make_fwd(kind, fused):
     AMX = 1 if kind == "amx" else 0           # pruned before lowering (see _make_bwd)
     FUSED = 1 if fused else 0
     UNFUSED = 1 - FUSED
+    OUT16 = 1 if out16 else 0               # pruned like AMX
     if AMX:
         from .amx import kpad, product_amx, zero_cols
     else:
@@ -806,6 +810,8 @@ def _make_fwd(kind, fused):
             p16h = p16.view(np.uint16)
             ldp16 = 2 * ldp if AMX else 2 * hn       # P rows, in bf16 elements
             cfg = np.zeros(64, np.uint8)
+            orow32 = np.empty(max(dv, 1), np.float32)        # one output row
+            o32bits = orow32.view(np.uint32)
             for it in range(tptr[t], tptr[t + 1]):
                 b = items[it, 0]
                 h = items[it, 1]
@@ -889,6 +895,9 @@ def _make_fwd(kind, fused):
                     i = i0 + r
                     row = st + i * gp[desc.ST_RS]
                     oo = o_off + i * gp[desc.DY_RS]
+                    # the row's float32 values in orow32, then stored as float32 or, for a
+                    # uint16 ``out`` (bf16 output), as bf16 bits (convert.bf16_from_f32: the
+                    # bits of the host conversion it replaces)
                     if mrun[r] == NEG_INF and vrow[r] != 0:
                         # computed elements, all scores -inf: m = -inf, l = NaN (the math);
                         # out 0 only when dropout removed every computed element
@@ -901,17 +910,16 @@ def _make_fwd(kind, fused):
                                                                    b, h, i, rb):
                                 fill = np.float32(0.0)
                         for e in range(dv):
-                            out[oo + e] = fill
+                            orow32[e] = fill
                     elif mrun[r] == NEG_INF:
                         mrow[row] = -_FLT_MAX
                         lrow[row] = _FLT_MAX
                         for e in range(dv):
-                            out[oo + e] = 0.0
+                            orow32[e] = 0.0
                     else:
                         mrow[row] = mrun[r]
                         lrow[row] = lrun[r]
                         inv_l = np.float32(1.0) / lrun[r]
-                        orow = out[oo:oo + dv]
                         ar = acc[r * dv:(r + 1) * dv]
                         all_dropped = False
                         if UNFUSED:         # (pruned in the fused variant, as above)
@@ -920,10 +928,16 @@ def _make_fwd(kind, fused):
                                                                      drop_mask, b, h, i, rb)
                         if all_dropped:
                             for e in range(dv):        # every computed (NaN) P dropped
-                                orow[e] = 0.0
+                                orow32[e] = 0.0
                         else:
                             for e in range(dv):
-                                orow[e] = ar[e] * inv_l
+                                orow32[e] = ar[e] * inv_l
+                    if OUT16:
+                        bf16_from_f32(o32bits, out[oo:oo + dv], 0, dv)
+                    else:
+                        orow = out[oo:oo + dv]
+                        for e in range(dv):
+                            orow[e] = orow32[e]
 
     return fwd
 
@@ -944,12 +958,14 @@ def fusable(name, kind, gp, fp):
                 and 0.0 < scale < float("inf"))
 
 
-def _chunk(name, kind, fused):
-    """The chunk kernel of (name, kind, fused), made once (each compiles on its first call, so a
-    process that never meets dropout or pse never compiles the unfused variant)."""
-    key = (name, kind, fused)
+def _chunk(name, kind, fused, out16=False):
+    """The chunk kernel of (name, kind, fused, out16), made once (each compiles on its first
+    call, so a process that never meets dropout or pse never compiles the unfused variant, nor
+    a float32-output forward when it only asks for bf16 outputs)."""
+    key = (name, kind, fused, out16)
     if key not in _CHUNKS:
-        _CHUNKS[key] = {"bwd": _make_bwd, "fwd": _make_fwd}[name](kind, fused)
+        _CHUNKS[key] = (_make_fwd(kind, fused, out16) if name == "fwd" else
+                        _make_bwd(kind, fused))
     return _CHUNKS[key]
 
 
@@ -966,7 +982,8 @@ def driver(name, kind):
 
         def run(*args):
             tptr = args[-2]                  # (..., items, tptr, visits)
-            chunk = _chunk(name, kind, fusable(name, kind, args[gi], args[fi]))
+            out16 = name == "fwd" and args[3].dtype == np.uint16     # (q, k, v, out, ...)
+            chunk = _chunk(name, kind, fusable(name, kind, args[gi], args[fi]), out16)
             run_chunks(chunk, tptr.size - 1, args)
 
         _DRIVERS[key] = run
