@@ -933,7 +933,7 @@ def _make_fwd(kind, fused, out16=False):
                             for e in range(dv):
                                 orow32[e] = ar[e] * inv_l
                     if OUT16:
-                        bf16_from_f32(o32bits, out[oo:oo + dv], 0, dv)
+                        bf16_from_f32(o32bits, out[oo:oo + dv], np.int64(0), dv)
                     else:
                         orow = out[oo:oo + dv]
                         for e in range(dv):
