@@ -216,7 +216,7 @@ def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab
     pv_rows = gp[desc.PV_ROWS]     # > 0: P @ V as sub-products of PV_ROWS x PV_KEYS
     pv_keys = max(gp[desc.PV_KEYS], 1)
     # careful path scratch (guard.py), 1 element when every input is finite
-    cm = scratch(bm * bn if careful_on else 1, np.uint8)
+    cm = np.empty(bm * bn if careful_on else 1, np.uint8)
     gbuf = scratch(bn * max(dv, 1) if careful_on else 1, np.float32)
     vrow = np.empty(bm, np.uint8)      # row has a computed element (only the mask invalidates)
     # scratch: s, rb: BLOCK_M*BLOCK_N; acc: BLOCK_M*Dv; row vectors: BLOCK_M
@@ -354,7 +354,7 @@ def _bwd_chunk(t, q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, sl
     dpk = gp[desc.DPSE_KIND]
     pk = gp[desc.PSE_KIND]
     careful_on = gp[desc.NONFINITE] != 0
-    cm = scratch(bm * bn if careful_on else 1, np.uint8)
+    cm = np.empty(bm * bn if careful_on else 1, np.uint8)
     gbuf = scratch(max(bm, bn) * max(d, 1) if careful_on else 1, np.float32)
     # tiles per run sharing the score and dy v^T products (1 when gp leaves it 0)
     grp = max(gp[desc.BWD_GROUP], 1)
