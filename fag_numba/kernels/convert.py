@@ -59,7 +59,7 @@ from numba.core import config as nconfig
 from numba.extending import intrinsic
 
 from .. import _jit, config, isa
-from .llir import F32, I16, I32, VF, VH16, VI, VM, data, fn, splat
+from .llir import F32, I16, I32, VF, VH16, VI, VM, data, fn, lanes
 
 _HALF = ir.HalfType()
 _VHALF = ir.VectorType(_HALF, 16)
@@ -132,12 +132,6 @@ def _f16_to_f32_ir(builder, h):
     return builder.select(isnan, nan, f)
 
 
-def _lanes(builder, n):
-    """<16 x i1>: lane < n (n: i64, 0 <= n <= 16)."""
-    return builder.icmp_signed("<", ir.Constant(VI, list(range(16))),
-                               splat(builder, builder.trunc(n, I32), VI))
-
-
 def _block(convert, src_ty, dst_ty, masked):
     """An intrinsic converting 16 elements ``src[s_off:s_off+16]`` into ``dst[d_off:...]``
     (``masked``: only the first ``n`` lanes are read and written, for the tail)."""
@@ -154,7 +148,7 @@ def _block(convert, src_ty, dst_ty, masked):
         dp = builder.bitcast(dp, vd.as_pointer())
         if masked:
             mod = builder.module
-            m = _lanes(builder, args[4])
+            m = lanes(builder, args[4])
             ld = fn(mod, f"llvm.masked.load.v16{_tag(src_ty)}.p0", vs,
                     [sp.type, I32, VM, vs])
             st = fn(mod, f"llvm.masked.store.v16{_tag(dst_ty)}.p0", ir.VoidType(),
@@ -216,15 +210,22 @@ def f32_from_f16(src, dst, lo, hi):
 _ALIGN = 64
 
 
+@_jit.kernel(inline="always")
+def share(n, t, nchunks):
+    """(lo, hi): chunk t's share of n elements split in ``nchunks`` (boundaries multiples of
+    ``_ALIGN``; the last shares may be empty)."""
+    step = (n + nchunks - 1) // nchunks
+    step = (step + _ALIGN - 1) // _ALIGN * _ALIGN
+    lo = min(n, t * step)
+    return lo, min(n, lo + step)
+
+
 def _chunked(body):
     """A ``run_chunks`` kernel: chunk t of ``nchunks`` converts its share of ``src``."""
     @_jit.kernel
     def chunk(t, src, dst, nchunks):
-        n = src.size
-        step = (n + nchunks - 1) // nchunks
-        step = (step + _ALIGN - 1) // _ALIGN * _ALIGN
-        lo = min(n, t * step)
-        body(src, dst, lo, min(n, lo + step))
+        lo, hi = share(src.size, t, nchunks)
+        body(src, dst, lo, hi)
     return chunk
 
 

@@ -97,11 +97,16 @@ def loop_entry(builder, count, name):
     return pre, loop, done
 
 
+def lanes(builder, n):
+    """<16 x i1>: lane < n (n: i64; every lane for n >= 16, none for n <= 0)."""
+    return builder.icmp_signed("<", ir.Constant(VI, list(range(16))),
+                               splat(builder, builder.trunc(n, I32), VI))
+
+
 def edges(builder, nrows, ncols):
     """(mask of the block's columns < ncols, its last row index clamped to >= 0): rows past
     nrows are addressed as that row (never outside the operand) and masked off."""
-    colmask = builder.icmp_signed("<", ir.Constant(VI, list(range(16))),
-                                  splat(builder, builder.trunc(ncols, I32), VI))
+    colmask = lanes(builder, ncols)
     last = builder.sub(nrows, ir.Constant(I64, 1))
     last = builder.select(builder.icmp_signed("<", last, ir.Constant(I64, 0)),
                           ir.Constant(I64, 0), last)

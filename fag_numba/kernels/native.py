@@ -29,7 +29,7 @@ from numba.extending import intrinsic
 
 from .. import _jit
 from ..threads import run_chunks
-from .convert import bf16_from_f32
+from .convert import bf16_from_f32, share
 from . import desc
 
 from .driver import (_dpse_tile, kv_block_range, online_softmax, online_softmax16,
@@ -37,8 +37,8 @@ from .driver import (_dpse_tile, kv_block_range, online_softmax, online_softmax1
 from .llir import (BFloat as _BFloat, I1 as _I1, I16 as _I16, I32 as _I32, I64 as _I64,
                    VB16 as _VB16, VB32 as _VB32, VF as _VF, VH16 as _VH16, VI as _VI, VM as _VM,
                    bf16_pairs as _bf16_pairs, data as _data, edges as _edges, fn as _fn,
-                   loop_entry as _loop_entry, rounded as _rounded, splat as _splat,
-                   store as _store, transpose16 as _transpose16)
+                   lanes as _lanes, loop_entry as _loop_entry, rounded as _rounded,
+                   splat as _splat, store as _store, transpose16 as _transpose16)
 from .guard import row_keeps_computed
 from .tile import (NEG_INF, _exp16, adjust_scores, drop_ds, drop_p, exp_sub, score_alpha,
                    scratch, tile_class)
@@ -264,8 +264,7 @@ def _pds_pair16(typingctx, s, dp, o0, o1, two, ncols, alpha, l0, l1, d0, d1, pt,
         hstore = _fn(mod, "llvm.masked.store.v16i16.p0", ir.VoidType(),
                      [_VH16, srb.type, _I32, _VM])
         zero = ir.Constant(_VF, [0.0] * 16)
-        cm = builder.icmp_signed("<", ir.Constant(_VI, list(range(16))),
-                                 _splat(builder, builder.trunc(ncols, _I32), _VI))
+        cm = _lanes(builder, ncols)
         two_b = context.cast(builder, two, sig.args[4], types.boolean)
         m1 = builder.and_(cm, _splat(builder, two_b, _VM))
         alphav = _splat(builder, alpha, _VF)
@@ -485,13 +484,10 @@ def _finite_bf16(x):
 
 @_jit.kernel(inline="always")
 def _share_finite(x, t, nchunks):
-    """``_finite_bf16`` of share t of nchunks of x (64-element multiples; a slice, not a
-    lo..hi loop: that form vectorised 4x worse)."""
-    n = x.size
-    step = (n + nchunks - 1) // nchunks
-    step = (step + 63) // 64 * 64
-    lo = min(n, t * step)
-    return _finite_bf16(x[lo:min(n, lo + step)])
+    """``_finite_bf16`` of share t of nchunks of x (``convert.share``; a slice, not a lo..hi
+    loop: that form vectorised 4x worse)."""
+    lo, hi = share(x.size, t, nchunks)
+    return _finite_bf16(x[lo:hi])
 
 
 @_jit.kernel

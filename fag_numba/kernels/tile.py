@@ -17,8 +17,9 @@ from ..dropout import _counter_start, _mask_keep_row, _philox_keep_row
 from ..masks import _band_tile_class, _dense_tile_class
 from . import desc
 from .llir import (F32 as _F32, I32 as _I32, I64 as _I64, VB16 as _VB16, VF as _VF, VH16 as _VH16,
-                   VI as _VI, VM as _VM, data as _data, fn as _llvm_fn, loop_entry as _loop_entry,
-                   rounded as _rounded, splat as _splat, store as _store)
+                   VI as _VI, VM as _VM, data as _data, fn as _llvm_fn, lanes as _lanes,
+                   loop_entry as _loop_entry, rounded as _rounded, splat as _splat,
+                   store as _store)
 
 # numba's own BLAS entry (it calls SciPy's cython_blas sgemm): single-threaded here because the
 # chunk kernels run it on several threads at once and hold OpenBLAS to one thread (threads.py).
@@ -241,8 +242,7 @@ def _make_exp_row(full, to16=False):
             rem = builder.sub(n, nvec)
             builder.cbranch(builder.icmp_signed(">", rem, ir.Constant(_I64, 0)), tdo, done)
             builder.position_at_end(tdo)
-            mask = builder.icmp_signed("<", ir.Constant(_VI, list(range(16))),
-                                       _splat(builder, builder.trunc(rem, _I32), _VI))
+            mask = _lanes(builder, rem)
             pt = builder.bitcast(builder.gep(base, [nvec]), _VF.as_pointer())
             mload = _llvm_fn(mod, "llvm.masked.load.v16f32.p0", _VF, [pt.type, _I32, _VM, _VF])
             xt = builder.call(mload, [pt, ir.Constant(_I32, 4), mask, _vc(NEG_INF)])
