@@ -27,8 +27,8 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
-from .. import _jit
-from ..threads import run_chunks
+from .. import _jit, config
+from ..threads import num_threads, run_chunks
 from .convert import bf16_from_f32, share
 from . import desc
 
@@ -503,8 +503,6 @@ def all_finite_bf16(arrays):
     skipped) is finite: one share of each per thread from ``config.CONVERT_THREAD_MIN``
     elements in all (the check runs at one core's memory bandwidth: 3 x 2M elements took
     0.84 ms on one thread, 0.54 ms on two)."""
-    from .. import config
-    from ..threads import num_threads
     none = np.zeros(0, np.uint16)
     xs = [none if x is None else x for x in arrays]
     xs += [none] * (4 - len(xs))
