@@ -50,7 +50,7 @@ with warnings.catch_warnings(record=True) as caught:
         o = fag_numba.flash_attention_score(q, k, v, 2, "BNSD", **kw)
         for a in (o.attention_out, o.softmax_max, o.softmax_sum):
             h.update(np.ascontiguousarray(a).tobytes())
-        disps = {"fwd_chunk": driver._fwd_chunk}
+        disps = {"fwd_chunk": driver._fwd_chunk_plain}
     else:
         h.update(fag_numba.dropout_mask(1000, 0.7, 11, 3).tobytes())
         disps = {name: getattr(dropout, name) for name in vars(dropout)

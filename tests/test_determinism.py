@@ -127,3 +127,50 @@ def test_threads_rejects_bad_counts_and_keeps_the_current_one(n, exc):
     with pytest.raises(exc):
         fag_numba.set_num_threads(n)
     assert numba.get_num_threads() == before
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["none", "causal", "dense", "nonfinite"])
+def test_plain_kernels_give_the_bits_of_the_full_ones(dtype, mode, blocks, monkeypatch):
+    """A call without pse or dropout runs the plain chunk kernels (``driver.plain``: their pse
+    and dropout code pruned, for the cold compile); forcing the full kernels on the same call
+    gives the same bits, masks, the careful (non-finite) path and the bf16 kinds included."""
+    from fag_numba.kernels import driver, native
+    blocks()
+    rng = np.random.default_rng(11)
+    q, k, v, dy = make_qkv("BNSD", 1, 2, 2, 37, 53, 16, 16, dtype, rng)
+    kw = {}
+    if mode == "causal":
+        kw = dict(atten_mask=np.triu(np.ones((2048, 2048), bool), 1), sparse_mode=3)
+    elif mode == "dense":
+        kw = dict(atten_mask=rng.random((37, 53)) < 0.3, sparse_mode=0)
+    elif mode == "nonfinite":
+        k = k.copy()
+        k[0, 1, 5, 3] = np.inf
+        dy = dy.copy()
+        dy[0, 0, 7, 2] = np.nan
+
+    def run():
+        out = fag_numba.flash_attention_score(q, k, v, 2, "BNSD", scale_value=0.3, **kw)
+        g = fag_numba.flash_attention_score_grad(
+            q, k, v, dy, 2, "BNSD", scale_value=0.3, softmax_max=out.softmax_max,
+            softmax_sum=out.softmax_sum, attention_in=out.attention_out, **kw)
+        return _bits(tuple(out) + tuple(g))
+
+    real, seen = driver.plain, []
+
+    def spy(name, gp):
+        seen.append(real(name, gp))
+        return seen[-1]
+
+    for mod in (driver, native):
+        monkeypatch.setattr(mod, "plain", spy)
+    plain = run()
+    assert seen and all(seen), seen        # the plain kernels did run (both passes)
+    for mod in (driver, native):
+        monkeypatch.setattr(mod, "plain", lambda name, gp: False)
+    full = run()
+    names = ("attention_out", "softmax_max", "softmax_sum", "dq", "dk", "dv", "dpse")
+    for name, a, b in zip(names, plain, full):
+        assert a == b, f"{name}: the plain kernels differ from the full ones"
+

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numba
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "fag_numba"
@@ -168,3 +169,41 @@ def _clean_env():
     env = dict(os.environ)
     env.pop("FAG_NUMBA_CACHE", None)
     return env
+
+
+_PLAIN_PROBE = r"""
+import numpy as np, ml_dtypes
+import fag_numba
+from fag_numba.kernels import driver, guard, native, tile
+rng = np.random.default_rng(0)
+mask = np.triu(np.ones((2048, 2048), bool), 1)
+for dt in (np.float32, ml_dtypes.bfloat16):
+    q, k, v, dy = (rng.standard_normal((1, 2, 40, 16), dtype=np.float32).astype(dt)
+                   for _ in range(4))
+    for kw in ({}, dict(atten_mask=mask, sparse_mode=3)):
+        o = fag_numba.flash_attention_score(q, k, v, 2, "BNSD", **kw)
+        fag_numba.flash_attention_score_grad(q, k, v, dy, 2, "BNSD", softmax_max=o.softmax_max,
+                                             softmax_sum=o.softmax_sum,
+                                             attention_in=o.attention_out, **kw)
+cold = {"tile.add_pse": tile.add_pse, "tile.keep_tile": tile.keep_tile,
+        "tile.drop_p": tile.drop_p, "tile.drop_ds": tile.drop_ds,
+        "driver._dpse_tile": driver._dpse_tile, "driver._fwd_chunk": driver._fwd_chunk,
+        "driver._bwd_chunk": driver._bwd_chunk,
+        "guard.dropped_nan_row_out": guard.dropped_nan_row_out,
+        "guard.row_keeps_computed": guard.row_keeps_computed}
+compiled = sorted(n for n, d in cold.items() if d.signatures)
+assert not compiled, compiled
+assert driver._fwd_chunk_plain.signatures and driver._bwd_chunk_plain.signatures
+print("OK")
+"""
+
+
+@pytest.mark.skipif(numba.config.DISABLE_JIT, reason="compilation is what is tested")
+def test_calls_without_pse_or_dropout_never_compile_their_code():
+    """A process that only meets calls without pse and dropout (fp32 and bf16, with and
+    without a mask) compiles none of the pse and dropout kernels (``driver.plain``: ~3 s of a
+    cold first forward + backward).  A fresh process without the kernel cache."""
+    res = subprocess.run([sys.executable, "-c", _PLAIN_PROBE], capture_output=True, text=True,
+                         cwd=str(ROOT), timeout=600,
+                         env={**_clean_env(), "FAG_NUMBA_CACHE": "0", "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stderr[-3000:]

@@ -23,9 +23,9 @@ from ..threads import run_chunks
 from . import desc
 from .guard import (any_bad, computed_tile, dropped_nan_row_out, ds_guard, gemm_guard, p_guard,
                     row_has_computed)
-from .tile import (NEG_INF, OFF0, TRANS_N, TRANS_T, drop_ds, drop_p, exp_scale_bf16,
-                   exp_scale_bf16_le, exp_sub, exp_sub_le, gemm, row_max, score_tile, scratch,
-                   tile_class)
+from .tile import (NEG_INF, OFF0, TRANS_N, TRANS_T, drop_ds, drop_p, ds_rows, exp_scale_bf16,
+                   exp_scale_bf16_le, exp_sub, exp_sub_le, gemm, row_max, score_tile,
+                   score_tile_plain, scratch, tile_class)
 
 _FLT_MAX = np.float32(3.4028234663852886e38)
 
@@ -40,6 +40,15 @@ if numba.config.DISABLE_JIT:
     def _log(x):  # noqa: F811  (NUMBA_DISABLE_JIT=1: Python's math.log raises on 0 and below)
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.log(np.float64(x))
+
+
+def plain(name, gp):
+    """Whether a call of pass ``name`` ("fwd", "bwd") with descriptor ``gp`` takes the plain
+    chunk kernels: no dropout, no pse and (backward) no pse gradient.  Plain and full variants
+    run the same operations on such a call; the split only keeps the pse and dropout code out
+    of a process that never uses them (each variant compiles on its first call)."""
+    return bool(gp[desc.DROP_KIND] == desc.DROP_NONE and gp[desc.PSE_KIND] == desc.PSE_NONE
+                and (name == "fwd" or gp[desc.DPSE_KIND] == 0))
 
 
 @_jit.kernel
@@ -199,129 +208,141 @@ online_softmax = _make_online_softmax(False)
 online_softmax16 = _make_online_softmax(True)
 
 
-@_jit.kernel
-def _fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, gp, fp,
-               items, tptr, visits, bad):
-    """Forward work of chunk t: items ``items[tptr[t]:tptr[t + 1]]`` (see ``fwd_driver``).
+def _make_fwd_chunk(full):
+    """The forward chunk kernel: ``full`` (every feature) or plain (``plain``: no pse and no
+    dropout; numba prunes the ``FULL`` branches, so a process that never meets pse or dropout
+    never compiles their code: -2 s of a cold first forward + backward)."""
+    FULL = 1 if full else 0     # a closure constant (pruned before lowering)
+    score = score_tile if full else score_tile_plain
 
-    Serial and ``nogil``: ``threads.run_chunks`` runs one call per chunk, each on its own
-    thread.
-    """
-    bm = gp[desc.BLOCK_M]
-    bn = gp[desc.BLOCK_N]
-    dv = gp[desc.DV]
-    g = gp[desc.G]
-    dropping = gp[desc.DROP_KIND] != desc.DROP_NONE
-    careful_on = gp[desc.NONFINITE] != 0
-    pv_rows = gp[desc.PV_ROWS]     # > 0: P @ V as sub-products of PV_ROWS x PV_KEYS
-    pv_keys = max(gp[desc.PV_KEYS], 1)
-    # careful path scratch (guard.py), 1 element when every input is finite
-    cm = np.empty(bm * bn if careful_on else 1, np.uint8)
-    gbuf = scratch(bn * max(dv, 1) if careful_on else 1, np.float32)
-    vrow = np.empty(bm, np.uint8)      # row has a computed element (only the mask invalidates)
-    # scratch: s, rb: BLOCK_M*BLOCK_N; acc: BLOCK_M*Dv; row vectors: BLOCK_M
-    s = scratch(bm * bn, np.float32)
-    rb = scratch(bm * bn, np.float32)
-    acc = scratch(bm * max(dv, 1), np.float32)
-    mrun = np.empty(bm, np.float32)
-    lrun = np.empty(bm, np.float32)
-    sub = np.empty(bm, np.float32)
-    cor = np.empty(bm, np.float32)
-    ab = np.empty(2, np.float32)
-    no16 = np.empty(1, np.uint16)      # online_softmax's bf16 output, unused here
-    for it in range(tptr[t], tptr[t + 1]):
-        b = items[it, 0]
-        h = items[it, 1]
-        i0 = items[it, 2] * bm
-        s1 = seqtab[b, desc.S1]
-        s2 = seqtab[b, desc.S2]
-        m_len = min(bm, s1 - i0)
-        n2 = h // g
-        for r in range(m_len):
-            mrun[r] = NEG_INF
-            lrun[r] = 0.0
-            vrow[r] = 0
-        for x in range(m_len * dv):
-            acc[x] = 0.0
-        jb_lo, jb_hi = kv_block_range(seqtab[b, desc.LO], seqtab[b, desc.HI],
-                                      seqtab[b, desc.PREFIX], s2, i0, i0 + m_len, bn)
-        for jb in range(jb_lo, jb_hi):
-            # the rows [ti0, ti0 + tm) and columns of the key block the band can reach: the
-            # other rows of the item have nothing computed in this block and keep their m, l,
-            # acc (a causal diagonal block of 512 x 256 needs only half its rows)
-            ti0, tm, j0, n_len = trim_tile(seqtab[b, desc.LO], seqtab[b, desc.HI],
-                                           seqtab[b, desc.PREFIX], i0, m_len, jb * bn,
-                                           min(bn, s2 - jb * bn))
-            if n_len == 0:
-                continue
-            ro = ti0 - i0                  # the tile's first row within the item
-            cls = tile_class(seqtab, gp, mask, b, h, ti0, tm, j0, n_len)
-            if cls == desc.EMPTY:
-                continue
-            visits[t] += 1
-            # s <- z (scaled, biased, masked)
-            score_tile(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, ti0, tm, j0, n_len,
-                       cls, s, ab)
-            online_softmax(s, tm, n_len, ro, cls, mrun, lrun, vrow, acc, dv, sub, cor, seqtab, gp,
-                           mask, b, h, ti0, j0, np.float32(1.0), no16, 0)
-            if dropping:
-                # p_drop <- R ? p / keep_prob : 0
-                drop_p(seqtab, gp, fp, drop_mask, b, h, ti0, tm, j0, n_len, s, rb)
-            # acc <- acc + p_drop @ v
-            v_off = seqtab[b, desc.V_OFF] + n2 * gp[desc.V_HS] + j0 * gp[desc.V_RS]
-            if careful_on and any_bad(bad, gp[desc.BAD_V], v_off, gp[desc.V_RS], dv, n_len):
-                # a NaN/inf row of v: masked p = 0 must not meet it (0 * NaN)
-                computed_tile(seqtab, gp, mask, b, h, ti0, tm, j0, n_len, cls, cm)
-                gemm_guard(TRANS_N, tm, n_len, dv, s, n_len, v, v_off, gp[desc.V_RS], acc,
-                           ro * dv, dv, bad, gp[desc.BAD_V], cm, gbuf, ab)
-            elif pv_rows > 0:
-                # sub-products small enough for OpenBLAS's unpacked small-matrix kernel
-                # (planning.forward_pv_split), in a fixed order
-                for r0 in range(0, tm, pv_rows):
-                    mr = min(pv_rows, tm - r0)
-                    for c0 in range(0, n_len, pv_keys):
-                        nc = min(pv_keys, n_len - c0)
-                        gemm(TRANS_N, TRANS_N, mr, dv, nc, np.float32(1.0), s, r0 * n_len + c0,
-                             n_len, v, v_off + c0 * gp[desc.V_RS], gp[desc.V_RS],
-                             np.float32(1.0), acc, (ro + r0) * dv, dv, ab)
-            else:
-                gemm(TRANS_N, TRANS_N, tm, dv, n_len, np.float32(1.0), s, OFF0, n_len, v,
-                     v_off, gp[desc.V_RS], np.float32(1.0), acc, ro * dv, dv, ab)
-        st = seqtab[b, desc.ST_OFF] + h * seqtab[b, desc.ST_HS]
-        o_off = seqtab[b, desc.DY_OFF] + h * gp[desc.DY_HS]
-        for r in range(m_len):
-            i = i0 + r
-            row = st + i * gp[desc.ST_RS]
-            oo = o_off + i * gp[desc.DY_RS]
-            if mrun[r] == NEG_INF and vrow[r] != 0:
-                # computed elements, all scores -inf: m = -inf, l = exp(-inf + inf) = NaN;
-                # out NaN unless dropout removed every computed element (dropped_nan_row_out)
-                mrow[row] = NEG_INF
-                lrow[row] = np.float32(np.nan)
-                if dropping:
-                    dropped_nan_row_out(seqtab, gp, mask, drop_mask, v, b, h, i, rb, out, oo)
+    @_jit.kernel
+    def fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, gp, fp,
+                   items, tptr, visits, bad):
+        """Forward work of chunk t: items ``items[tptr[t]:tptr[t + 1]]`` (see ``fwd_driver``).
+
+        Serial and ``nogil``: ``threads.run_chunks`` runs one call per chunk, each on its own
+        thread.  The plain variant: pse, slopes and drop_mask unused.
+        """
+        bm = gp[desc.BLOCK_M]
+        bn = gp[desc.BLOCK_N]
+        dv = gp[desc.DV]
+        g = gp[desc.G]
+        dropping = gp[desc.DROP_KIND] != desc.DROP_NONE
+        careful_on = gp[desc.NONFINITE] != 0
+        pv_rows = gp[desc.PV_ROWS]     # > 0: P @ V as sub-products of PV_ROWS x PV_KEYS
+        pv_keys = max(gp[desc.PV_KEYS], 1)
+        # careful path scratch (guard.py), 1 element when every input is finite
+        cm = np.empty(bm * bn if careful_on else 1, np.uint8)
+        gbuf = scratch(bn * max(dv, 1) if careful_on else 1, np.float32)
+        vrow = np.empty(bm, np.uint8)      # row has a computed element (only the mask invalidates)
+        # scratch: s, rb: BLOCK_M*BLOCK_N; acc: BLOCK_M*Dv; row vectors: BLOCK_M
+        s = scratch(bm * bn, np.float32)
+        rb = scratch(bm * bn, np.float32)
+        acc = scratch(bm * max(dv, 1), np.float32)
+        mrun = np.empty(bm, np.float32)
+        lrun = np.empty(bm, np.float32)
+        sub = np.empty(bm, np.float32)
+        cor = np.empty(bm, np.float32)
+        ab = np.empty(2, np.float32)
+        no16 = np.empty(1, np.uint16)      # online_softmax's bf16 output, unused here
+        for it in range(tptr[t], tptr[t + 1]):
+            b = items[it, 0]
+            h = items[it, 1]
+            i0 = items[it, 2] * bm
+            s1 = seqtab[b, desc.S1]
+            s2 = seqtab[b, desc.S2]
+            m_len = min(bm, s1 - i0)
+            n2 = h // g
+            for r in range(m_len):
+                mrun[r] = NEG_INF
+                lrun[r] = 0.0
+                vrow[r] = 0
+            for x in range(m_len * dv):
+                acc[x] = 0.0
+            jb_lo, jb_hi = kv_block_range(seqtab[b, desc.LO], seqtab[b, desc.HI],
+                                          seqtab[b, desc.PREFIX], s2, i0, i0 + m_len, bn)
+            for jb in range(jb_lo, jb_hi):
+                # the rows [ti0, ti0 + tm) and columns of the key block the band can reach: the
+                # other rows of the item have nothing computed in this block and keep their m, l,
+                # acc (a causal diagonal block of 512 x 256 needs only half its rows)
+                ti0, tm, j0, n_len = trim_tile(seqtab[b, desc.LO], seqtab[b, desc.HI],
+                                               seqtab[b, desc.PREFIX], i0, m_len, jb * bn,
+                                               min(bn, s2 - jb * bn))
+                if n_len == 0:
+                    continue
+                ro = ti0 - i0                  # the tile's first row within the item
+                cls = tile_class(seqtab, gp, mask, b, h, ti0, tm, j0, n_len)
+                if cls == desc.EMPTY:
+                    continue
+                visits[t] += 1
+                # s <- z (scaled, biased, masked)
+                score(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, ti0, tm, j0, n_len, cls, s, ab)
+                online_softmax(s, tm, n_len, ro, cls, mrun, lrun, vrow, acc, dv, sub, cor, seqtab,
+                               gp, mask, b, h, ti0, j0, np.float32(1.0), no16, 0)
+                if FULL and dropping:
+                    # p_drop <- R ? p / keep_prob : 0
+                    drop_p(seqtab, gp, fp, drop_mask, b, h, ti0, tm, j0, n_len, s, rb)
+                # acc <- acc + p_drop @ v
+                v_off = seqtab[b, desc.V_OFF] + n2 * gp[desc.V_HS] + j0 * gp[desc.V_RS]
+                if careful_on and any_bad(bad, gp[desc.BAD_V], v_off, gp[desc.V_RS], dv, n_len):
+                    # a NaN/inf row of v: masked p = 0 must not meet it (0 * NaN)
+                    computed_tile(seqtab, gp, mask, b, h, ti0, tm, j0, n_len, cls, cm)
+                    gemm_guard(TRANS_N, tm, n_len, dv, s, n_len, v, v_off, gp[desc.V_RS], acc,
+                               ro * dv, dv, bad, gp[desc.BAD_V], cm, gbuf, ab)
+                elif pv_rows > 0:
+                    # sub-products small enough for OpenBLAS's unpacked small-matrix kernel
+                    # (planning.forward_pv_split), in a fixed order
+                    for r0 in range(0, tm, pv_rows):
+                        mr = min(pv_rows, tm - r0)
+                        for c0 in range(0, n_len, pv_keys):
+                            nc = min(pv_keys, n_len - c0)
+                            gemm(TRANS_N, TRANS_N, mr, dv, nc, np.float32(1.0), s, r0 * n_len + c0,
+                                 n_len, v, v_off + c0 * gp[desc.V_RS], gp[desc.V_RS],
+                                 np.float32(1.0), acc, (ro + r0) * dv, dv, ab)
                 else:
+                    gemm(TRANS_N, TRANS_N, tm, dv, n_len, np.float32(1.0), s, OFF0, n_len, v,
+                         v_off, gp[desc.V_RS], np.float32(1.0), acc, ro * dv, dv, ab)
+            st = seqtab[b, desc.ST_OFF] + h * seqtab[b, desc.ST_HS]
+            o_off = seqtab[b, desc.DY_OFF] + h * gp[desc.DY_HS]
+            for r in range(m_len):
+                i = i0 + r
+                row = st + i * gp[desc.ST_RS]
+                oo = o_off + i * gp[desc.DY_RS]
+                if mrun[r] == NEG_INF and vrow[r] != 0:
+                    # computed elements, all scores -inf: m = -inf, l = exp(-inf + inf) = NaN;
+                    # out NaN unless dropout removed every computed element (dropped_nan_row_out)
+                    mrow[row] = NEG_INF
+                    lrow[row] = np.float32(np.nan)
+                    if FULL and dropping:
+                        dropped_nan_row_out(seqtab, gp, mask, drop_mask, v, b, h, i, rb, out, oo)
+                    else:
+                        for e in range(dv):
+                            out[oo + e] = np.float32(np.nan)
+                elif mrun[r] == NEG_INF:
+                    # invalid row (SPEC §3): out 0, m = -FLT_MAX, l = +FLT_MAX
+                    mrow[row] = -_FLT_MAX
+                    lrow[row] = _FLT_MAX
                     for e in range(dv):
-                        out[oo + e] = np.float32(np.nan)
-            elif mrun[r] == NEG_INF:
-                # invalid row (SPEC §3): out 0, m = -FLT_MAX, l = +FLT_MAX
-                mrow[row] = -_FLT_MAX
-                lrow[row] = _FLT_MAX
-                for e in range(dv):
-                    out[oo + e] = 0.0
-            else:
-                mrow[row] = mrun[r]
-                lrow[row] = lrun[r]
-                inv_l = np.float32(1.0) / lrun[r]
-                orow = out[oo:oo + dv]
-                ar = acc[r * dv:(r + 1) * dv]
-                if dropping and inv_l != inv_l:
-                    # every computed P is NaN: out from the keep bits (acc may hold NaN from
-                    # an exp(inf - inf) rescale even when all of them were dropped)
-                    dropped_nan_row_out(seqtab, gp, mask, drop_mask, v, b, h, i, rb, out, oo)
+                        out[oo + e] = 0.0
                 else:
-                    for e in range(dv):
-                        orow[e] = ar[e] * inv_l
+                    mrow[row] = mrun[r]
+                    lrow[row] = lrun[r]
+                    inv_l = np.float32(1.0) / lrun[r]
+                    orow = out[oo:oo + dv]
+                    ar = acc[r * dv:(r + 1) * dv]
+                    if FULL and dropping and inv_l != inv_l:
+                        # every computed P is NaN: out from the keep bits (acc may hold NaN from
+                        # an exp(inf - inf) rescale even when all of them were dropped)
+                        dropped_nan_row_out(seqtab, gp, mask, drop_mask, v, b, h, i, rb, out, oo)
+                    else:
+                        for e in range(dv):
+                            orow[e] = ar[e] * inv_l
+
+    return fwd_chunk
+
+
+_fwd_chunk = _make_fwd_chunk(True)
+_fwd_chunk_plain = _make_fwd_chunk(False)
 
 
 def fwd_driver(q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, gp, fp,
@@ -334,150 +355,167 @@ def fwd_driver(q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, g
     computed elements whose scores are all -inf is not invalid: m = -inf and l, out = NaN (the
     math; only the mask makes a row invalid).  bad: uint8 non-finite row flags (guard.py).
     """
-    run_chunks(_fwd_chunk, tptr.size - 1, (q, k, v, out, mrow, lrow, pse, slopes, mask,
+    chunk = _fwd_chunk_plain if plain("fwd", gp) else _fwd_chunk
+    run_chunks(chunk, tptr.size - 1, (q, k, v, out, mrow, lrow, pse, slopes, mask,
                                           drop_mask, seqtab, gp, fp, items, tptr, visits, bad))
 
 
-@_jit.kernel
-def _bwd_chunk(t, q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slopes, mask,
-               drop_mask, seqtab, gp, fp, items, tptr, visits, bad):
-    """Backward work of chunk t: items ``items[tptr[t]:tptr[t + 1]]`` (see ``bwd_driver``);
-    serial for the same compile-time reason as ``_fwd_chunk``."""
-    bm = gp[desc.BLOCK_M]
-    bn = gp[desc.BLOCK_N]
-    d = gp[desc.D]
-    dvd = gp[desc.DV]
-    g = gp[desc.G]
-    nsplit = gp[desc.NSPLIT]
-    scale = fp[desc.SCALE]
-    dropping = gp[desc.DROP_KIND] != desc.DROP_NONE
-    dpk = gp[desc.DPSE_KIND]
-    pk = gp[desc.PSE_KIND]
-    careful_on = gp[desc.NONFINITE] != 0
-    cm = np.empty(bm * bn if careful_on else 1, np.uint8)
-    gbuf = scratch(max(bm, bn) * max(d, 1) if careful_on else 1, np.float32)
-    # tiles per run sharing the score and dy v^T products (1 when gp leaves it 0)
-    grp = max(gp[desc.BWD_GROUP], 1)
-    # scratch: s (p), dp (ds): a run of tiles; rb (keep bits, then p_drop): one tile
-    s = scratch(grp * bm * bn, np.float32)
-    dp = scratch(grp * bm * bn, np.float32)
-    rb = scratch(bm * bn, np.float32)
-    ab = np.empty(2, np.float32)
-    for it in range(tptr[t], tptr[t + 1]):
-        n2 = items[it, 2]
-        c = items[it, 3]
-        dqbuf = dq if c == 0 else dqp[c - 1]
-        for b in range(items[it, 0], items[it, 1]):
-            s1 = seqtab[b, desc.S1]
-            s2 = seqtab[b, desc.S2]
-            nkb = (s2 + bn - 1) // bn
-            lo = seqtab[b, desc.LO]
-            hi = seqtab[b, desc.HI]
-            pre = seqtab[b, desc.PREFIX]
-            for jb in range(c, nkb, nsplit):
-                jb0 = jb * bn
-                jb_len = min(bn, s2 - jb0)
-                ib_lo, ib_hi = q_block_range(lo, hi, pre, s1, jb0, jb0 + jb_len, bm)
-                for gg in range(g):
-                    h = n2 * g + gg
-                    st = seqtab[b, desc.ST_OFF] + h * seqtab[b, desc.ST_HS]
-                    ib = ib_lo
-                    while ib < ib_hi:
-                        # the tile, trimmed to the rows/columns the band can reach
-                        i0, m_len, j0, n_len = trim_tile(lo, hi, pre, ib * bm,
-                                                         min(bm, s1 - ib * bm), jb0, jb_len)
-                        if m_len == 0:
-                            ib += 1
-                            continue
-                        cls = tile_class(seqtab, gp, mask, b, h, i0, m_len, j0, n_len)
-                        if cls == desc.EMPTY:
-                            ib += 1
-                            continue
-                        # a run of up to ``grp`` whole (untrimmed, FULL) tiles shares one score
-                        # product and one dy v^T product: taller products run faster in OpenBLAS
-                        # (its packed path; the inner dimension is only D)
-                        ng = 1
-                        rows = m_len
-                        if (grp > 1 and not careful_on and cls == desc.FULL and m_len == bm
-                                and n_len == jb_len and i0 == ib * bm and j0 == jb0):
-                            while ng < grp and ib + ng < ib_hi:
-                                x0 = (ib + ng) * bm
-                                xl = min(bm, s1 - x0)
-                                a0, am, c0, cn = trim_tile(lo, hi, pre, x0, xl, jb0, jb_len)
-                                if (a0 != x0 or am != xl or c0 != jb0 or cn != jb_len
-                                        or tile_class(seqtab, gp, mask, b, h, x0, xl, jb0,
-                                                      jb_len) != desc.FULL):
-                                    break
-                                ng += 1
-                                rows += xl
-                        visits[t] += ng
-                        k_off = seqtab[b, desc.K_OFF] + n2 * gp[desc.K_HS] + j0 * gp[desc.K_RS]
-                        v_off = seqtab[b, desc.V_OFF] + n2 * gp[desc.V_HS] + j0 * gp[desc.V_RS]
-                        q_off = seqtab[b, desc.Q_OFF] + h * gp[desc.Q_HS] + i0 * gp[desc.Q_RS]
-                        dy_off = seqtab[b, desc.DY_OFF] + h * gp[desc.DY_HS] + i0 * gp[desc.DY_RS]
-                        # (a run has ng = 1 whenever careful_on)
-                        careful = careful_on and (
-                            any_bad(bad, gp[desc.BAD_Q], q_off, gp[desc.Q_RS], d, m_len)
-                            or any_bad(bad, gp[desc.BAD_DY], dy_off, gp[desc.DY_RS], dvd, m_len)
-                            or any_bad(bad, gp[desc.BAD_DSUM], st + i0 * gp[desc.ST_RS],
-                                       gp[desc.ST_RS], np.int64(1), m_len)
-                            or any_bad(bad, gp[desc.BAD_K], k_off, gp[desc.K_RS], d, n_len)
-                            or any_bad(bad, gp[desc.BAD_V], v_off, gp[desc.V_RS], dvd, n_len))
-                        # s <- z;  p <- exp(s - lse)   (all rows of the run)
-                        score_tile(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, i0, rows,
-                                   j0, n_len, cls, s, ab)
-                        for r in range(rows):
-                            exp_sub(s, r * n_len, lse[st + (i0 + r) * gp[desc.ST_RS]], n_len)
-                        if careful:
-                            computed_tile(seqtab, gp, mask, b, h, i0, m_len, j0, n_len, cls, cm)
-                            p_guard(s, cm, lse, st, gp[desc.ST_RS], i0, m_len, n_len)
-                        # dp <- dy @ v.T
-                        gemm(TRANS_N, TRANS_T, rows, n_len, dvd, np.float32(1.0), dy, dy_off,
-                             gp[desc.DY_RS], v, v_off, gp[desc.V_RS], np.float32(0.0), dp, OFF0,
-                             n_len, ab)
-                        for x in range(ng):
-                            # tile x of the run: rows [ti0, ti0 + tm), at element so of s / dp
-                            ti0 = i0 + x * bm
-                            tm = min(bm, i0 + rows - ti0)
-                            so = x * bm * n_len
-                            tq_off = q_off + x * bm * gp[desc.Q_RS]
-                            tdy_off = dy_off + x * bm * gp[desc.DY_RS]
-                            mn = tm * n_len
-                            # dp_drop, p_drop (into rb) and ds <- p * (dp_drop - dsum) in dp
-                            drop_ds(seqtab, gp, fp, drop_mask, dsum, st, b, h, ti0, tm, j0, n_len,
-                                    s, dp, so, rb)
-                            pd = rb if dropping else s
-                            pd_off = OFF0 if dropping else so
+def _make_bwd_chunk(full):
+    """The backward chunk kernel, ``full`` or plain (as ``_make_fwd_chunk``)."""
+    FULL = 1 if full else 0
+    score = score_tile if full else score_tile_plain
+
+    @_jit.kernel
+    def bwd_chunk(t, q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slopes, mask,
+                   drop_mask, seqtab, gp, fp, items, tptr, visits, bad):
+        """Backward work of chunk t: items ``items[tptr[t]:tptr[t + 1]]`` (see ``bwd_driver``);
+        serial for the same compile-time reason as ``fwd_chunk``; the plain variant: pse, slopes,
+        drop_mask, dpse and dslope unused."""
+        bm = gp[desc.BLOCK_M]
+        bn = gp[desc.BLOCK_N]
+        d = gp[desc.D]
+        dvd = gp[desc.DV]
+        g = gp[desc.G]
+        nsplit = gp[desc.NSPLIT]
+        scale = fp[desc.SCALE]
+        dropping = gp[desc.DROP_KIND] != desc.DROP_NONE
+        dpk = gp[desc.DPSE_KIND]
+        pk = gp[desc.PSE_KIND]
+        careful_on = gp[desc.NONFINITE] != 0
+        cm = np.empty(bm * bn if careful_on else 1, np.uint8)
+        gbuf = scratch(max(bm, bn) * max(d, 1) if careful_on else 1, np.float32)
+        # tiles per run sharing the score and dy v^T products (1 when gp leaves it 0)
+        grp = max(gp[desc.BWD_GROUP], 1)
+        # scratch: s (p), dp (ds): a run of tiles; rb (keep bits, then p_drop): one tile
+        s = scratch(grp * bm * bn, np.float32)
+        dp = scratch(grp * bm * bn, np.float32)
+        rb = scratch(bm * bn, np.float32)
+        ab = np.empty(2, np.float32)
+        for it in range(tptr[t], tptr[t + 1]):
+            n2 = items[it, 2]
+            c = items[it, 3]
+            dqbuf = dq if c == 0 else dqp[c - 1]
+            for b in range(items[it, 0], items[it, 1]):
+                s1 = seqtab[b, desc.S1]
+                s2 = seqtab[b, desc.S2]
+                nkb = (s2 + bn - 1) // bn
+                lo = seqtab[b, desc.LO]
+                hi = seqtab[b, desc.HI]
+                pre = seqtab[b, desc.PREFIX]
+                for jb in range(c, nkb, nsplit):
+                    jb0 = jb * bn
+                    jb_len = min(bn, s2 - jb0)
+                    ib_lo, ib_hi = q_block_range(lo, hi, pre, s1, jb0, jb0 + jb_len, bm)
+                    for gg in range(g):
+                        h = n2 * g + gg
+                        st = seqtab[b, desc.ST_OFF] + h * seqtab[b, desc.ST_HS]
+                        ib = ib_lo
+                        while ib < ib_hi:
+                            # the tile, trimmed to the rows/columns the band can reach
+                            i0, m_len, j0, n_len = trim_tile(lo, hi, pre, ib * bm,
+                                                             min(bm, s1 - ib * bm), jb0, jb_len)
+                            if m_len == 0:
+                                ib += 1
+                                continue
+                            cls = tile_class(seqtab, gp, mask, b, h, i0, m_len, j0, n_len)
+                            if cls == desc.EMPTY:
+                                ib += 1
+                                continue
+                            # a run of up to ``grp`` whole (untrimmed, FULL) tiles shares one score
+                            # product and one dy v^T product: taller products run faster in OpenBLAS
+                            # (its packed path; the inner dimension is only D)
+                            ng = 1
+                            rows = m_len
+                            if (grp > 1 and not careful_on and cls == desc.FULL and m_len == bm
+                                    and n_len == jb_len and i0 == ib * bm and j0 == jb0):
+                                while ng < grp and ib + ng < ib_hi:
+                                    x0 = (ib + ng) * bm
+                                    xl = min(bm, s1 - x0)
+                                    a0, am, c0, cn = trim_tile(lo, hi, pre, x0, xl, jb0, jb_len)
+                                    if (a0 != x0 or am != xl or c0 != jb0 or cn != jb_len
+                                            or tile_class(seqtab, gp, mask, b, h, x0, xl, jb0,
+                                                          jb_len) != desc.FULL):
+                                        break
+                                    ng += 1
+                                    rows += xl
+                            visits[t] += ng
+                            k_off = seqtab[b, desc.K_OFF] + n2 * gp[desc.K_HS] + j0 * gp[desc.K_RS]
+                            v_off = seqtab[b, desc.V_OFF] + n2 * gp[desc.V_HS] + j0 * gp[desc.V_RS]
+                            q_off = seqtab[b, desc.Q_OFF] + h * gp[desc.Q_HS] + i0 * gp[desc.Q_RS]
+                            dy_off = (seqtab[b, desc.DY_OFF] + h * gp[desc.DY_HS]
+                                      + i0 * gp[desc.DY_RS])
+                            # (a run has ng = 1 whenever careful_on)
+                            careful = careful_on and (
+                                any_bad(bad, gp[desc.BAD_Q], q_off, gp[desc.Q_RS], d, m_len)
+                                or any_bad(bad, gp[desc.BAD_DY], dy_off, gp[desc.DY_RS], dvd, m_len)
+                                or any_bad(bad, gp[desc.BAD_DSUM], st + i0 * gp[desc.ST_RS],
+                                           gp[desc.ST_RS], np.int64(1), m_len)
+                                or any_bad(bad, gp[desc.BAD_K], k_off, gp[desc.K_RS], d, n_len)
+                                or any_bad(bad, gp[desc.BAD_V], v_off, gp[desc.V_RS], dvd, n_len))
+                            # s <- z;  p <- exp(s - lse)   (all rows of the run)
+                            score(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, i0, rows, j0,
+                                  n_len, cls, s, ab)
+                            for r in range(rows):
+                                exp_sub(s, r * n_len, lse[st + (i0 + r) * gp[desc.ST_RS]], n_len)
                             if careful:
-                                # non-finite rows meet this tile: masked ds exactly 0, and the
-                                # three products exclude masked elements exactly (guard.py)
-                                ds_guard(dp, cm, mn)
-                                gemm_guard(TRANS_T, n_len, tm, dvd, pd, n_len, dy, tdy_off,
-                                           gp[desc.DY_RS], dv, v_off, gp[desc.V_RS], bad,
-                                           gp[desc.BAD_DY], cm, gbuf, ab)
-                                gemm_guard(TRANS_T, n_len, tm, d, dp, n_len, q, tq_off,
-                                           gp[desc.Q_RS], dk, k_off, gp[desc.K_RS], bad,
-                                           gp[desc.BAD_Q], cm, gbuf, ab)
-                                gemm_guard(TRANS_N, tm, n_len, d, dp, n_len, k, k_off,
-                                           gp[desc.K_RS], dqbuf, tq_off, gp[desc.Q_RS], bad,
-                                           gp[desc.BAD_K], cm, gbuf, ab)
-                            else:
-                                # dv <- dv + p_drop.T @ dy
-                                gemm(TRANS_T, TRANS_N, n_len, dvd, tm, np.float32(1.0), pd,
-                                     pd_off, n_len, dy, tdy_off, gp[desc.DY_RS], np.float32(1.0),
-                                     dv, v_off, gp[desc.V_RS], ab)
-                                # dk <- dk + ds.T @ q      (times scale later)
-                                gemm(TRANS_T, TRANS_N, n_len, d, tm, np.float32(1.0), dp, so,
-                                     n_len, q, tq_off, gp[desc.Q_RS], np.float32(1.0), dk, k_off,
-                                     gp[desc.K_RS], ab)
-                                # dq <- dq + ds @ k        (times scale later)
-                                gemm(TRANS_N, TRANS_N, tm, d, n_len, np.float32(1.0), dp, so,
-                                     n_len, k, k_off, gp[desc.K_RS], np.float32(1.0), dqbuf,
-                                     tq_off, gp[desc.Q_RS], ab)
-                            if dpk != 0:
-                                _dpse_tile(dp[so:], tm, n_len, b, h, ti0, j0, c, pk, dpk, scale,
-                                           seqtab, dpse, dslope)
-                        ib += ng
+                                computed_tile(seqtab, gp, mask, b, h, i0, m_len, j0, n_len, cls, cm)
+                                p_guard(s, cm, lse, st, gp[desc.ST_RS], i0, m_len, n_len)
+                            # dp <- dy @ v.T
+                            gemm(TRANS_N, TRANS_T, rows, n_len, dvd, np.float32(1.0), dy, dy_off,
+                                 gp[desc.DY_RS], v, v_off, gp[desc.V_RS], np.float32(0.0), dp, OFF0,
+                                 n_len, ab)
+                            for x in range(ng):
+                                # tile x of the run: rows [ti0, ti0 + tm), at element so of s / dp
+                                ti0 = i0 + x * bm
+                                tm = min(bm, i0 + rows - ti0)
+                                so = x * bm * n_len
+                                tq_off = q_off + x * bm * gp[desc.Q_RS]
+                                tdy_off = dy_off + x * bm * gp[desc.DY_RS]
+                                mn = tm * n_len
+                                # dp_drop, p_drop (into rb) and ds <- p * (dp_drop - dsum) in dp
+                                if FULL:
+                                    drop_ds(seqtab, gp, fp, drop_mask, dsum, st, b, h, ti0, tm, j0,
+                                            n_len, s, dp, so, rb)
+                                else:
+                                    ds_rows(gp, dsum, st, ti0, tm, n_len, s, dp, so)
+                                pd = rb if dropping else s
+                                pd_off = OFF0 if dropping else so
+                                if careful:
+                                    # non-finite rows meet this tile: masked ds exactly 0, and the
+                                    # three products exclude masked elements exactly (guard.py)
+                                    ds_guard(dp, cm, mn)
+                                    gemm_guard(TRANS_T, n_len, tm, dvd, pd, n_len, dy, tdy_off,
+                                               gp[desc.DY_RS], dv, v_off, gp[desc.V_RS], bad,
+                                               gp[desc.BAD_DY], cm, gbuf, ab)
+                                    gemm_guard(TRANS_T, n_len, tm, d, dp, n_len, q, tq_off,
+                                               gp[desc.Q_RS], dk, k_off, gp[desc.K_RS], bad,
+                                               gp[desc.BAD_Q], cm, gbuf, ab)
+                                    gemm_guard(TRANS_N, tm, n_len, d, dp, n_len, k, k_off,
+                                               gp[desc.K_RS], dqbuf, tq_off, gp[desc.Q_RS], bad,
+                                               gp[desc.BAD_K], cm, gbuf, ab)
+                                else:
+                                    # dv <- dv + p_drop.T @ dy
+                                    gemm(TRANS_T, TRANS_N, n_len, dvd, tm, np.float32(1.0), pd,
+                                         pd_off, n_len, dy, tdy_off, gp[desc.DY_RS],
+                                         np.float32(1.0), dv, v_off, gp[desc.V_RS], ab)
+                                    # dk <- dk + ds.T @ q      (times scale later)
+                                    gemm(TRANS_T, TRANS_N, n_len, d, tm, np.float32(1.0), dp, so,
+                                         n_len, q, tq_off, gp[desc.Q_RS], np.float32(1.0), dk,
+                                         k_off, gp[desc.K_RS], ab)
+                                    # dq <- dq + ds @ k        (times scale later)
+                                    gemm(TRANS_N, TRANS_N, tm, d, n_len, np.float32(1.0), dp, so,
+                                         n_len, k, k_off, gp[desc.K_RS], np.float32(1.0), dqbuf,
+                                         tq_off, gp[desc.Q_RS], ab)
+                                if FULL and dpk != 0:
+                                    _dpse_tile(dp[so:], tm, n_len, b, h, ti0, j0, c, pk, dpk, scale,
+                                               seqtab, dpse, dslope)
+                            ib += ng
+
+    return bwd_chunk
+
+
+_bwd_chunk = _make_bwd_chunk(True)
+_bwd_chunk_plain = _make_bwd_chunk(False)
 
 
 def bwd_driver(q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slopes, mask,
@@ -490,7 +528,8 @@ def bwd_driver(q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slope
     visits: int64 [n_chunks], tiles computed per chunk (debug hook).  bad: uint8 non-finite
     row flags; tiles touching a flagged row of q/k/v/dy/stats take guard.py's careful path.
     """
-    run_chunks(_bwd_chunk, tptr.size - 1, (q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope,
+    chunk = _bwd_chunk_plain if plain("bwd", gp) else _bwd_chunk
+    run_chunks(chunk, tptr.size - 1, (q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope,
                                           pse, slopes, mask, drop_mask, seqtab, gp, fp, items,
                                           tptr, visits, bad))
 

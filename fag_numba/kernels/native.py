@@ -32,7 +32,7 @@ from ..threads import num_threads, run_chunks
 from .convert import bf16_from_f32, share
 from . import desc
 
-from .driver import (_dpse_tile, kv_block_range, online_softmax, online_softmax16,
+from .driver import (_dpse_tile, kv_block_range, online_softmax, online_softmax16, plain,
                      q_block_range, trim_tile)
 from .llir import (BFloat as _BFloat, I1 as _I1, I16 as _I16, I32 as _I32, I64 as _I64,
                    VB16 as _VB16, VB32 as _VB32, VF as _VF, VH16 as _VH16, VI as _VI, VM as _VM,
@@ -40,8 +40,8 @@ from .llir import (BFloat as _BFloat, I1 as _I1, I16 as _I16, I32 as _I32, I64 a
                    lanes as _lanes, loop_entry as _loop_entry, rounded as _rounded,
                    splat as _splat, store as _store, transpose16 as _transpose16)
 from .guard import row_keeps_computed
-from .tile import (NEG_INF, _exp16, adjust_scores, drop_ds, drop_p, exp_sub, score_alpha,
-                   scratch, tile_class)
+from .tile import (NEG_INF, _exp16, adjust_scores, drop_ds, drop_p, exp_sub, mask_scores,
+                   score_alpha, scratch, tile_class)
 
 _FLT_MAX = np.float32(3.4028234663852886e38)
 
@@ -529,6 +529,7 @@ def _make_bwd(kind, fused):
     # kinds never reach LLVM with an AMX intrinsic (which aborts on a target without it)
     AMX = 1 if kind == "amx" else 0
     FUSED = 1 if fused else 0           # pruned like AMX: each variant compiles only its path
+    UNFUSED = 1 - FUSED
     if AMX:
         from .amx import kpad, pds_pairs, product_amx, t_pairs, zero_cols
     else:
@@ -649,8 +650,8 @@ def _make_bwd(kind, fused):
                                          bn, dw, False)
                                 if FUSED:
                                     # masks only (no pse): -inf on the unscaled scores
-                                    adjust_scores(seqtab, gp, fp, pse, slopes, mask, b, h, i0,
-                                                  m_len, j0, n_len, cls, s)
+                                    mask_scores(seqtab, gp, mask, b, h, i0, m_len, j0, n_len,
+                                                cls, s)
                                 else:
                                     if alpha != 1.0:
                                         s_ = s[:mn]
@@ -742,7 +743,7 @@ def _make_bwd(kind, fused):
                                          q32, q_off, gp[desc.Q_RS], m_len, True)
                                     prod(dqbuf, q_off, gp[desc.Q_RS], m_len, d, ds32, 0, n_len,
                                          1, 4 * n_len, k32, k_off, gp[desc.K_RS], n_len, True)
-                                if dpk != 0:
+                                if UNFUSED and dpk != 0:
                                     _dpse_tile(dp, m_len, n_len, b, h, i0, j0, c, pk, dpk, scale,
                                                seqtab, dpse, dslope)
 
@@ -851,9 +852,12 @@ def _make_fwd(kind, fused, out16=False):
                             s_ = s[:mn]
                             for x in range(mn):
                                 s_[x] *= alpha
-                    # (fused: masks only, -inf on the unscaled scores)
-                    adjust_scores(seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0, n_len,
-                                  cls, s)
+                    if FUSED:
+                        # masks only, -inf on the unscaled scores
+                        mask_scores(seqtab, gp, mask, b, h, i0, m_len, j0, n_len, cls, s)
+                    else:
+                        adjust_scores(seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0,
+                                      n_len, cls, s)
                     if FUSED:
                         online_softmax16(s, m_len, n_len, 0, cls, mrun, lrun, vrow, acc, dv, sub,
                                          cor, seqtab, gp, mask, b, h, i0, j0, alpha, p16h, ldp16)
@@ -947,9 +951,7 @@ def fusable(name, kind, gp, fp):
     if kind == "f32":
         return False
     scale = float(fp[desc.SCALE])
-    return bool(gp[desc.DROP_KIND] == desc.DROP_NONE and gp[desc.PSE_KIND] == desc.PSE_NONE
-                and (name == "fwd" or gp[desc.DPSE_KIND] == 0)
-                and 0.0 < scale < float("inf"))
+    return plain(name, gp) and 0.0 < scale < float("inf")
 
 
 def _chunk(name, kind, fused, out16=False):

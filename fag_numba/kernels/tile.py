@@ -469,22 +469,37 @@ def tile_class(seqtab, gp, mask, b, h, i0, m_len, j0, n_len):
     return desc.PARTIAL
 
 
-@_jit.kernel
-def score_tile(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0, n_len, cls,
-               s, ab):
-    """Scores of one tile, the single place where scores are modified (pse, mask).
+def _make_score_tile(with_pse):
+    """``score_tile`` (``with_pse``) or ``score_tile_plain`` (masks only: the plain drivers,
+    which then never compile the pse code)."""
+    PSE = 1 if with_pse else 0      # a closure constant: numba prunes the other branch
 
-    ``s[r * n_len + c] = Z[i0 + r, j0 + c]`` of SPEC §3 for query head h of sequence b, with
-    masked elements (PARTIAL tiles only) set to -inf.  q/k are flat float32 with descriptor
-    offsets; ``pse`` is the flat external pse or unused; ``slopes`` float32 ALiBi slopes.
-    """
-    n2 = h // gp[desc.G]
-    q_off = seqtab[b, desc.Q_OFF] + h * gp[desc.Q_HS] + i0 * gp[desc.Q_RS]
-    k_off = seqtab[b, desc.K_OFF] + n2 * gp[desc.K_HS] + j0 * gp[desc.K_RS]
-    # s <- alpha * q @ k.T
-    gemm(TRANS_N, TRANS_T, m_len, n_len, gp[desc.D], score_alpha(gp, fp), q, q_off,
-         gp[desc.Q_RS], k, k_off, gp[desc.K_RS], np.float32(0.0), s, OFF0, n_len, ab)
-    adjust_scores(seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0, n_len, cls, s)
+    @_jit.kernel
+    def score_tile(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0, n_len, cls,
+                   s, ab):
+        """Scores of one tile, the single place where scores are modified (pse, mask).
+
+        ``s[r * n_len + c] = Z[i0 + r, j0 + c]`` of SPEC §3 for query head h of sequence b,
+        with masked elements (PARTIAL tiles only) set to -inf.  q/k are flat float32 with
+        descriptor offsets; ``pse`` is the flat external pse or unused; ``slopes`` float32
+        ALiBi slopes.  ``score_tile_plain``: pse and slopes unused (PSE_NONE).
+        """
+        n2 = h // gp[desc.G]
+        q_off = seqtab[b, desc.Q_OFF] + h * gp[desc.Q_HS] + i0 * gp[desc.Q_RS]
+        k_off = seqtab[b, desc.K_OFF] + n2 * gp[desc.K_HS] + j0 * gp[desc.K_RS]
+        # s <- alpha * q @ k.T
+        gemm(TRANS_N, TRANS_T, m_len, n_len, gp[desc.D], score_alpha(gp, fp), q, q_off,
+             gp[desc.Q_RS], k, k_off, gp[desc.K_RS], np.float32(0.0), s, OFF0, n_len, ab)
+        if PSE:
+            adjust_scores(seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0, n_len, cls, s)
+        else:
+            mask_scores(seqtab, gp, mask, b, h, i0, m_len, j0, n_len, cls, s)
+
+    return score_tile
+
+
+score_tile = _make_score_tile(True)
+score_tile_plain = _make_score_tile(False)
 
 
 @_jit.kernel(inline="always")
@@ -501,6 +516,15 @@ def score_alpha(gp, fp):
 def adjust_scores(seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0, n_len, cls, s):
     """pse and mask on ``s = score_alpha * Q K^T`` (row stride n_len): ``s`` becomes Z of SPEC
     §3, masked elements of PARTIAL tiles -inf.  Shared by the BLAS and the native drivers."""
+    add_pse(seqtab, gp, fp, pse, slopes, b, h, i0, m_len, j0, n_len, s)
+    mask_scores(seqtab, gp, mask, b, h, i0, m_len, j0, n_len, cls, s)
+
+
+@_jit.kernel
+def add_pse(seqtab, gp, fp, pse, slopes, b, h, i0, m_len, j0, n_len, s):
+    """The pse step of ``adjust_scores`` (nothing for PSE_NONE).  Its own kernel so that the
+    plain drivers (``plain``: no pse, no dropout), which call ``mask_scores`` alone, never
+    compile it (~0.5 s of a cold first call)."""
     scale = fp[desc.SCALE]
     pk = gp[desc.PSE_KIND]
     if pk == desc.PSE_ADD_THEN_SCALE or pk == desc.PSE_SCALE_THEN_ADD:
@@ -551,6 +575,12 @@ def adjust_scores(seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0, n_len,
                         s[r * n_len + c] = s[r * n_len + c] + hv
                 elif pk == desc.PSE_COMPRESSED:
                     s[r * n_len + c] = s[r * n_len + c] * scale
+
+
+@_jit.kernel
+def mask_scores(seqtab, gp, mask, b, h, i0, m_len, j0, n_len, cls, s):
+    """The mask step of ``adjust_scores``: masked elements of a PARTIAL tile become -inf (FULL
+    tiles are left as they are)."""
     if cls == desc.PARTIAL:
         lo = seqtab[b, desc.LO]
         hi = seqtab[b, desc.HI]
@@ -613,9 +643,9 @@ def drop_ds(seqtab, gp, fp, drop_mask, dsum, st, b, h, i0, m_len, j0, n_len, s, 
     """The backward's elementwise step of one tile, in place (SPEC §3): with dropout,
     ``dP <- R ? dP / keep : 0`` and ``Pd = R ? P / keep : 0`` into ``rb[:m_len * n_len]``
     (selects, not products: a dropped element is exactly 0 even when P is NaN); then
-    ``dS = P * (dP - Dsum)`` into dp.  The tile's P and dP start at element ``so`` of ``s`` /
-    ``dp`` (row stride n_len); Dsum of row i is ``dsum[st + i * ST_RS]``.  Shared by the BLAS
-    and the native backward drivers.
+    ``dS = P * (dP - Dsum)`` into dp (``ds_rows``).  The tile's P and dP start at element
+    ``so`` of ``s`` / ``dp`` (row stride n_len); Dsum of row i is ``dsum[st + i * ST_RS]``.
+    Shared by the BLAS and the native backward drivers.
     """
     mn = m_len * n_len
     if gp[desc.DROP_KIND] != desc.DROP_NONE:
@@ -628,6 +658,13 @@ def drop_ds(seqtab, gp, fp, drop_mask, dsum, st, b, h, i0, m_len, j0, n_len, s, 
             kept = rb_[e] != 0.0
             dp_[e] = dp_[e] * inv_keep if kept else np.float32(0.0)
             rb_[e] = s_[e] * inv_keep if kept else np.float32(0.0)
+    ds_rows(gp, dsum, st, i0, m_len, n_len, s, dp, so)
+
+
+@_jit.kernel
+def ds_rows(gp, dsum, st, i0, m_len, n_len, s, dp, so):
+    """``dS = P * (dP - Dsum)`` into dp, the part of ``drop_ds`` without dropout (the plain
+    backward calls it alone, and so never compiles the dropout code)."""
     for r in range(m_len):
         ds_r = dsum[st + (i0 + r) * gp[desc.ST_RS]]
         dpr = dp[so + r * n_len:so + (r + 1) * n_len]
