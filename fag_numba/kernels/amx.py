@@ -177,27 +177,18 @@ def set_config(cfg, ma, mb, na, nb, kc):
     """Configuration of a block with A rows ``ma`` (+ ``mb``), B columns ``na`` (+ ``nb``) and
     ``kc`` pairs per chunk (module docstring for the tile numbers; unused tiles stay 0 x 0).
     A call (four per product): inlined, its 4 copies were most of ``_product``'s 1.6 s of
-    cold compile."""
+    cold compile.  One loop over the 8 tiles, not 8 inlined helper calls (0.27 -> 0.1 s of
+    cold compile)."""
     for x in range(64):
         cfg[x] = 0
     cfg[0] = 1
-    # (tile, rows, dwords per row)
-    _set_tile(cfg, 0, ma, na)
-    _set_tile(cfg, 1, ma, nb)
-    _set_tile(cfg, 2, mb, na)
-    _set_tile(cfg, 3, mb, nb)
-    _set_tile(cfg, 4, ma, kc)
-    _set_tile(cfg, 5, mb, kc)
-    _set_tile(cfg, 6, kc, na)
-    _set_tile(cfg, 7, kc, nb)
-
-
-@_jit.kernel(inline="always")
-def _set_tile(cfg, t, rows, dwords):
-    if rows == 0 or dwords == 0:
-        return
-    cfg[48 + t] = rows
-    cfg[16 + 2 * t] = 4 * dwords          # <= 64: the high byte stays 0
+    # tile t: rows[t] rows of cols[t] dwords (a zero leaves the tile unused)
+    rows = (ma, ma, mb, mb, ma, mb, kc, kc)
+    cols = (na, nb, na, nb, kc, kc, na, nb)
+    for t in range(8):
+        if rows[t] != 0 and cols[t] != 0:
+            cfg[48 + t] = rows[t]
+            cfg[16 + 2 * t] = 4 * cols[t]      # <= 64: the high byte stays 0
 
 
 @_jit.kernel

@@ -41,7 +41,7 @@ from .llir import (BFloat as _BFloat, I1 as _I1, I16 as _I16, I32 as _I32, I64 a
                    splat as _splat, store as _store, transpose16 as _transpose16)
 from .guard import row_keeps_computed
 from .tile import (NEG_INF, _exp16, adjust_scores, drop_ds, drop_p, exp_sub, mask_scores,
-                   score_alpha, scratch, tile_class)
+                   score_alpha, scratch, tile_class, zscratch)
 
 _FLT_MAX = np.float32(3.4028234663852886e38)
 
@@ -574,12 +574,9 @@ def _make_bwd(kind, fused):
             vt = scratch(max(dvw, 1) * bn, np.uint32)     # V^T
             # bf16 only: K rows in pairs, Q / dY tile rows in pairs, P / dS in pairs, dS rows
             # (AMX: zeroed, so pair rows past a tile's end are finite: their A pairs are 0)
-            kp = scratch(max(BF * (hn + AMX * 16) * d, 1), np.uint32)
-            kp[:] = 0
-            qp = scratch(max(BF * (hm16 if AMX else hm) * d, 1), np.uint32)
-            qp[:] = 0
-            yp = scratch(max(BF * (hm16 if AMX else hm) * dvd, 1), np.uint32)
-            yp[:] = 0
+            kp = zscratch(max(BF * (hn + AMX * 16) * d, 1), np.uint32)
+            qp = zscratch(max(BF * (hm16 if AMX else hm) * d, 1), np.uint32)
+            yp = zscratch(max(BF * (hm16 if AMX else hm) * dvd, 1), np.uint32)
             sr16 = scratch(max(BF * bm * (hn16 if AMX else hn), 1), np.uint32)
             sr = sr16.view(np.uint16)
             # AMX only: P^T and dS^T as transposed pairs (bn rows of hm16 dwords), tile config
@@ -799,8 +796,7 @@ def _make_fwd(kind, fused, out16=False):
             vrow = np.empty(bm, np.uint8)   # row has a computed element (driver.online_softmax)
             kt = scratch(max(dw, 1) * bn, np.uint32)
             # bf16: V rows in pairs (AMX: zeroed, rows past a tile finite), P rows
-            vp = scratch(max(BF * ldp * dv, 1), np.uint32)
-            vp[:] = 0
+            vp = zscratch(max(BF * ldp * dv, 1), np.uint32)
             p16 = scratch(max(BF * bm * ldp, 1), np.uint32)
             p16h = p16.view(np.uint16)
             ldp16 = 2 * ldp if AMX else 2 * hn       # P rows, in bf16 elements

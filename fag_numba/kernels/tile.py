@@ -45,6 +45,16 @@ def scratch(n, dtype):
 
 
 @_jit.kernel
+def zscratch(n, dtype):
+    """``scratch`` filled with zeros (a call: an inlined ``x[:] = 0`` per use cost cold
+    compile)."""
+    buf = scratch(n, dtype)
+    for x in range(n):
+        buf[x] = 0
+    return buf
+
+
+@_jit.kernel
 def gemm(ta, tb, m, n, k, alpha, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc, ab):
     """Row-major ``C[m, n] = alpha * op(A) @ op(B) + beta * C`` on flat float32 buffers.
 
