@@ -484,6 +484,36 @@ def test_exp_with_vscalefps_gives_the_bits_of_the_portable_form(tmp_path):
     np.testing.assert_array_equal(got["portable"], got["scalef"])
 
 
+def test_exp_is_accurate_with_its_special_cases(rng):
+    """``exp_sub`` / ``exp_sub_le`` (the one exp of every kernel) against float64: relative
+    error at most ``EXP_REL`` where the result is normal (arguments up to 88: (88, 88.72] is
+    clamped to 88, documented), exactly 0 below -87.34 and for -inf,
+    inf above 88.72, NaN kept, and the returned row sum is the float32 sum of the values."""
+    from fag_numba.kernels import tile
+    from tolerances import EXP_REL
+    x = np.concatenate([rng.uniform(-87.3, 0, 1 << 17), np.linspace(-87.3, 88.0, 1 << 15),
+                        -np.logspace(-8, 1.9, 4096)]).astype(np.float32)
+    for le, fn in ((False, tile.exp_sub), (True, tile.exp_sub_le)):
+        sub = np.float32(0.0 if le else 0.25)
+        buf = np.minimum(x, 0) if le else (x + sub).astype(np.float32)
+        d = buf.astype(np.float64) - sub
+        y = buf.copy()
+        total = fn(y, 0, sub, y.size)
+        want = np.exp(d)
+        normal = want > np.finfo(np.float32).tiny
+        rel = np.abs(y[normal] / want[normal] - 1.0)
+        assert rel.max() <= EXP_REL, (fn.__name__, rel.max(), d[normal][rel.argmax()])
+        # the sum of the values (in float32; x <= 0 only, the rest overflows float32)
+        if le:
+            assert abs(total - y.sum(dtype=np.float64)) <= 1e-5 * y.sum(dtype=np.float64)
+    edge = np.array([-np.inf, -87.35, -88.0, -1e30, 88.8, np.inf, np.nan, 0.0],
+                    np.float32)
+    out = edge.copy()
+    tile.exp_sub(out, 0, np.float32(0.0), out.size)
+    np.testing.assert_array_equal(out[:4], 0.0)
+    assert np.isposinf(out[4]) and np.isposinf(out[5]) and np.isnan(out[6]) and out[7] == 1.0
+
+
 @pytest.mark.parametrize("nchunks_min", [1 << 30, 1])      # one chunk / one per thread
 @pytest.mark.parametrize("which", [0, 1, 2, 3])
 @pytest.mark.parametrize("bits", [0x7F80, 0xFF80, 0x7FC0, 0xFFFF, 0x7F81])

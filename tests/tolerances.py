@@ -79,6 +79,11 @@ DPSE = {
 # (+-FLT_MAX) are compared exactly by assert_close.
 STATS = Tolerances(atol=2e-5, rtol=2e-5)
 
+# The kernels' vectorised exp (kernels/tile.py ``_exp16``): max relative error against float64
+# exp over the softmax range.  Measured 1.74e-7 (degree-5 polynomial, two-step ln2 reduction);
+# the documented bound is 1e-6, this keeps the measured claim honest.
+EXP_REL = 3e-7
+
 # baseline_check floors, relative to max(1, max|ref|): one ulp of the output dtype for fp16/bf16
 # (the rounding noise of the output itself; "ref + 0.3 - 0.3 - ref" in flash-attention's tests),
 # ~8 float32 eps for fp32 (accumulation-order noise between two correct float32 implementations).
