@@ -173,6 +173,35 @@ def _tag(ty):
     return "f32" if ty == F32 else f"i{ty.width}"
 
 
+def _f32_to_bf16_ir(builder, u):
+    """<16 x i32> float32 bits -> <16 x i16> bf16 bits, ``bf16_from_f32``'s integer rule
+    (round to nearest even, denormals kept, NaN -> 0x7fc0 with its sign)."""
+    hi = builder.lshr(u, _const(VI, 16))
+    isnan = builder.icmp_unsigned(">", builder.and_(u, _const(VI, 0x7fffffff)),
+                                  _const(VI, 0x7f800000))
+    nan = builder.or_(builder.and_(hi, _const(VI, 0x8000)), _const(VI, 0x7fc0))
+    r = builder.lshr(builder.add(builder.add(u, _const(VI, 0x7fff)),
+                                 builder.and_(hi, _const(VI, 1))), _const(VI, 16))
+    return builder.trunc(builder.select(isnan, nan, r), VH16)
+
+
+_f2b16 = _block(_f32_to_bf16_ir, I32, I16, False)
+_f2b_tail = _block(_f32_to_bf16_ir, I32, I16, True)
+
+
+@_jit.kernel
+def bf16_row(src, s_off, n, dst, d_off):
+    """``dst[d_off + e] = bf16 bits of src[s_off + e]`` for e < n (src: float32 bits as uint32,
+    dst: uint16), the bits of ``bf16_from_f32``, with offsets instead of slices: for the
+    kernels' per-row loops (``tile.scale_into`` says why).  16-lane IR, AVX-512 kernels only."""
+    e = 0
+    while e + 16 <= n:
+        _f2b16(src, s_off + e, dst, d_off + e)
+        e += 16
+    if e < n:
+        _f2b_tail(src, s_off + e, dst, d_off + e, n - e)
+
+
 _f2h16 = _block(_f32_to_f16_ir, F32, I16, False)
 _f2h_tail = _block(_f32_to_f16_ir, F32, I16, True)
 _h2f16 = _block(_f16_to_f32_ir, I16, I32, False)

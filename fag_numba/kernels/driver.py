@@ -24,8 +24,8 @@ from . import desc
 from .guard import (any_bad, computed_tile, dropped_nan_row_out, ds_guard, gemm_guard, p_guard,
                     row_has_computed)
 from .tile import (NEG_INF, OFF0, TRANS_N, TRANS_T, drop_ds, drop_p, ds_rows, exp_scale_bf16,
-                   exp_scale_bf16_le, exp_sub, exp_sub_le, gemm, row_max, score_tile,
-                   score_tile_plain, scratch, tile_class)
+                   exp_scale_bf16_le, exp_sub, exp_sub_le, gemm, row_max, scale_into,
+                   score_tile, score_tile_plain, scratch, tile_class)
 
 _FLT_MAX = np.float32(3.4028234663852886e38)
 
@@ -121,11 +121,10 @@ def rowstats_driver(dy, o, m, l, seqtab, gp, lse, dsum):
             row = st + i * gp[desc.ST_RS]
             lse[row] = m[row] + np.float32(_log(l[row]))
             off = base + i * gp[desc.DY_RS]
-            yr = dy[off:off + dv]
-            orr = o[off:off + dv]
             acc = np.float32(0.0)
+            # (offsets, not slices: tile.scale_into; the sum is sequential either way)
             for e in range(dv):
-                acc += yr[e] * orr[e]
+                acc += dy[off + e] * o[off + e]
             dsum[row] = acc
 
 
@@ -156,16 +155,15 @@ def _make_online_softmax(to16):
         for r in range(tm):
             # m_new <- max(m, rowmax(s));  corr <- exp(m - m_new)  (exp below, one pass)
             ri = ro + r
-            sr = s[r * n_len:(r + 1) * n_len]
             # NaN scores make m NaN (SPEC §9: NaN propagates), never an invalid row
             if TO16:
-                mx = alpha * row_max(sr, n_len, NEG_INF)
+                mx = alpha * row_max(s, r * n_len, n_len, NEG_INF)
                 if mx != mx or mrun[ri] != mrun[ri]:
                     mx = np.float32(np.nan)
                 elif mrun[ri] > mx:
                     mx = mrun[ri]
             else:
-                mx = row_max(sr, n_len, mrun[ri])
+                mx = row_max(s, r * n_len, n_len, mrun[ri])
             if mx == NEG_INF:
                 # all -inf so far: masked, or computed with -inf scores (inf inputs, pse)
                 if vrow[ri] == 0 and (cls == desc.FULL or row_has_computed(
@@ -197,9 +195,7 @@ def _make_online_softmax(to16):
                 rs = exp_sub(s, r * n_len, sub[r], n_len)
             lrun[ri] = lrun[ri] * corr + rs
             if corr != 1.0:
-                ar = acc[ri * dv:(ri + 1) * dv]
-                for e in range(dv):
-                    ar[e] *= corr
+                scale_into(acc, ri * dv, dv, corr, acc, ri * dv)
 
     return online_softmax
 
@@ -328,15 +324,12 @@ def _make_fwd_chunk(full):
                     mrow[row] = mrun[r]
                     lrow[row] = lrun[r]
                     inv_l = np.float32(1.0) / lrun[r]
-                    orow = out[oo:oo + dv]
-                    ar = acc[r * dv:(r + 1) * dv]
                     if FULL and dropping and inv_l != inv_l:
                         # every computed P is NaN: out from the keep bits (acc may hold NaN from
                         # an exp(inf - inf) rescale even when all of them were dropped)
                         dropped_nan_row_out(seqtab, gp, mask, drop_mask, v, b, h, i, rb, out, oo)
                     else:
-                        for e in range(dv):
-                            orow[e] = ar[e] * inv_l
+                        scale_into(acc, r * dv, dv, inv_l, out, oo)
 
     return fwd_chunk
 

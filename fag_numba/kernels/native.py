@@ -29,7 +29,7 @@ from numba.extending import intrinsic
 
 from .. import _jit, config
 from ..threads import num_threads, run_chunks
-from .convert import bf16_from_f32, share
+from .convert import bf16_row, share
 from . import desc
 
 from .driver import (_dpse_tile, kv_block_range, online_softmax, online_softmax16, plain,
@@ -41,7 +41,7 @@ from .llir import (BFloat as _BFloat, I1 as _I1, I16 as _I16, I32 as _I32, I64 a
                    splat as _splat, store as _store, transpose16 as _transpose16)
 from .guard import row_keeps_computed
 from .tile import (NEG_INF, _exp16, adjust_scores, drop_ds, drop_p, exp_sub, mask_scores,
-                   score_alpha, scratch, tile_class, zscratch)
+                   scale_into, score_alpha, scratch, tile_class, zscratch)
 
 _FLT_MAX = np.float32(3.4028234663852886e38)
 
@@ -914,7 +914,6 @@ def _make_fwd(kind, fused, out16=False):
                         mrow[row] = mrun[r]
                         lrow[row] = lrun[r]
                         inv_l = np.float32(1.0) / lrun[r]
-                        ar = acc[r * dv:(r + 1) * dv]
                         all_dropped = False
                         if UNFUSED:         # (pruned in the fused variant, as above)
                             if dropping and inv_l != inv_l:
@@ -924,14 +923,13 @@ def _make_fwd(kind, fused, out16=False):
                             for e in range(dv):        # every computed (NaN) P dropped
                                 orow32[e] = 0.0
                         else:
-                            for e in range(dv):
-                                orow32[e] = ar[e] * inv_l
+                            scale_into(acc, r * dv, dv, inv_l, orow32, 0)
+                    # (offsets, not slices of ``out``: tile.scale_into)
                     if OUT16:
-                        bf16_from_f32(o32bits, out[oo:oo + dv], np.int64(0), dv)
+                        bf16_row(o32bits, 0, dv, out, oo)
                     else:
-                        orow = out[oo:oo + dv]
-                        for e in range(dv):
-                            orow[e] = orow32[e]
+                        # (x * 1 is x: the values here are never signalling NaNs)
+                        scale_into(orow32, 0, dv, np.float32(1.0), out, oo)
 
     return fwd
 

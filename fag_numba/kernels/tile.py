@@ -418,29 +418,124 @@ def _vmax(typingctx, x, off, n, init):
 
 
 @_jit.kernel(inline="always")
-def row_max(x, n, init):
-    """``max(init, x[0:n])``, NaN-propagating (SPEC §9), vectorised.
+def row_max(x, off, n, init):
+    """``max(init, x[off:off + n])``, NaN-propagating (SPEC §9), vectorised (an offset, not a
+    slice: see ``scale_into``).
 
     A plain running max is a loop-carried select that LLVM cannot reorder without ``nnan``
     (which we never enable), so it runs scalar; 16-lane ``llvm.maximum`` (NaN-propagating by
     definition) in 4 accumulators makes it SIMD: 384 rows of 256 measured 28 us through a
     16-float lane array in memory, 3.8 us this way.  Signed zeros: +0 wins over -0 (either is the row's max).
     """
-    return _vmax(x, np.int64(0), np.int64(n), np.float32(init))
+    return _vmax(x, np.int64(off), np.int64(n), np.float32(init))
 
 
-def _row_max_python(x, n, init):
+def _row_max_python(x, off, n, init):
     """``row_max`` for ``NUMBA_DISABLE_JIT=1`` only (the coverage lane): pure Python cannot run
     the ``_vmax`` intrinsic.  Same result: NaN if any element (or init) is NaN, else the max."""
     mx = init
     for c in range(n):
-        v = x[c]
+        v = x[off + c]
         mx = v if (v > mx or v != v) else mx
     return mx
 
 
 if numba.config.DISABLE_JIT:
     row_max = _row_max_python     # noqa: F811  (chosen at import, as gemm above)
+
+
+def _scale_codegen(context, builder, sig, args):
+    """``dst[doff + e] = src[off + e] * c`` for e < n in 16-lane vectors, the tail masked."""
+    src, off, n, c, dst, doff = args
+    sbase = builder.gep(_data(context, builder, sig.args[0], src), [off])
+    dbase = builder.gep(_data(context, builder, sig.args[4], dst), [doff])
+    cv = _splat(builder, c, _VF)
+    mod = builder.module
+    nb = builder.sdiv(n, ir.Constant(_I64, 16))
+    pre, loop, after = _loop_entry(builder, nb, "scale")
+    i = builder.phi(_I64)
+    i.add_incoming(ir.Constant(_I64, 0), pre)
+    o = builder.mul(i, ir.Constant(_I64, 16))
+    x = builder.load(builder.bitcast(builder.gep(sbase, [o]), _VF.as_pointer()), align=4)
+    _store(builder, builder.fmul(x, cv), builder.bitcast(builder.gep(dbase, [o]),
+                                                        _VF.as_pointer()), 4)
+    i1 = builder.add(i, ir.Constant(_I64, 1))
+    i.add_incoming(i1, builder.block)
+    builder.cbranch(builder.icmp_signed("<", i1, nb), loop, after)
+    builder.position_at_end(after)
+    done = builder.mul(nb, ir.Constant(_I64, 16))
+    mask = _lanes(builder, builder.sub(n, done))
+    sp = builder.gep(sbase, [done])
+    mload = _llvm_fn(mod, "llvm.masked.load.v16f32.p0", _VF, [sp.type, _I32, _VM, _VF])
+    x = builder.call(mload, [sp, ir.Constant(_I32, 4), mask, _vc(_ZERO)])
+    _store(builder, builder.fmul(x, cv), builder.gep(dbase, [done]), 4, mask)
+    return context.get_dummy_value()
+
+
+def _ds_codegen(context, builder, sig, args):
+    """``dp[off + e] = s[off + e] * (dp[off + e] - d)`` for e < n, 16 lanes, tail masked."""
+    sv, dpv, off, n, d = args
+    sbase = builder.gep(_data(context, builder, sig.args[0], sv), [off])
+    dbase = builder.gep(_data(context, builder, sig.args[1], dpv), [off])
+    dv = _splat(builder, d, _VF)
+    mod = builder.module
+    mload = _llvm_fn(mod, "llvm.masked.load.v16f32.p0", _VF, [sbase.type, _I32, _VM, _VF])
+    nb = builder.sdiv(n, ir.Constant(_I64, 16))
+    pre, loop, after = _loop_entry(builder, nb, "ds")
+    i = builder.phi(_I64)
+    i.add_incoming(ir.Constant(_I64, 0), pre)
+    o = builder.mul(i, ir.Constant(_I64, 16))
+    sp = builder.bitcast(builder.gep(sbase, [o]), _VF.as_pointer())
+    dp = builder.bitcast(builder.gep(dbase, [o]), _VF.as_pointer())
+    x = builder.fmul(builder.load(sp, align=4), builder.fsub(builder.load(dp, align=4), dv))
+    _store(builder, x, dp, 4)
+    i1 = builder.add(i, ir.Constant(_I64, 1))
+    i.add_incoming(i1, builder.block)
+    builder.cbranch(builder.icmp_signed("<", i1, nb), loop, after)
+    builder.position_at_end(after)
+    done = builder.mul(nb, ir.Constant(_I64, 16))
+    mask = _lanes(builder, builder.sub(n, done))
+    sp = builder.gep(sbase, [done])
+    dp = builder.gep(dbase, [done])
+    xs = builder.call(mload, [sp, ir.Constant(_I32, 4), mask, _vc(_ZERO)])
+    xd = builder.call(mload, [dp, ir.Constant(_I32, 4), mask, _vc(_ZERO)])
+    _store(builder, builder.fmul(xs, builder.fsub(xd, dv)), dp, 4, mask)
+    return context.get_dummy_value()
+
+
+@intrinsic
+def _ds_row(typingctx, s, dp, off, n, d):
+    """``dp[off:off + n] = s[off:off + n] * (dp[off:off + n] - d)`` (float32 arrays)."""
+    return types.void(s, dp, off, n, d), _ds_codegen
+
+
+@intrinsic
+def _scale(typingctx, src, off, n, c, dst, doff):
+    """``dst[doff:doff + n] = src[off:off + n] * c`` (float32 arrays, int64 off/n/doff)."""
+    return types.void(src, off, n, c, dst, doff), _scale_codegen
+
+
+@_jit.kernel(inline="always")
+def scale_into(src, off, n, c, dst, doff):
+    """``dst[doff + e] = src[off + e] * c`` for e < n (in place when dst, doff are src, off):
+    the products of a plain loop, bit for bit.
+
+    Offsets, not slices, in the kernels' per-row loops: every slice of an array is an atomic
+    increment and decrement of its NRT reference count (``lock incq``), and on an array both
+    threads slice (the output) the count's cache line moves between the cores each time; in
+    the forward these were ~9% of all cycles.  (A loop over ``dst[doff + e]`` would not
+    vectorise: numba's negative-index wrap-around on a signed index stops LLVM.)
+    """
+    _scale(src, np.int64(off), np.int64(n), np.float32(c), dst, np.int64(doff))
+
+
+def _scale_into_python(src, off, n, c, dst, doff):
+    """``scale_into`` for ``NUMBA_DISABLE_JIT=1`` only (intrinsics cannot run as Python)."""
+    dst[doff:doff + n] = src[off:off + n] * np.float32(c)
+
+
+if numba.config.DISABLE_JIT:
+    scale_into = _scale_into_python     # noqa: F811  (chosen at import, as gemm above)
 
 
 @_jit.kernel
@@ -678,8 +773,20 @@ def ds_rows(gp, dsum, st, i0, m_len, n_len, s, dp, so):
     """``dS = P * (dP - Dsum)`` into dp, the part of ``drop_ds`` without dropout (the plain
     backward calls it alone, and so never compiles the dropout code)."""
     for r in range(m_len):
-        ds_r = dsum[st + (i0 + r) * gp[desc.ST_RS]]
-        dpr = dp[so + r * n_len:so + (r + 1) * n_len]
-        sr = s[so + r * n_len:so + (r + 1) * n_len]
-        for cc in range(n_len):
-            dpr[cc] = sr[cc] * (dpr[cc] - ds_r)
+        ds_row(s, dp, so + r * n_len, n_len, dsum[st + (i0 + r) * gp[desc.ST_RS]])
+
+
+@_jit.kernel(inline="always")
+def ds_row(s, dp, off, n, d):
+    """``dp[off + e] = s[off + e] * (dp[off + e] - d)`` for e < n: the products of the plain
+    loop, bit for bit, with an offset instead of two slices (``scale_into``)."""
+    _ds_row(s, dp, np.int64(off), np.int64(n), np.float32(d))
+
+
+def _ds_row_python(s, dp, off, n, d):
+    """``ds_row`` for ``NUMBA_DISABLE_JIT=1`` only."""
+    dp[off:off + n] = s[off:off + n] * (dp[off:off + n] - np.float32(d))
+
+
+if numba.config.DISABLE_JIT:
+    ds_row = _ds_row_python     # noqa: F811  (chosen at import, as gemm above)
