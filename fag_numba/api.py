@@ -742,18 +742,28 @@ def _native_inputs(P, q, k, v, y):
     return None, None
 
 
-def warmup():
-    """Compile every kernel now (forward, backward, masks, dropout) on a tiny problem.
+def warmup(dtypes=("float32", "float16", "bfloat16")):
+    """Compile every kernel a call of these input dtypes can need, now, on tiny problems.
 
-    The kernels compile lazily on first use (~20 s on 2 cores), once per machine: they are
-    cached on disk (``_jit.py``; ``FAG_NUMBA_CACHE=0`` compiles once per process instead).
-    Call this at start-up to pay that cost up front.
-    One compiled specialisation serves every dtype, layout, mask, pse and dropout option.
+    The kernels compile lazily on first use, once per machine: they are cached on disk
+    (``_jit.py``; ``FAG_NUMBA_CACHE=0`` compiles once per process instead).  Call this at
+    start-up to pay that cost up front.  Each dtype compiles two variants, because a call
+    without pse and dropout runs kernels with that code pruned (``kernels.driver.plain``: the
+    common call compiles ~3 s less): both are compiled here.  float32 kernels serve
+    float32, fp16 and fp8 inputs ("float16" adds only its conversions; an fp8 call still
+    compiles its decoder, ~0.2 s); "bfloat16" adds the native bf16 kernels where the CPU has
+    AVX512_BF16 or AMX (``isa.native_kind``), else only its conversions.
     """
+    from . import dtypes as dtypes_mod      # (the argument shadows the module)
+
     rng = np.random.default_rng(0)
-    q, k, v, dy = (rng.standard_normal((1, 1, 4, 8)).astype(np.float32) for _ in range(4))
     mask = np.triu(np.ones((2048, 2048), bool), 1)
-    kw = dict(atten_mask=mask, sparse_mode=3, keep_prob=0.5, seed=0)
-    fwd = flash_attention_score(q, k, v, 1, "BNSD", **kw)
-    flash_attention_score_grad(q, k, v, dy, 1, "BNSD", softmax_max=fwd.softmax_max,
-                               softmax_sum=fwd.softmax_sum, attention_in=fwd.attention_out, **kw)
+    for name in dtypes:
+        dt = dtypes_mod.BFLOAT16 if str(name) in ("bfloat16", "bf16") else np.dtype(name)
+        q, k, v, dy = (rng.standard_normal((1, 1, 4, 8)).astype(np.float32).astype(dt)
+                       for _ in range(4))
+        for kw in (dict(atten_mask=mask, sparse_mode=3, keep_prob=0.5, seed=0), {}):
+            fwd = flash_attention_score(q, k, v, 1, "BNSD", **kw)
+            flash_attention_score_grad(q, k, v, dy, 1, "BNSD", softmax_max=fwd.softmax_max,
+                                       softmax_sum=fwd.softmax_sum,
+                                       attention_in=fwd.attention_out, **kw)

@@ -207,3 +207,47 @@ def test_calls_without_pse_or_dropout_never_compile_their_code():
                          cwd=str(ROOT), timeout=600,
                          env={**_clean_env(), "FAG_NUMBA_CACHE": "0", "PYTHONPATH": str(ROOT)})
     assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stderr[-3000:]
+
+
+_WARMUP_PROBE = r"""
+import sys
+import numpy as np, ml_dtypes
+import fag_numba
+from numba.core.registry import CPUDispatcher
+from fag_numba.kernels import native
+
+def compiled():
+    n = sum(len(v.signatures) for name, m in list(sys.modules.items())
+            if name.startswith("fag_numba") for v in vars(m).values()
+            if isinstance(v, CPUDispatcher))
+    return n + sum(len(d.signatures) for d in native._CHUNKS.values())
+
+fag_numba.warmup()
+before = compiled()
+rng = np.random.default_rng(1)
+mask = np.triu(np.ones((2048, 2048), bool), 1)
+for dt in (np.float32, ml_dtypes.bfloat16, np.float16):
+    q, k, v, dy = (rng.standard_normal((2, 3, 37, 16), dtype=np.float32).astype(dt)
+                   for _ in range(4))
+    for kw in ({}, dict(atten_mask=mask, sparse_mode=2), dict(keep_prob=0.8, seed=3),
+               dict(pse=rng.standard_normal((2, 3, 37, 37)).astype(dt), pse_type=1)):
+        o = fag_numba.flash_attention_score(q, k, v, 3, "BNSD", **kw)
+        fag_numba.flash_attention_score_grad(q, k, v, dy, 3, "BNSD", softmax_max=o.softmax_max,
+                                             softmax_sum=o.softmax_sum,
+                                             attention_in=o.attention_out, **kw)
+after = compiled()
+assert after == before, (before, after)
+print("OK", before)
+"""
+
+
+@pytest.mark.skipif(numba.config.DISABLE_JIT, reason="compilation is what is tested")
+def test_warmup_compiles_what_later_calls_need():
+    """After ``warmup()``, float32, bf16 and fp16 calls with and without masks, dropout and pse
+    compile nothing more: both kernel variants (``driver.plain``), the native bf16 ones and
+    the conversions are warmed.  A fresh process without
+    the kernel cache."""
+    res = subprocess.run([sys.executable, "-c", _WARMUP_PROBE], capture_output=True, text=True,
+                         cwd=str(ROOT), timeout=900,
+                         env={**_clean_env(), "FAG_NUMBA_CACHE": "0", "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
