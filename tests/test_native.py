@@ -140,6 +140,58 @@ def test_fused_forward_softmax_bitwise_equals_three_passes(name, case, path, blo
         assert a.tobytes() == e.tobytes()
 
 
+@pytest.mark.skipif(not HAS_BF16, reason="numba's target has no AVX512_BF16")
+def test_fused_softmax_nan_scores_give_the_nan_maximum():
+    """online_softmax16's row maximum skips NaN scores (one vmaxps per 16 scores) and redoes a
+    row whose exp sum comes out NaN with m = NaN.  Its m, l, rescaled acc and bf16 P equal
+    online_softmax's (NaN-propagating maximum) on the scaled scores, NaN payloads aside (which
+    NaN a maximum propagates is not specified): NaN in the first or a later key block, a row
+    of NaN only, a NaN after an all -inf block (correction 0), and rows without NaN (bitwise)."""
+    from fag_numba.kernels import desc, driver, native
+    rng = np.random.default_rng(9)
+    tm, n, dv, alpha = 6, 37, 8, np.float32(0.3)
+    blocks = [rng.standard_normal((tm, n)).astype(np.float32) * 4 for _ in range(3)]
+    blocks[0][1, 5] = np.nan            # NaN in the first block
+    blocks[1][3, 30] = np.nan           # in a later block
+    blocks[0][2, :] = np.nan            # a row of NaN only
+    blocks[0][4, :] = -np.inf           # all -inf, then a NaN: correction 0
+    blocks[1][4, 2] = np.nan
+    blocks[2][5, :7] = -np.inf          # no NaN: bitwise as before
+    gp = np.zeros(64, np.int64)
+    seqtab = np.zeros((1, 64), np.int64)
+    mask = np.zeros(1, np.uint8)
+
+    def run(fused):
+        mrun = np.full(tm, -np.inf, np.float32)
+        lrun = np.zeros(tm, np.float32)
+        vrow = np.zeros(tm, np.uint8)
+        acc = np.ones(tm * dv, np.float32)
+        sub, cor, mold = (np.empty(tm, np.float32) for _ in range(3))
+        ldp = 2 * ((n + 1) // 2)
+        ps = []
+        for blk in blocks:
+            p16 = np.zeros(tm * ldp, np.uint16)
+            if fused:
+                driver.online_softmax16(blk.reshape(-1).copy(), tm, n, 0, desc.FULL, mrun, lrun, vrow, acc,
+                                        dv, sub, cor, mold, seqtab, gp, mask, 0, 0, 0, 0, alpha,
+                                        p16, ldp)
+            else:
+                z = (blk * alpha).astype(np.float32).reshape(-1)
+                driver.online_softmax(z, tm, n, 0, desc.FULL, mrun, lrun, vrow, acc, dv, sub,
+                                      cor, mold, seqtab, gp, mask, 0, 0, 0, 0, np.float32(1.0),
+                                      p16, 0)
+                native.to_bf16_rows(z, tm, n, n, p16, ldp)
+            ps.append(p16.reshape(tm, ldp)[:, :n].view(BF16).astype(np.float32))
+        return [mrun, lrun, acc] + ps
+
+    for a, e, nm in zip(run(True), run(False), ("m", "l", "acc", "p0", "p1", "p2")):
+        assert np.array_equal(a, e, equal_nan=True), nm
+        ok = ~np.isnan(a)
+        assert a[ok].tobytes() == e[ok].tobytes(), nm
+    m = run(True)[0]
+    assert np.isnan(m[1:5]).all() and not np.isnan(m[0]) and not np.isnan(m[5])
+
+
 @pytest.mark.parametrize("name", ["amx", "bf16"])
 @pytest.mark.parametrize("case", CASES[:3], ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES[:3])])
 def test_fused_backward_step_bitwise_equals_six_passes(name, case, path, blocks, rng):

@@ -24,7 +24,7 @@ from . import desc
 from .guard import (any_bad, computed_tile, dropped_nan_row_out, ds_guard, gemm_guard, p_guard,
                     row_has_computed)
 from .tile import (NEG_INF, OFF0, TRANS_N, TRANS_T, drop_ds, drop_p, ds_rows, exp_scale_bf16,
-                   exp_scale_bf16_le, exp_sub, exp_sub_le, gemm, row_max, scale_into,
+                   exp_scale_bf16_le, exp_sub, exp_sub_le, gemm, row_max, row_max_skip_nan, scale_into,
                    score_tile, score_tile_plain, scratch, tile_class)
 
 _FLT_MAX = np.float32(3.4028234663852886e38)
@@ -133,8 +133,8 @@ def _make_online_softmax(to16):
     TO16 = to16
 
     @_jit.kernel
-    def online_softmax(s, tm, n_len, ro, cls, mrun, lrun, vrow, acc, dv, sub, cor, seqtab, gp,
-                       mask, b, h, ti0, j0, alpha, p16, ldp):
+    def online_softmax(s, tm, n_len, ro, cls, mrun, lrun, vrow, acc, dv, sub, cor, mold,
+                       seqtab, gp, mask, b, h, ti0, j0, alpha, p16, ldp):
         """One key block of the FA-2 online softmax, in place (shared by the BLAS and the native
         forward drivers).
 
@@ -142,22 +142,26 @@ def _make_online_softmax(to16):
         P~ = exp(Z - m_new); per item row ``ro + r``: ``m_new = max(m, rowmax)``,
         ``l = l * exp(m - m_new) + rowsum(P~)``, ``acc *= exp(m - m_new)``; ``vrow`` marks rows
         with a computed element (a row of -inf computed scores is NaN, not invalid: only the mask
-        makes a row invalid, SPEC §3).  sub, cor: float32 scratch of >= tm.
+        makes a row invalid, SPEC §3).  sub, cor, mold: float32 scratch of >= tm.
 
         ``online_softmax16`` (the native bf16 forward without dropout or pse): s holds
         Z / alpha (alpha > 0, the scaling pass not done) and stays unchanged; P~ goes to ``p16``
         (uint16 bf16 bits, row r at ``r * ldp``) instead, the same bits as scaling, this step
         and a conversion pass (one pass over the tile instead of three: the row max of Z is
-        alpha times that of Z / alpha, which rounding preserves for alpha > 0).
+        alpha times that of Z / alpha, which rounding preserves for alpha > 0).  Its row max
+        skips NaN scores (``row_max_skip_nan``, a third of the instructions); the exp then
+        gives a NaN score NaN, so a NaN row sum with a finite maximum means a NaN score, and
+        the row is redone with m = NaN: the results of a NaN-propagating maximum.
         ``online_softmax``: alpha, p16, ldp are unused (a closure constant, so neither compiles
         the other's branch).
         """
         for r in range(tm):
             # m_new <- max(m, rowmax(s));  corr <- exp(m - m_new)  (exp below, one pass)
             ri = ro + r
+            mold[r] = mrun[ri]
             # NaN scores make m NaN (SPEC §9: NaN propagates), never an invalid row
             if TO16:
-                mx = alpha * row_max(s, r * n_len, n_len, NEG_INF)
+                mx = alpha * row_max_skip_nan(s, r * n_len, n_len, NEG_INF)
                 if mx != mx or mrun[ri] != mrun[ri]:
                     mx = np.float32(np.nan)
                 elif mrun[ri] > mx:
@@ -186,6 +190,13 @@ def _make_online_softmax(to16):
             if TO16:
                 if math.isfinite(sub[r]):
                     rs = exp_scale_bf16_le(s, r * n_len, alpha, sub[r], n_len, p16, r * ldp)
+                    if rs != rs:
+                        # a NaN score (the maximum skipped it): m = NaN, and the correction
+                        # and P of the NaN maximum (exp(m - NaN): 0 for m = -inf, else NaN)
+                        nan = np.float32(np.nan)
+                        mrun[ri] = nan
+                        corr = np.float32(0.0) if mold[r] == NEG_INF else nan
+                        rs = exp_scale_bf16(s, r * n_len, alpha, nan, n_len, p16, r * ldp)
                 else:
                     rs = exp_scale_bf16(s, r * n_len, alpha, sub[r], n_len, p16, r * ldp)
             elif math.isfinite(sub[r]):
@@ -239,6 +250,7 @@ def _make_fwd_chunk(full):
         lrun = np.empty(bm, np.float32)
         sub = np.empty(bm, np.float32)
         cor = np.empty(bm, np.float32)
+        mold = np.empty(bm, np.float32)
         ab = np.empty(2, np.float32)
         no16 = np.empty(1, np.uint16)      # online_softmax's bf16 output, unused here
         for it in range(tptr[t], tptr[t + 1]):
@@ -273,8 +285,8 @@ def _make_fwd_chunk(full):
                 visits[t] += 1
                 # s <- z (scaled, biased, masked)
                 score(q, k, seqtab, gp, fp, pse, slopes, mask, b, h, ti0, tm, j0, n_len, cls, s, ab)
-                online_softmax(s, tm, n_len, ro, cls, mrun, lrun, vrow, acc, dv, sub, cor, seqtab,
-                               gp, mask, b, h, ti0, j0, np.float32(1.0), no16, 0)
+                online_softmax(s, tm, n_len, ro, cls, mrun, lrun, vrow, acc, dv, sub, cor, mold,
+                               seqtab, gp, mask, b, h, ti0, j0, np.float32(1.0), no16, 0)
                 if FULL and dropping:
                     # p_drop <- R ? p / keep_prob : 0
                     drop_p(seqtab, gp, fp, drop_mask, b, h, ti0, tm, j0, n_len, s, rb)

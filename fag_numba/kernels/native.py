@@ -793,6 +793,7 @@ def _make_fwd(kind, fused, out16=False):
             lrun = np.empty(bm, np.float32)
             sub = np.empty(bm, np.float32)
             cor = np.empty(bm, np.float32)
+            mold = np.empty(bm, np.float32)
             vrow = np.empty(bm, np.uint8)   # row has a computed element (driver.online_softmax)
             kt = scratch(max(dw, 1) * bn, np.uint32)
             # bf16: V rows in pairs (AMX: zeroed, rows past a tile finite), P rows
@@ -856,10 +857,12 @@ def _make_fwd(kind, fused, out16=False):
                                       n_len, cls, s)
                     if FUSED:
                         online_softmax16(s, m_len, n_len, 0, cls, mrun, lrun, vrow, acc, dv, sub,
-                                         cor, seqtab, gp, mask, b, h, i0, j0, alpha, p16h, ldp16)
+                                         cor, mold, seqtab, gp, mask, b, h, i0, j0, alpha, p16h,
+                                         ldp16)
                     else:
                         online_softmax(s, m_len, n_len, 0, cls, mrun, lrun, vrow, acc, dv, sub,
-                                       cor, seqtab, gp, mask, b, h, i0, j0, alpha, p16h, ldp16)
+                                       cor, mold, seqtab, gp, mask, b, h, i0, j0, alpha, p16h,
+                                       ldp16)
                     if UNFUSED:
                         if dropping:
                             drop_p(seqtab, gp, fp, drop_mask, b, h, i0, m_len, j0, n_len, s, rb)

@@ -149,7 +149,15 @@ def _exp16(builder, x, subv, full):
     fma = _llvm_fn(mod, "llvm.fmuladd.v16f32", _VF, [_VF, _VF, _VF])
     floor = _llvm_fn(mod, "llvm.floor.v16f32", _VF, [_VF])
     d = builder.fsub(x, subv)
-    xc = builder.select(builder.fcmp_ordered(">", d, _vc(_XMIN)), d, _vc(_XMIN))
+    scalef_ok = _scalef_ok()
+    if scalef_ok:
+        # a NaN d flows through to a NaN result (vscalefps of NaN is NaN), which the final
+        # select keeps: exp_sub_le / exp_scale_bf16_le give NaN for a NaN argument, and
+        # online_softmax16 finds a NaN score by its row sum.  (The portable form must not:
+        # fptosi of NaN is poison.)
+        xc = builder.select(builder.fcmp_ordered("<", d, _vc(_XMIN)), _vc(_XMIN), d)
+    else:
+        xc = builder.select(builder.fcmp_ordered(">", d, _vc(_XMIN)), d, _vc(_XMIN))
     if full:
         xc = builder.select(builder.fcmp_ordered("<", xc, _vc(_XCLAMP)), xc, _vc(_XCLAMP))
     fx = builder.call(floor, [builder.call(fma, [xc, _vc(_LOG2E), _vc(_HALF)])])
@@ -162,7 +170,7 @@ def _exp16(builder, x, subv, full):
     # y * 2**n, n >= -126 after the clamp (2**n a normal number): with AVX-512 one vscalefps,
     # which rounds exactly as the product with 2**n does (exact unless the result is
     # subnormal, then the same IEEE rounding), instead of convert, add, shift and multiply
-    if _scalef_ok():
+    if scalef_ok:
         scalef = _llvm_fn(mod, "llvm.x86.avx512.mask.scalef.ps.512", _VF,
                           [_VF, _VF, _VF, ir.IntType(16), _I32])
         y = builder.call(scalef, [y, fx, _vc(_ZERO), ir.Constant(ir.IntType(16), -1),
@@ -172,7 +180,10 @@ def _exp16(builder, x, subv, full):
         bits = builder.shl(builder.add(builder.fptosi(fx, _VI), ir.Constant(_VI, [127] * 16)),
                            ir.Constant(_VI, [23] * 16))
         y = builder.fmul(y, builder.bitcast(bits, _VF))
-    v = builder.select(builder.fcmp_ordered(">=", d, _vc(_XMIN)), y, _vc(_ZERO))
+    if scalef_ok:
+        v = builder.select(builder.fcmp_ordered("<", d, _vc(_XMIN)), _vc(_ZERO), y)
+    else:
+        v = builder.select(builder.fcmp_ordered(">=", d, _vc(_XMIN)), y, _vc(_ZERO))
     if not full:
         return v
     v = builder.select(builder.fcmp_ordered(">", d, _vc(_XOVF)), _vc(_INF), v)
@@ -360,61 +371,118 @@ if numba.config.DISABLE_JIT:
 _NSZ = ("nsz",)
 
 
-def _vmax_codegen(context, builder, sig, args):
-    """max(init, x[off:off + n]) through 4 x 16 lanes of ``llvm.maximum`` (NaN-propagating)."""
-    xv, off, n, init = args
-    f32, i32, i64, vf, vm, vi = _F32, _I32, _I64, _VF, _VM, _VI
-    mod = builder.module
-    base = builder.gep(_data(context, builder, sig.args[0], xv), [off])
-    vmax = _llvm_fn(mod, "llvm.maximum.v16f32", vf, [vf, vf])
-    red = _llvm_fn(mod, "llvm.vector.reduce.fmaximum.v16f32", f32, [vf])
-    mload = _llvm_fn(mod, "llvm.masked.load.v16f32.p0", vf, [base.type, i32, vm, vf])
-    splat = _splat(builder, init, vf)
-    nb = builder.sdiv(n, ir.Constant(i64, 64))
-    pre, loop, after = _loop_entry(builder, nb, "vmax")
-    i = builder.phi(i64)
-    i.add_incoming(ir.Constant(i64, 0), pre)
-    accs = []
-    for _ in range(4):
-        ph = builder.phi(vf)
-        ph.add_incoming(splat, pre)
-        accs.append(ph)
-    new = []
-    for u in range(4):
-        o = builder.add(builder.mul(i, ir.Constant(i64, 64)), ir.Constant(i64, 16 * u))
-        x = builder.load(builder.bitcast(builder.gep(base, [o]), vf.as_pointer()), align=4)
-        new.append(builder.call(vmax, [accs[u], x], fastmath=_NSZ))
-    i1 = builder.add(i, ir.Constant(i64, 1))
-    end = builder.block
-    i.add_incoming(i1, end)
-    for ph, x in zip(accs, new):
-        ph.add_incoming(x, end)
-    builder.cbranch(builder.icmp_signed("<", i1, nb), loop, after)
-    builder.position_at_end(after)
-    acc = []
-    for u in range(4):
-        ph = builder.phi(vf)
-        ph.add_incoming(splat, pre)
-        ph.add_incoming(new[u], end)
-        acc.append(ph)
-    m = builder.call(vmax, [builder.call(vmax, [acc[0], acc[1]], fastmath=_NSZ),
-                            builder.call(vmax, [acc[2], acc[3]], fastmath=_NSZ)], fastmath=_NSZ)
-    # the last n % 64 elements: up to 4 masked loads (masked-off lanes read as init)
-    done = builder.mul(nb, ir.Constant(i64, 64))
-    lane = ir.Constant(vi, list(range(16)))
-    for u in range(4):
-        o = builder.add(done, ir.Constant(i64, 16 * u))
-        rem = builder.trunc(builder.sub(n, o), i32)
-        mask = builder.icmp_signed("<", lane, _splat(builder, rem, vi))
-        x = builder.call(mload, [builder.gep(base, [o]), ir.Constant(i32, 4), mask, splat])
-        m = builder.call(vmax, [m, x], fastmath=_NSZ)
-    return builder.call(red, [m], fastmath=_NSZ)
+def _make_vmax_codegen(skip_nan):
+    """The codegen of ``_vmax`` (``llvm.maximum``: NaN-propagating, 3 instructions per vector
+    on AVX-512: vmaxps, a NaN compare and a masked move) or of ``_vmax_skip`` (x86 vmaxps, one
+    instruction: a NaN element is skipped; online_softmax16 detects it afterwards)."""
+    def codegen(context, builder, sig, args):
+        xv, off, n, init = args
+        f32, i32, i64, vf, vm = _F32, _I32, _I64, _VF, _VM
+        mod = builder.module
+        base = builder.gep(_data(context, builder, sig.args[0], xv), [off])
+        if skip_nan:
+            x86max = _llvm_fn(mod, "llvm.x86.avx512.max.ps.512", vf, [vf, vf, i32])
+
+            def vmax(acc, x):
+                # vmaxps returns its second operand when either is NaN: a NaN x keeps acc
+                return builder.call(x86max, [x, acc, ir.Constant(i32, 4)])
+        else:
+            lmax = _llvm_fn(mod, "llvm.maximum.v16f32", vf, [vf, vf])
+
+            def vmax(acc, x):
+                return builder.call(lmax, [acc, x], fastmath=_NSZ)
+        mload = _llvm_fn(mod, "llvm.masked.load.v16f32.p0", vf, [base.type, i32, vm, vf])
+        splat = _splat(builder, init, vf)
+        nb = builder.sdiv(n, ir.Constant(i64, 64))
+        pre, loop, after = _loop_entry(builder, nb, "vmax")
+        i = builder.phi(i64)
+        i.add_incoming(ir.Constant(i64, 0), pre)
+        accs = []
+        for _ in range(4):
+            ph = builder.phi(vf)
+            ph.add_incoming(splat, pre)
+            accs.append(ph)
+        new = []
+        for u in range(4):
+            o = builder.add(builder.mul(i, ir.Constant(i64, 64)), ir.Constant(i64, 16 * u))
+            x = builder.load(builder.bitcast(builder.gep(base, [o]), vf.as_pointer()), align=4)
+            new.append(vmax(accs[u], x))
+        i1 = builder.add(i, ir.Constant(i64, 1))
+        end = builder.block
+        i.add_incoming(i1, end)
+        for ph, x in zip(accs, new):
+            ph.add_incoming(x, end)
+        builder.cbranch(builder.icmp_signed("<", i1, nb), loop, after)
+        builder.position_at_end(after)
+        acc = []
+        for u in range(4):
+            ph = builder.phi(vf)
+            ph.add_incoming(splat, pre)
+            ph.add_incoming(new[u], end)
+            acc.append(ph)
+        m = vmax(vmax(acc[0], acc[1]), vmax(acc[2], acc[3]))
+        # the last n % 64 elements, when there are any: up to 4 masked loads (masked-off lanes
+        # read as init)
+        done = builder.mul(nb, ir.Constant(i64, 64))
+        body = builder.block
+        tail = builder.append_basic_block("vmax.tail")
+        join = builder.append_basic_block("vmax.join")
+        builder.cbranch(builder.icmp_signed("<", done, n), tail, join)
+        builder.position_at_end(tail)
+        mt = m
+        for u in range(4):
+            o = builder.add(done, ir.Constant(i64, 16 * u))
+            mask = _lanes(builder, builder.sub(n, o))
+            x = builder.call(mload, [builder.gep(base, [o]), ir.Constant(i32, 4), mask, splat])
+            mt = vmax(mt, x)
+        tail_end = builder.block
+        builder.branch(join)
+        builder.position_at_end(join)
+        mj = builder.phi(vf)
+        mj.add_incoming(m, body)
+        mj.add_incoming(mt, tail_end)
+        if not skip_nan:
+            red = _llvm_fn(mod, "llvm.vector.reduce.fmaximum.v16f32", f32, [vf])
+            return builder.call(red, [mj], fastmath=_NSZ)
+        # halve 16 -> 8 -> 4 -> 2 -> 1 lanes (the upper lanes of each step are don't-cares)
+        r = mj
+        w = 16
+        while w > 1:
+            w //= 2
+            hi = builder.shuffle_vector(r, ir.Constant(vf, ir.Undefined),
+                                        ir.Constant(ir.VectorType(i32, 16),
+                                                    [(k + w) % 16 for k in range(16)]))
+            r = vmax(r, hi)
+        res = builder.extract_element(r, ir.Constant(i32, 0))
+        # a NaN init (a row whose m is already NaN) stays NaN
+        return builder.select(builder.fcmp_unordered("uno", init, init), init, res)
+    return codegen
+
+
+_vmax_codegen = _make_vmax_codegen(False)
 
 
 @intrinsic
 def _vmax(typingctx, x, off, n, init):
     """``max(init, x[off:off + n])`` NaN-propagating (a float32 array, int64 off/n)."""
     return types.float32(x, off, n, init), _vmax_codegen
+
+
+@intrinsic
+def _vmax_skip(typingctx, x, off, n, init):
+    """``max(init, x[off:off + n])`` over the non-NaN elements (init NaN gives NaN) where
+    numba's target has AVX-512 (decided when it compiles: LLVM aborts on the x86 intrinsic
+    for a target without it), else ``_vmax``'s NaN-propagating maximum."""
+    def codegen(context, builder, sig, args):
+        return _make_vmax_codegen(_skip_ok())(context, builder, sig, args)
+    return types.float32(x, off, n, init), codegen
+
+
+def _skip_ok():
+    """Whether ``row_max_skip_nan`` may skip NaN (vmaxps: AVX-512F in numba's target and the
+    host): only together with the vscalefps exp, whose ``_le`` form gives a NaN score a NaN
+    value (the portable form gives it 0, and the caller would not see the NaN)."""
+    return _scalef_ok()
 
 
 @_jit.kernel(inline="always")
@@ -442,6 +510,19 @@ def _row_max_python(x, off, n, init):
 
 if numba.config.DISABLE_JIT:
     row_max = _row_max_python     # noqa: F811  (chosen at import, as gemm above)
+
+
+@_jit.kernel(inline="always")
+def row_max_skip_nan(x, off, n, init):
+    """``row_max`` over the non-NaN elements (init NaN still gives NaN): one vmaxps per 16
+    elements instead of three instructions.  For ``online_softmax16``, which finds a NaN score
+    by its NaN row sum and then gives the row the NaN maximum (same results as ``row_max``).
+    Without AVX-512 it is ``row_max`` (NaN-propagating: the caller's check never fires)."""
+    return _vmax_skip(x, np.int64(off), np.int64(n), np.float32(init))
+
+
+if numba.config.DISABLE_JIT:
+    row_max_skip_nan = _row_max_python     # noqa: F811  (NaN-propagating: as without AVX-512)
 
 
 def _scale_codegen(context, builder, sig, args):
