@@ -525,31 +525,49 @@ if numba.config.DISABLE_JIT:
     row_max_skip_nan = _row_max_python     # noqa: F811  (NaN-propagating: as without AVX-512)
 
 
+def _load16(builder, base, o, mask):
+    """16 float32 lanes at ``base[o]``: all of them, or those of ``mask`` (the others 0)."""
+    p = builder.gep(base, [o])
+    if mask is None:
+        return builder.load(builder.bitcast(p, _VF.as_pointer()), align=4)
+    f = _llvm_fn(builder.module, "llvm.masked.load.v16f32.p0", _VF, [p.type, _I32, _VM, _VF])
+    return builder.call(f, [p, ir.Constant(_I32, 4), mask, _vc(_ZERO)])
+
+
+def _put16(builder, v, base, o, mask):
+    """Store 16 float32 lanes at ``base[o]`` (those of ``mask`` when given; the masked store
+    takes the element pointer, as every masked load and store of these kernels: an LLVM
+    intrinsic is declared once per module, with the pointer type of its first use)."""
+    p = builder.gep(base, [o])
+    if mask is None:
+        p = builder.bitcast(p, _VF.as_pointer())
+    _store(builder, v, p, 4, mask)
+
+
+def _each16(builder, n, name, step):
+    """``step(o, None)`` for o = 0, 16, ... while a whole vector fits in n (i64), then
+    ``step(o, mask)`` once for the n % 16 tail (a mask of no lane when there is none)."""
+    nb = builder.sdiv(n, ir.Constant(_I64, 16))
+    pre, loop, after = _loop_entry(builder, nb, name)
+    i = builder.phi(_I64)
+    i.add_incoming(ir.Constant(_I64, 0), pre)
+    step(builder.mul(i, ir.Constant(_I64, 16)), None)
+    i1 = builder.add(i, ir.Constant(_I64, 1))
+    i.add_incoming(i1, builder.block)
+    builder.cbranch(builder.icmp_signed("<", i1, nb), loop, after)
+    builder.position_at_end(after)
+    done = builder.mul(nb, ir.Constant(_I64, 16))
+    step(done, _lanes(builder, builder.sub(n, done)))
+
+
 def _scale_codegen(context, builder, sig, args):
     """``dst[doff + e] = src[off + e] * c`` for e < n in 16-lane vectors, the tail masked."""
     src, off, n, c, dst, doff = args
     sbase = builder.gep(_data(context, builder, sig.args[0], src), [off])
     dbase = builder.gep(_data(context, builder, sig.args[4], dst), [doff])
     cv = _splat(builder, c, _VF)
-    mod = builder.module
-    nb = builder.sdiv(n, ir.Constant(_I64, 16))
-    pre, loop, after = _loop_entry(builder, nb, "scale")
-    i = builder.phi(_I64)
-    i.add_incoming(ir.Constant(_I64, 0), pre)
-    o = builder.mul(i, ir.Constant(_I64, 16))
-    x = builder.load(builder.bitcast(builder.gep(sbase, [o]), _VF.as_pointer()), align=4)
-    _store(builder, builder.fmul(x, cv), builder.bitcast(builder.gep(dbase, [o]),
-                                                        _VF.as_pointer()), 4)
-    i1 = builder.add(i, ir.Constant(_I64, 1))
-    i.add_incoming(i1, builder.block)
-    builder.cbranch(builder.icmp_signed("<", i1, nb), loop, after)
-    builder.position_at_end(after)
-    done = builder.mul(nb, ir.Constant(_I64, 16))
-    mask = _lanes(builder, builder.sub(n, done))
-    sp = builder.gep(sbase, [done])
-    mload = _llvm_fn(mod, "llvm.masked.load.v16f32.p0", _VF, [sp.type, _I32, _VM, _VF])
-    x = builder.call(mload, [sp, ir.Constant(_I32, 4), mask, _vc(_ZERO)])
-    _store(builder, builder.fmul(x, cv), builder.gep(dbase, [done]), 4, mask)
+    _each16(builder, n, "scale", lambda o, m: _put16(
+        builder, builder.fmul(_load16(builder, sbase, o, m), cv), dbase, o, m))
     return context.get_dummy_value()
 
 
@@ -559,28 +577,11 @@ def _ds_codegen(context, builder, sig, args):
     sbase = builder.gep(_data(context, builder, sig.args[0], sv), [off])
     dbase = builder.gep(_data(context, builder, sig.args[1], dpv), [off])
     dv = _splat(builder, d, _VF)
-    mod = builder.module
-    mload = _llvm_fn(mod, "llvm.masked.load.v16f32.p0", _VF, [sbase.type, _I32, _VM, _VF])
-    nb = builder.sdiv(n, ir.Constant(_I64, 16))
-    pre, loop, after = _loop_entry(builder, nb, "ds")
-    i = builder.phi(_I64)
-    i.add_incoming(ir.Constant(_I64, 0), pre)
-    o = builder.mul(i, ir.Constant(_I64, 16))
-    sp = builder.bitcast(builder.gep(sbase, [o]), _VF.as_pointer())
-    dp = builder.bitcast(builder.gep(dbase, [o]), _VF.as_pointer())
-    x = builder.fmul(builder.load(sp, align=4), builder.fsub(builder.load(dp, align=4), dv))
-    _store(builder, x, dp, 4)
-    i1 = builder.add(i, ir.Constant(_I64, 1))
-    i.add_incoming(i1, builder.block)
-    builder.cbranch(builder.icmp_signed("<", i1, nb), loop, after)
-    builder.position_at_end(after)
-    done = builder.mul(nb, ir.Constant(_I64, 16))
-    mask = _lanes(builder, builder.sub(n, done))
-    sp = builder.gep(sbase, [done])
-    dp = builder.gep(dbase, [done])
-    xs = builder.call(mload, [sp, ir.Constant(_I32, 4), mask, _vc(_ZERO)])
-    xd = builder.call(mload, [dp, ir.Constant(_I32, 4), mask, _vc(_ZERO)])
-    _store(builder, builder.fmul(xs, builder.fsub(xd, dv)), dp, 4, mask)
+
+    def step(o, m):
+        x = builder.fsub(_load16(builder, dbase, o, m), dv)
+        _put16(builder, builder.fmul(_load16(builder, sbase, o, m), x), dbase, o, m)
+    _each16(builder, n, "ds", step)
     return context.get_dummy_value()
 
 
