@@ -822,27 +822,32 @@ def _make_fwd(kind, fused, out16=False):
                 jb_lo, jb_hi = kv_block_range(seqtab[b, desc.LO], seqtab[b, desc.HI],
                                               seqtab[b, desc.PREFIX], s2, i0, i0 + m_len, bn)
                 for jb in range(jb_lo, jb_hi):
-                    _i, _m, j0, n_len = trim_tile(seqtab[b, desc.LO], seqtab[b, desc.HI],
-                                                  seqtab[b, desc.PREFIX], i0, m_len, jb * bn,
-                                                  min(bn, s2 - jb * bn))
+                    # the rows [ti0, ti0 + tm) and columns the band can reach (the other rows
+                    # keep their m, l, acc: as driver.fwd_chunk; a causal diagonal block of
+                    # 512 x 256 needs half its rows)
+                    ti0, tm, j0, n_len = trim_tile(seqtab[b, desc.LO], seqtab[b, desc.HI],
+                                                   seqtab[b, desc.PREFIX], i0, m_len, jb * bn,
+                                                   min(bn, s2 - jb * bn))
                     if n_len == 0:
                         continue
+                    ro = ti0 - i0
                     if BF and j0 % 2 == 1:
                         j0 -= 1                 # pairs start on even keys (a masked column)
                         n_len += 1
-                    cls = tile_class(seqtab, gp, mask, b, h, i0, m_len, j0, n_len)
+                    cls = tile_class(seqtab, gp, mask, b, h, ti0, tm, j0, n_len)
                     if cls == desc.EMPTY:
                         continue
                     visits[t] += 1
                     k_off = seqtab[b, desc.K_OFF] + n2 * gp[desc.K_HS] + j0 * gp[desc.K_RS]
                     v_off = seqtab[b, desc.V_OFF] + n2 * gp[desc.V_HS] + j0 * gp[desc.V_RS]
-                    mn = m_len * n_len
+                    mn = tm * n_len
+                    tq_off = q_off + ro * gp[desc.Q_RS]
                     pack_t32(k32, k_off // W, gp[desc.K_RS] // W, n_len, dw, kt, bn)
                     if AMX:
-                        product_amx(s, 0, n_len, m_len, n_len, q32, q_off // W,
+                        product_amx(s, 0, n_len, tm, n_len, q32, tq_off // W,
                                     gp[desc.Q_RS] // W, kt, 0, bn, dw, False, cfg)
                     else:
-                        prod(s, 0, n_len, m_len, n_len, q32, q_off // W, gp[desc.Q_RS] // W, 1,
+                        prod(s, 0, n_len, tm, n_len, q32, tq_off // W, gp[desc.Q_RS] // W, 1,
                              4 * gp[desc.Q_RS] // W, kt, 0, bn, dw, False)
                     if UNFUSED:
                         if alpha != 1.0:
@@ -851,40 +856,41 @@ def _make_fwd(kind, fused, out16=False):
                                 s_[x] *= alpha
                     if FUSED:
                         # masks only, -inf on the unscaled scores
-                        mask_scores(seqtab, gp, mask, b, h, i0, m_len, j0, n_len, cls, s)
+                        mask_scores(seqtab, gp, mask, b, h, ti0, tm, j0, n_len, cls, s)
                     else:
-                        adjust_scores(seqtab, gp, fp, pse, slopes, mask, b, h, i0, m_len, j0,
+                        adjust_scores(seqtab, gp, fp, pse, slopes, mask, b, h, ti0, tm, j0,
                                       n_len, cls, s)
                     if FUSED:
-                        online_softmax16(s, m_len, n_len, 0, cls, mrun, lrun, vrow, acc, dv, sub,
-                                         cor, mold, seqtab, gp, mask, b, h, i0, j0, alpha, p16h,
+                        online_softmax16(s, tm, n_len, ro, cls, mrun, lrun, vrow, acc, dv, sub,
+                                         cor, mold, seqtab, gp, mask, b, h, ti0, j0, alpha, p16h,
                                          ldp16)
                     else:
-                        online_softmax(s, m_len, n_len, 0, cls, mrun, lrun, vrow, acc, dv, sub,
-                                       cor, mold, seqtab, gp, mask, b, h, i0, j0, alpha, p16h,
+                        online_softmax(s, tm, n_len, ro, cls, mrun, lrun, vrow, acc, dv, sub,
+                                       cor, mold, seqtab, gp, mask, b, h, ti0, j0, alpha, p16h,
                                        ldp16)
                     if UNFUSED:
                         if dropping:
-                            drop_p(seqtab, gp, fp, drop_mask, b, h, i0, m_len, j0, n_len, s, rb)
+                            drop_p(seqtab, gp, fp, drop_mask, b, h, ti0, tm, j0, n_len, s, rb)
                     if FUSED:
                         if n_len % 2 == 1:
-                            for r in range(m_len):      # the odd column's pair (P = 0)
+                            for r in range(tm):         # the odd column's pair (P = 0)
                                 p16h[r * ldp16 + n_len] = 0
                     elif BF:
-                        to_bf16_rows(s, m_len, n_len, n_len, p16h, ldp16)
+                        to_bf16_rows(s, tm, n_len, n_len, p16h, ldp16)
                     # acc <- acc + p_drop @ v
                     if AMX:
                         hnl = (n_len + 1) // 2
                         kpn = kpad(hnl)
-                        zero_cols(p16, m_len, ldp, hnl, kpn)
+                        zero_cols(p16, tm, ldp, hnl, kpn)
                         pack_pairs16(v, v_off, gp[desc.V_RS], n_len, dv, vp.view(np.uint16), dv)
-                        product_amx(acc, 0, dv, m_len, dv, p16, 0, ldp, vp, 0, dv, kpn, True, cfg)
+                        product_amx(acc, ro * dv, dv, tm, dv, p16, 0, ldp, vp, 0, dv, kpn, True,
+                                    cfg)
                     elif BF:
                         pack_pairs16(v, v_off, gp[desc.V_RS], n_len, dv, vp.view(np.uint16), dv)
-                        prod(acc, 0, dv, m_len, dv, p16, 0, hn, 1, 4 * hn, vp, 0, dv,
+                        prod(acc, ro * dv, dv, tm, dv, p16, 0, hn, 1, 4 * hn, vp, 0, dv,
                              (n_len + 1) // 2, True)
                     else:
-                        prod(acc, 0, dv, m_len, dv, s.view(np.uint32), 0, n_len, 1, 4 * n_len,
+                        prod(acc, ro * dv, dv, tm, dv, s.view(np.uint32), 0, n_len, 1, 4 * n_len,
                              v32, v_off, gp[desc.V_RS], n_len, True)
                 st = seqtab[b, desc.ST_OFF] + h * seqtab[b, desc.ST_HS]
                 o_off = seqtab[b, desc.DY_OFF] + h * gp[desc.DY_HS]
