@@ -81,6 +81,17 @@ def zeros64(shape, dtype=np.float32):
     return buf[skip:skip + n * dtype.itemsize].view(dtype).reshape(shape)
 
 
+def empty64(shape, dtype=np.float32):
+    """``zeros64`` without the zeros, for a result the kernels write in full: since
+    ``keep_freed_memory`` the heap serves buffers up to 32 MB, so calloc zeroes them with a
+    memset (4 MB of attention_out at (2, 16, 512, 64): ~5% of a float32 forward)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape))
+    buf = np.empty(n * dtype.itemsize + 64, np.uint8)
+    skip = -buf.ctypes.data % 64
+    return buf[skip:skip + n * dtype.itemsize].view(dtype).reshape(shape)
+
+
 #: bytes of descriptor tables per sequence: seqtab (``desc.NSEQ`` int64) plus ~26 int64 per-batch
 #: arrays of the layout / mask / pse plans
 PER_SEQ_BYTES = 8 * (20 + 26)

@@ -100,6 +100,53 @@ def test_zeros64_is_zeros_on_a_cache_line(shape):
     assert z.flags.c_contiguous and z.flags.writeable and not z.any()
 
 
+def _poisoned(shape, dtype=np.float32):
+    """``memory.empty64`` filled with a NaN pattern: what a reused heap buffer may hold."""
+    x = memory.zeros64(shape, dtype)
+    x.view(np.uint8)[:] = 0xFF
+    return x
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("case", ["dense", "causal-invalid-rows", "band", "tnd", "tnd-extra-rows",
+                                  "bsh-gqa"])
+def test_forward_output_is_written_in_full(case, dtype, blocks, monkeypatch):
+    """attention_out skips its zero fill (``memory.empty64``) when the sequences' rows are the
+    whole output: every element must then be written by the kernels (invalid rows as 0). With
+    the buffer poisoned, results equal the default allocation's bitwise; rows past the
+    sequences (TND's beyond the last offset) still get the zero fill."""
+    import ml_dtypes
+    blocks()
+    dt = ml_dtypes.bfloat16 if dtype == "bf16" else np.float32
+    rng = np.random.default_rng(12)
+    kw, lay, n1, n2 = {}, "BNSD", 2, 2
+    shape_q = shape_k = (2, 2, 37, 16)
+    if case == "causal-invalid-rows":
+        kw = dict(atten_mask=np.triu(np.ones((2048, 2048), bool), 1), sparse_mode=4,
+                  pre_tokens=10, next_tokens=-5)       # rows 0-4 see no key: invalid
+    elif case == "band":
+        kw = dict(atten_mask=np.triu(np.ones((2048, 2048), bool), 1), sparse_mode=4,
+                  pre_tokens=7, next_tokens=3)
+    elif case.startswith("tnd"):
+        lay, extra = "TND", 4 if case == "tnd-extra-rows" else 0
+        kw = dict(actual_seq_qlen=[11, 30], actual_seq_kvlen=[13, 29])
+        shape_q, shape_k = (30 + extra, 2, 16), (29 + extra, 2, 16)
+    elif case == "bsh-gqa":
+        lay, n1, n2 = "BSH", 4, 2
+        shape_q, shape_k = (2, 37, 64), (2, 37, 32)
+    q = rng.standard_normal(shape_q, dtype=np.float32).astype(dt)
+    k, v = (rng.standard_normal(shape_k, dtype=np.float32).astype(dt) for _ in range(2))
+    want = fag_numba.flash_attention_score(q, k, v, n1, lay, **kw)
+    calls = []
+    monkeypatch.setattr(memory, "empty64", lambda *a: calls.append(a) or _poisoned(*a))
+    got = fag_numba.flash_attention_score(q, k, v, n1, lay, **kw)
+    for a, e in zip(got, want):
+        assert a.tobytes() == e.tobytes()
+    assert len(calls) == (0 if case == "tnd-extra-rows" else 1)
+    if case == "tnd-extra-rows":
+        assert not np.asarray(got.attention_out, np.float32)[30:].any()
+
+
 def test_results_start_on_a_cache_line():
     rng = np.random.default_rng(0)
     q, k, v, dy = (rng.standard_normal((1, 2, 300, 64), dtype=np.float32) for _ in range(4))
