@@ -761,10 +761,23 @@ def warmup(dtypes=("float32", "float16", "bfloat16")):
     """
     from . import dtypes as dtypes_mod      # (the argument shadows the module)
 
+    known = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+             "bfloat16": dtypes_mod.BFLOAT16}
+    if isinstance(dtypes, str):
+        dtypes = (dtypes,)
+    chosen = []
+    for name in dtypes:
+        try:
+            dt = np.dtype(name)
+        except TypeError:
+            dt = None
+        if dt not in known.values():
+            raise FagValueError(f"warmup: dtypes must name float32, float16 or bfloat16 "
+                                f"(numpy dtypes or their names), got {name!r}")
+        chosen.append(dt)
     rng = np.random.default_rng(0)
     mask = np.triu(np.ones((2048, 2048), bool), 1)
-    for name in dtypes:
-        dt = dtypes_mod.BFLOAT16 if str(name) in ("bfloat16", "bf16") else np.dtype(name)
+    for dt in chosen:
         q, k, v, dy = (rng.standard_normal((1, 1, 4, 8)).astype(np.float32).astype(dt)
                        for _ in range(4))
         for kw in (dict(atten_mask=mask, sparse_mode=3, keep_prob=0.5, seed=0), {}):

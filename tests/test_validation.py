@@ -404,3 +404,12 @@ def test_sizes_beyond_npu_limits_are_not_errors():
     a = base(N1=1, N2=1, S1=2, S2=2, D=513, Dv=513)
     g = call("grad", a)
     assert g.dq.shape == a["query"].shape
+
+
+@pytest.mark.parametrize("bad", ["int8", "float64", "nonsense", 3, ml_dtypes.float8_e4m3fn,
+                                 ("float32", None)])
+def test_warmup_rejects_dtypes_it_has_no_kernels_for(bad):
+    """``warmup(dtypes=...)`` takes float32, float16 and bfloat16 (dtypes or names), checked
+    before anything compiles."""
+    with pytest.raises(fag_numba.FagValueError, match="dtypes"):
+        fag_numba.warmup(dtypes=bad if isinstance(bad, tuple) else (bad,))
