@@ -24,8 +24,8 @@ from . import desc
 from .guard import (any_bad, computed_tile, dropped_nan_row_out, ds_guard, gemm_guard, p_guard,
                     row_has_computed)
 from .tile import (NEG_INF, OFF0, TRANS_N, TRANS_T, drop_ds, drop_p, ds_rows, exp_scale_bf16,
-                   exp_scale_bf16_le, exp_sub, exp_sub_le, gemm, row_max, row_max_skip_nan, scale_into,
-                   score_tile, score_tile_plain, scratch, tile_class)
+                   exp_scale_bf16_le, exp_sub, exp_sub_le, gemm, row_max, row_max_skip_nan,
+                   scale_into, score_tile, score_tile_plain, scratch, tile_class)
 
 _FLT_MAX = np.float32(3.4028234663852886e38)
 
@@ -218,7 +218,7 @@ online_softmax16 = _make_online_softmax(True)
 def _make_fwd_chunk(full):
     """The forward chunk kernel: ``full`` (every feature) or plain (``plain``: no pse and no
     dropout; numba prunes the ``FULL`` branches, so a process that never meets pse or dropout
-    never compiles their code: -2 s of a cold first forward + backward)."""
+    never compiles their code: ~3 s of a cold float32 first forward + backward)."""
     FULL = 1 if full else 0     # a closure constant (pruned before lowering)
     score = score_tile if full else score_tile_plain
 
