@@ -111,12 +111,12 @@ _LN2_LO = np.float32(-2.12194440e-4)
 # fit of the relative error (Lawson iterations on 20001 points; 1.05e-7 in exact arithmetic,
 # 1.74e-7 measured in float32 with this reduction).  Six fmas, where Cephes' degree-7 form took
 # eight operations: the exp is the forward's largest part (the vector ports' limit), ~10% of it.
+_MAGIC = np.float32(12582912.0)        # 1.5 * 2**23
 _C2 = np.float32(0.499992311000824)
 _C3 = np.float32(0.16667114198207855)
 _C4 = np.float32(0.04189009591937065)
 _C5 = np.float32(0.008312505669891834)
 _ONE = np.float32(1.0)
-_HALF = np.float32(0.5)
 _ZERO = np.float32(0.0)
 _XMIN = np.float32(-87.33654)   # below: exp underflows to (almost) 0 -> exactly 0
 _XCLAMP = np.float32(88.0)      # clamp for the 2**n bits (n <= 127 keeps the exponent finite)
@@ -147,7 +147,6 @@ def _exp16(builder, x, subv, full):
     # fmuladd, not fma: fused where the target has FMA, a multiply and an add elsewhere (an
     # fma on a target without it is a libm call per lane)
     fma = _llvm_fn(mod, "llvm.fmuladd.v16f32", _VF, [_VF, _VF, _VF])
-    floor = _llvm_fn(mod, "llvm.floor.v16f32", _VF, [_VF])
     d = builder.fsub(x, subv)
     scalef_ok = _scalef_ok()
     if scalef_ok:
@@ -160,7 +159,11 @@ def _exp16(builder, x, subv, full):
         xc = builder.select(builder.fcmp_ordered(">", d, _vc(_XMIN)), d, _vc(_XMIN))
     if full:
         xc = builder.select(builder.fcmp_ordered("<", xc, _vc(_XCLAMP)), xc, _vc(_XCLAMP))
-    fx = builder.call(floor, [builder.call(fma, [xc, _vc(_LOG2E), _vc(_HALF)])])
+    # n = round(x / ln2) by the magic number 1.5 * 2**23 (|x / ln2| < 2**22: the sum's rounding
+    # is the rounding to an integer): an fma and a subtraction, where floor(x / ln2 + 0.5)
+    # took an fma and a vrndscaleps (two port-0 uops).  Only ties round differently; |t| stays
+    # <= ln2 / 2 either way.
+    fx = builder.fsub(builder.call(fma, [xc, _vc(_LOG2E), _vc(_MAGIC)]), _vc(_MAGIC))
     nfx = builder.fneg(fx)
     t = builder.call(fma, [nfx, _vc(_LN2_HI), xc])
     t = builder.call(fma, [nfx, _vc(_LN2_LO), t])
