@@ -340,22 +340,27 @@ def _tables(P, block_m, block_n):
     return st, gp, fp, nrows
 
 
-def _inputs(P, query, key, value, dy=None):
+def _inputs(P, query, key, value, dy=None, dy_bits=False):
     """float32 flat views/copies of the inputs (fp8 dequantised): (q, k, v, y).
 
     When the call will run the bf16 tile products on the inputs' own bits (``P.native``: bf16
     inputs, a bf16/amx kind, every value finite), q, k and v are None: converting them would be
     wasted (~5 ms per call at (1,8,2048,128)); ``_qkv_f32`` converts them later if a
-    non-finite statistics row sends the backward to the BLAS driver.  y is always converted
-    (the statistics pass reads it as float32).
+    non-finite statistics row sends the backward to the BLAS driver.  y likewise with
+    ``dy_bits`` (the caller's attention_in is bf16 too: the statistics pass then reads both
+    as bits), else it is converted.
     """
     P.raw = (query, key, value, dy)       # bf16 bits for the native bf16 products
     P.native = _native_bits(P)
-    ds = P.d_scales
-    y = None if dy is None else _dequant(dy, ds.get("d_scale_dy") if P.fp8 else None, P.dims, "dy")
     if P.native is not None:
-        return None, None, None, y
-    return _qkv_f32(P) + (y,)
+        return None, None, None, (None if dy is None or dy_bits else _y_f32(P))
+    return _qkv_f32(P) + (None if dy is None else _y_f32(P),)
+
+
+def _y_f32(P):
+    """float32 flat dy of ``P.raw`` (fp8 dequantised)."""
+    ds = P.d_scales
+    return _dequant(P.raw[3], ds.get("d_scale_dy") if P.fp8 else None, P.dims, "dy")
 
 
 def _qkv_f32(P):
@@ -415,7 +420,7 @@ def _run_forward(P, q, k, v, bf16_out=False):
     from .kernels.driver import fwd_driver
     from .planning import forward_blocks, forward_pv_split, plan_forward
 
-    kind, arrays = _native_inputs(P, q, k, v, None)
+    kind, arrays = _native_inputs(P, q, k, v, backward=False)
     bm, bn = forward_blocks(kind)
     if kind in ("bf16", "amx"):          # bf16 pairs of keys start on even columns
         bn += bn % 2
@@ -616,9 +621,12 @@ def flash_attention_score_grad(query, key, value, dy, head_num, input_layout, *,
     elif stats_given:
         m = validation.check_stats("softmax_max", softmax_max, P.dims, f)
         l = validation.check_stats("softmax_sum", softmax_sum, P.dims, f)
-    q, k, v, y = _inputs(P, query, key, value, dy)
+    bits = stats_given and dy.dtype == dtypes.BFLOAT16 and attention_in.dtype == dtypes.BFLOAT16
+    q, k, v, y = _inputs(P, query, key, value, dy, dy_bits=bits)
     if stats_given:
-        o = dtypes.to_f32_flat(attention_in)
+        # (bf16 bits when y is: the statistics pass reads both without float32 copies)
+        o = (np.ascontiguousarray(attention_in).reshape(-1).view(np.uint16) if y is None
+             else dtypes.to_f32_flat(attention_in))
     else:
         o, m, l = _run_forward(P, q, k, v)
     return _grads_out(P, query, key, value, _run_backward(P, q, k, v, y, o, m, l))
@@ -640,7 +648,7 @@ def _run_backward(P, q, k, v, y, o, m, l):
     from .planning import backward_blocks, backward_group, plan_backward
 
     d = P.dims
-    kind, arrays = _native_inputs(P, q, k, v, y)
+    kind, arrays = _native_inputs(P, q, k, v, y, backward=True)
     bm, bn = backward_blocks(d.D, kind)
     if kind in ("bf16", "amx"):          # bf16 pairs start on even rows and columns
         bm, bn = bm + bm % 2, bn + bn % 2
@@ -661,7 +669,9 @@ def _run_backward(P, q, k, v, y, o, m, l):
     visits = np.zeros(tptr.size - 1, np.int64)
     if items.shape[0] and nrows:
         # (plain loops, no BLAS: no thread limit to set; ~10 us of set/restore calls saved)
-        rowstats_driver(y, o, m, l, st, gp, lse, dsum)
+        # (y None: dy and attention_in as bf16 bits, _inputs)
+        rowstats_driver(P.raw[3].reshape(-1).view(np.uint16) if y is None else y, o, m, l, st,
+                        gp, lse, dsum)
         # statistics rows: dsum = rowsum(dy * attention_in) carries non-finite attention_in
         # rows; an lse of NaN / -inf makes a computed P of a -inf score NaN (guard.p_guard)
         with np.errstate(invalid="ignore"):
@@ -669,6 +679,8 @@ def _run_backward(P, q, k, v, y, o, m, l):
         srow = srow.astype(np.uint8)
         if q is None and srow.any():
             q, k, v = _qkv_f32(P)        # the BLAS driver's careful path will run
+        if y is None and srow.any():
+            y = _y_f32(P)
         # (q, k, v still None: the native bf16 kinds, whose bits were checked finite; dy's
         # bits were checked with them, so its float32 copy needs a second look only when the
         # careful path will run: 0.5 ms at (1,8,2048,128))
@@ -725,17 +737,17 @@ def _native_bits(P):
     return None
 
 
-def _native_inputs(P, q, k, v, y):
-    """(kind, (q, k, v, dy)) for the native tile products (kernels/native.py), or (None, None)
-    (the forward passes y = None).
+def _native_inputs(P, q, k, v, y=None, backward=False):
+    """(kind, (q, k, v, dy)) for the native tile products (kernels/native.py), or (None, None).
 
-    kind "bf16" / "amx": the inputs' own bf16 bits (``P.native``, set by ``_inputs``); "f32":
-    the float32 arrays, only when every value is finite (else the BLAS driver, as above).
+    kind "bf16" / "amx": the inputs' own bf16 bits (``P.native``, set by ``_inputs``; dy's only
+    for the ``backward``); "f32": the float32 arrays, only when every value is finite (else
+    the BLAS driver, as above).
     """
     native_bits = getattr(P, "native", None)
     if native_bits is not None:
         kind, raw = native_bits
-        return kind, (raw if y is not None else raw[:3] + [None])
+        return kind, (raw if backward else raw[:3] + [None])
     from . import isa
 
     if isa.native_kind(P.qdtype == dtypes.BFLOAT16, P.dims.D, P.dims.Dv) != "f32":

@@ -35,8 +35,8 @@ def path(monkeypatch):
     used = []
     orig = api._native_inputs
 
-    def spy(*a):
-        res = orig(*a)
+    def spy(*a, **kw):
+        res = orig(*a, **kw)
         used.append(res[0] or "blas")
         return res
 
@@ -317,6 +317,38 @@ def test_bf16_kinds_skip_the_float32_copies_yet_fall_back_exactly(name, path, bl
     for a, b in zip(got[:3], want[:3]):
         assert a.tobytes() == b.tobytes()
     assert np.isnan(got.dq[0, 1, 4]).all() and np.isfinite(got.dq[0, 0]).all()
+
+
+@pytest.mark.parametrize("name", ["amx", "bf16"])
+def test_bf16_statistics_pass_reads_the_bits_of_dy_and_attention_in(name, path, blocks, rng,
+                                                                    monkeypatch):
+    """With bf16 dy and attention_in the bf16 kinds' statistics pass (dsum = rowsum(dy * o),
+    ``driver.rowstats_driver``, one chunk per thread) reads their bits: neither is converted to
+    float32, and the gradients are bitwise those of a float32 attention_in (the same values,
+    converted), on one thread and on all."""
+    blocks(bm=6, bn=10)
+    monkeypatch.setattr(config, "CONVERT_THREAD_MIN", 1)      # chunked statistics pass
+    q, k, v, dy = make_qkv("BSND", 2, 4, 2, 29, 31, 16, 16, BF16, rng)
+    out = fag_numba.flash_attention_score(q, k, v, 4, "BSND")
+    kw = dict(softmax_max=out.softmax_max, softmax_sum=out.softmax_sum)
+    path(name)
+    converted = []
+    orig_dq, orig_f32 = api._dequant, api.dtypes.to_f32_flat
+    monkeypatch.setattr(api, "_dequant", lambda x, *a: converted.append(x is dy) or
+                        orig_dq(x, *a))
+    monkeypatch.setattr(api.dtypes, "to_f32_flat", lambda x, *a: converted.append(
+        x is out.attention_out) or orig_f32(x, *a))
+    bits = fag_numba.flash_attention_score_grad(q, k, v, dy, 4, "BSND",
+                                                attention_in=out.attention_out, **kw)
+    assert not any(converted)
+    with fag_numba.threads(1):
+        one = fag_numba.flash_attention_score_grad(q, k, v, dy, 4, "BSND",
+                                                   attention_in=out.attention_out, **kw)
+    f32 = fag_numba.flash_attention_score_grad(
+        q, k, v, dy, 4, "BSND", attention_in=out.attention_out.astype(np.float32), **kw)
+    assert any(converted)                         # the float32 attention_in: dy converted
+    for a, b, c in zip(bits[:3], f32[:3], one[:3]):
+        assert a.tobytes() == b.tobytes() == c.tobytes()
 
 
 def test_odd_head_dim_bf16_uses_float32_products(path, blocks, rng):

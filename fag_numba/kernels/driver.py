@@ -17,6 +17,9 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 from .. import _jit
 from ..threads import run_chunks
@@ -99,19 +102,46 @@ def q_block_range(lo, hi, prefix, s1, j0, j1, bm):
     return ilo // bm, (ihi + bm - 1) // bm
 
 
-@_jit.kernel
-def rowstats_driver(dy, o, m, l, seqtab, gp, lse, dsum):
-    """``lse[row] = m[row] + log(l[row])`` and ``dsum[row] = sum_e dy[row, e] * o[row, e]``.
+@intrinsic
+def _ld_f32(typingctx, x, i):
+    """``x[i]`` as float32: a float32 array's element, or the bf16 bits of a uint16 array
+    shifted into a float32 (exact).  No bounds check, no negative index (i >= 0)."""
+    if x.dtype == types.float32:
+        def codegen(context, builder, sig, args):
+            arr = context.make_array(sig.args[0])(context, builder, args[0])
+            return builder.load(builder.gep(arr.data, [args[1]]))
+    elif x.dtype == types.uint16:
+        def codegen(context, builder, sig, args):
+            arr = context.make_array(sig.args[0])(context, builder, args[0])
+            h = builder.zext(builder.load(builder.gep(arr.data, [args[1]])), ir.IntType(32))
+            return builder.bitcast(builder.shl(h, ir.Constant(ir.IntType(32), 16)),
+                                   ir.FloatType())
+    else:
+        return None
+    return types.float32(x, types.int64), codegen
 
-    Rows are (b, h, i) addressed through the statistics columns of ``seqtab``; dy and o share
-    the query layout with last dim Dv.  Serial (despite the name, kept for its callers): it is
-    O(S1 * Dv) per head next to the backward's O(S1 * S2 * D), and a parallel function costs
-    ~1.3 s of extra cold compile (its own gufunc and parfor passes).
-    """
+
+def _ld_f32_python(x, i):
+    """``_ld_f32`` for ``NUMBA_DISABLE_JIT=1`` only."""
+    if x.dtype == np.uint16:
+        return np.array([np.uint32(x[i]) << np.uint32(16)], np.uint32).view(np.float32)[0]
+    return x[i]
+
+
+if numba.config.DISABLE_JIT:
+    _ld_f32 = _ld_f32_python     # noqa: F811
+
+
+@_jit.kernel
+def rowstats_chunk(t, nchunks, dy, o, m, l, seqtab, gp, lse, dsum):
+    """Chunk t of ``rowstats_driver``: the (b, h) heads ``[t * H // nchunks, (t + 1) * H //
+    nchunks)`` of H = B * N1, each row with one writer (so any chunk count gives the same bits).
+    dy, o: float32, or uint16 bf16 bits (the native bf16 backward reads its inputs' bits: no
+    float32 copies of dy and attention_in, half the bytes)."""
     n1 = gp[desc.N1]
-    nb = seqtab.shape[0]
+    nbh = seqtab.shape[0] * n1
     dv = gp[desc.DV]
-    for bh in range(nb * n1):
+    for bh in range(t * nbh // nchunks, (t + 1) * nbh // nchunks):
         b = bh // n1
         h = bh - b * n1
         s1 = seqtab[b, desc.S1]
@@ -122,10 +152,25 @@ def rowstats_driver(dy, o, m, l, seqtab, gp, lse, dsum):
             lse[row] = m[row] + np.float32(_log(l[row]))
             off = base + i * gp[desc.DY_RS]
             acc = np.float32(0.0)
-            # (offsets, not slices: tile.scale_into; the sum is sequential either way)
+            # (no slices: tile.scale_into; the sum is sequential, the same in every chunk)
             for e in range(dv):
-                acc += dy[off + e] * o[off + e]
+                acc += _ld_f32(dy, off + e) * _ld_f32(o, off + e)
             dsum[row] = acc
+
+
+def rowstats_driver(dy, o, m, l, seqtab, gp, lse, dsum):
+    """``lse[row] = m[row] + log(l[row])`` and ``dsum[row] = sum_e dy[row, e] * o[row, e]``.
+
+    Rows are (b, h, i) addressed through the statistics columns of ``seqtab``; dy and o share
+    the query layout with last dim Dv (float32, or both uint16 bf16 bits).  One chunk per
+    thread from ``config.CONVERT_THREAD_MIN`` elements of dy (it runs at memory speed: 1.7 ms
+    serial for two float32 arrays of 2M at (1,8,2048,128)), else on the calling thread.
+    """
+    from .. import config
+    from ..threads import num_threads
+    nbh = seqtab.shape[0] * int(gp[desc.N1])
+    n = 1 if dy.size < config.CONVERT_THREAD_MIN else max(1, min(num_threads(), nbh))
+    run_chunks(rowstats_chunk, n, (n, dy, o, m, l, seqtab, gp, lse, dsum))
 
 
 def _make_online_softmax(to16):
