@@ -792,7 +792,11 @@ def warmup(dtypes=("float32", "float16", "bfloat16")):
     for dt in chosen:
         q, k, v, dy = (rng.standard_normal((1, 1, 4, 8)).astype(np.float32).astype(dt)
                        for _ in range(4))
-        for kw in (dict(atten_mask=mask, sparse_mode=3, keep_prob=0.5, seed=0), {}):
+        # the full kernels (mask, dropout and a pse of the input dtype: its conversion too),
+        # then the plain ones
+        pse = rng.standard_normal((1, 1, 4, 4)).astype(np.float32).astype(dt)
+        for kw in (dict(atten_mask=mask, sparse_mode=3, keep_prob=0.5, seed=0, pse=pse,
+                        pse_type=1), {}):
             fwd = flash_attention_score(q, k, v, 1, "BNSD", **kw)
             flash_attention_score_grad(q, k, v, dy, 1, "BNSD", softmax_max=fwd.softmax_max,
                                        softmax_sum=fwd.softmax_sum,
