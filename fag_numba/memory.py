@@ -69,27 +69,28 @@ def keep_freed_memory():
     return ok
 
 
+def _aligned(shape, dtype, alloc):
+    """``alloc``'s (np.zeros / np.empty) array of ``shape``, starting on a 64-byte line."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape))
+    buf = alloc(n * dtype.itemsize + 64, np.uint8)
+    skip = -buf.ctypes.data % 64
+    return buf[skip:skip + n * dtype.itemsize].view(dtype).reshape(shape)
+
+
 def zeros64(shape, dtype=np.float32):
     """``np.zeros(shape, dtype)`` starting on a 64-byte cache line.  numpy's large arrays start
     16 bytes past a page (the allocator's header), so every 64-byte row access of the kernels
     to the results they accumulate in (dq, dk, dv as AMX C tiles, attention_out) touched two
-    lines.  One extra line of memory; the zeros stay calloc's lazily zeroed pages."""
-    dtype = np.dtype(dtype)
-    n = int(np.prod(shape))
-    buf = np.zeros(n * dtype.itemsize + 64, np.uint8)
-    skip = -buf.ctypes.data % 64
-    return buf[skip:skip + n * dtype.itemsize].view(dtype).reshape(shape)
+    lines.  One extra line of memory."""
+    return _aligned(shape, dtype, np.zeros)
 
 
 def empty64(shape, dtype=np.float32):
     """``zeros64`` without the zeros, for a result the kernels write in full: since
     ``keep_freed_memory`` the heap serves buffers up to 32 MB, so calloc zeroes them with a
     memset (4 MB of attention_out at (2, 16, 512, 64): ~5% of a float32 forward)."""
-    dtype = np.dtype(dtype)
-    n = int(np.prod(shape))
-    buf = np.empty(n * dtype.itemsize + 64, np.uint8)
-    skip = -buf.ctypes.data % 64
-    return buf[skip:skip + n * dtype.itemsize].view(dtype).reshape(shape)
+    return _aligned(shape, dtype, np.empty)
 
 
 #: bytes of descriptor tables per sequence: seqtab (``desc.NSEQ`` int64) plus ~26 int64 per-batch
