@@ -625,8 +625,7 @@ def flash_attention_score_grad(query, key, value, dy, head_num, input_layout, *,
     q, k, v, y = _inputs(P, query, key, value, dy, dy_bits=bits)
     if stats_given:
         # (bf16 bits when y is: the statistics pass reads both without float32 copies)
-        o = (np.ascontiguousarray(attention_in).reshape(-1).view(np.uint16) if y is None
-             else dtypes.to_f32_flat(attention_in))
+        o = _bits16(attention_in) if y is None else dtypes.to_f32_flat(attention_in)
     else:
         o, m, l = _run_forward(P, q, k, v)
     return _grads_out(P, query, key, value, _run_backward(P, q, k, v, y, o, m, l))
@@ -669,9 +668,8 @@ def _run_backward(P, q, k, v, y, o, m, l):
     visits = np.zeros(tptr.size - 1, np.int64)
     if items.shape[0] and nrows:
         # (plain loops, no BLAS: no thread limit to set; ~10 us of set/restore calls saved)
-        # (y None: dy and attention_in as bf16 bits, _inputs)
-        rowstats_driver(P.raw[3].reshape(-1).view(np.uint16) if y is None else y, o, m, l, st,
-                        gp, lse, dsum)
+        # (y None: dy and attention_in as bf16 bits, _inputs; dy's are the native kind's)
+        rowstats_driver(arrays[3] if y is None else y, o, m, l, st, gp, lse, dsum)
         # statistics rows: dsum = rowsum(dy * attention_in) carries non-finite attention_in
         # rows; an lse of NaN / -inf makes a computed P of a -inf score NaN (guard.p_guard)
         with np.errstate(invalid="ignore"):
@@ -730,11 +728,15 @@ def _native_bits(P):
         return None
     from .kernels import native
 
-    raw = [None if x is None else np.ascontiguousarray(x).reshape(-1).view(np.uint16)
-           for x in P.raw]
+    raw = [None if x is None else _bits16(x) for x in P.raw]
     if native.all_finite_bf16(raw):
         return kind, raw
     return None
+
+
+def _bits16(x):
+    """The flat uint16 bits of a bf16 array (a view when it is C-contiguous)."""
+    return np.ascontiguousarray(x).reshape(-1).view(np.uint16)
 
 
 def _native_inputs(P, q, k, v, y=None, backward=False):

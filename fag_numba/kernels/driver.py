@@ -21,8 +21,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .. import _jit
-from ..threads import run_chunks
+from .. import _jit, config
+from ..threads import num_threads, run_chunks
 from . import desc
 from .guard import (any_bad, computed_tile, dropped_nan_row_out, ds_guard, gemm_guard, p_guard,
                     row_has_computed)
@@ -166,8 +166,6 @@ def rowstats_driver(dy, o, m, l, seqtab, gp, lse, dsum):
     thread from ``config.CONVERT_THREAD_MIN`` elements of dy (it runs at memory speed: 1.7 ms
     serial for two float32 arrays of 2M at (1,8,2048,128)), else on the calling thread.
     """
-    from .. import config
-    from ..threads import num_threads
     nbh = seqtab.shape[0] * int(gp[desc.N1])
     n = 1 if dy.size < config.CONVERT_THREAD_MIN else max(1, min(num_threads(), nbh))
     run_chunks(rowstats_chunk, n, (n, dy, o, m, l, seqtab, gp, lse, dsum))
