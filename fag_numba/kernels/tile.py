@@ -173,19 +173,18 @@ def _exp16(builder, x, subv, full):
     # y * 2**n, n >= -126 after the clamp (2**n a normal number): with AVX-512 one vscalefps,
     # which rounds exactly as the product with 2**n does (exact unless the result is
     # subnormal, then the same IEEE rounding), instead of convert, add, shift and multiply
+    # (then 0 below XMIN: the scalef form keeps a NaN d's NaN, the portable one gives 0)
     if scalef_ok:
         scalef = _llvm_fn(mod, "llvm.x86.avx512.mask.scalef.ps.512", _VF,
                           [_VF, _VF, _VF, ir.IntType(16), _I32])
         y = builder.call(scalef, [y, fx, _vc(_ZERO), ir.Constant(ir.IntType(16), -1),
                                   ir.Constant(_I32, 4)])        # 4: the current rounding mode
+        v = builder.select(builder.fcmp_ordered("<", d, _vc(_XMIN)), _vc(_ZERO), y)
     else:
         # 2**n from its exponent bits
         bits = builder.shl(builder.add(builder.fptosi(fx, _VI), ir.Constant(_VI, [127] * 16)),
                            ir.Constant(_VI, [23] * 16))
         y = builder.fmul(y, builder.bitcast(bits, _VF))
-    if scalef_ok:
-        v = builder.select(builder.fcmp_ordered("<", d, _vc(_XMIN)), _vc(_ZERO), y)
-    else:
         v = builder.select(builder.fcmp_ordered(">=", d, _vc(_XMIN)), y, _vc(_ZERO))
     if not full:
         return v
