@@ -344,9 +344,9 @@ def _inputs(P, query, key, value, dy=None, dy_bits=False):
     """float32 flat views/copies of the inputs (fp8 dequantised): (q, k, v, y).
 
     When the call will run the bf16 tile products on the inputs' own bits (``P.native``: bf16
-    inputs, a bf16/amx kind, every value finite), q, k and v are None: converting them would be
-    wasted (~5 ms per call at (1,8,2048,128)); ``_qkv_f32`` converts them later if a
-    non-finite statistics row sends the backward to the BLAS driver.  y likewise with
+    inputs, a bf16/amx kind), q, k and v are None: converting them would be wasted (~5 ms per
+    call at (1,8,2048,128)); ``_qkv_f32`` converts them later if a non-finite input or
+    statistics row sends the call to the BLAS driver.  y likewise with
     ``dy_bits`` (the caller's attention_in is bf16 too: the statistics pass then reads both
     as bits), else it is converted.
     """
@@ -411,16 +411,17 @@ def _bad_rows(gp, parts):
     return bad
 
 
-def _run_forward(P, q, k, v, bf16_out=False):
+def _run_forward(P, q, k, v, bf16_out=False, native=True):
     """Run the forward driver; returns (out float32 flat in the dy layout, m, l row arrays).
     ``bf16_out``: the caller wants a bfloat16 attention_out; on the native bf16 kinds the
     kernel then writes its bits (out is bfloat16 flat: the same bits as converting the float32
-    output, without that buffer and pass)."""
+    output, without that buffer and pass).  ``native=False``: the BLAS driver whatever the
+    kind (q, k, v then float32)."""
     memory.keep_freed_memory()
     from .kernels.driver import fwd_driver
     from .planning import forward_blocks, forward_pv_split, plan_forward
 
-    kind, arrays = _native_inputs(P, q, k, v, backward=False)
+    kind, arrays = _native_inputs(P, q, k, v, backward=False) if native else (None, None)
     bm, bn = forward_blocks(kind)
     if kind in ("bf16", "amx"):          # bf16 pairs of keys start on even columns
         bn += bn % 2
@@ -440,22 +441,27 @@ def _run_forward(P, q, k, v, bf16_out=False):
     visits = np.zeros(tptr.size - 1, np.int64)
     if items.shape[0]:
         # only v rows can leak in the forward (P @ V); masked scores overwrite q/k garbage
-        # (v is None on the native bf16 kinds: its bits were checked finite)
+        # (v is None on the native bf16 kinds: they check the v rows they read themselves)
         bad = _bad_rows(gp, [(desc.BAD_V, v, P.dims.Dv)] if v is not None else [])
         if gp[desc.NONFINITE]:
             kind = None                  # the careful path lives in the BLAS drivers
             if direct:                   # (which write float32)
                 out, direct = alloc(nout), False
-        with blas_single_thread():
-            if kind is None:
+        if kind is None:
+            with blas_single_thread():
                 fwd_driver(q, k, v, out, m, l, P.pse.flat, P.pse.slopes, P.mask.dense,
                            P.drop_flat, st, gp, fp, items, tptr, visits, bad)
-            else:
-                from .kernels import native
-                q, k, v = arrays[:3]
-                native.driver("fwd", kind)(
-                    q, k, v, out, m, l, P.pse.flat, P.pse.slopes, P.mask.dense, P.drop_flat, st,
-                    gp, fp, items, tptr, visits)
+        else:
+            # (no BLAS in the native kernels: the BLAS thread limit is not touched)
+            from .kernels import native
+            flags = np.zeros(tptr.size - 1, np.int64)
+            native.driver("fwd", kind)(
+                *arrays[:3], out, m, l, P.pse.flat, P.pse.slopes, P.mask.dense, P.drop_flat,
+                st, gp, fp, items, tptr, visits, flags)
+            if flags.any():
+                # an inf / NaN in a v row the bf16 kernel read: the whole call again, on the
+                # BLAS driver's careful path (float32 copies, fresh outputs)
+                return _run_forward(P, *_qkv_f32(P), bf16_out=bf16_out, native=False)
     last_tile_count["forward"] = int(visits.sum())
     return (out.view(dtypes.BFLOAT16) if direct else out), m, l
 
@@ -679,25 +685,40 @@ def _run_backward(P, q, k, v, y, o, m, l):
             q, k, v = _qkv_f32(P)        # the BLAS driver's careful path will run
         if y is None and srow.any():
             y = _y_f32(P)
-        # (q, k, v still None: the native bf16 kinds, whose bits were checked finite; dy's
-        # bits were checked with them, so its float32 copy needs a second look only when the
-        # careful path will run: 0.5 ms at (1,8,2048,128))
+        # (q, k, v still None: the native bf16 kinds, which check the bits they read; dy's
+        # float32 copy then needs a look only when the careful path runs: 0.5 ms at
+        # (1,8,2048,128))
         yc = y if P.native is None or srow.any() else None
         parts = [(desc.BAD_Q, q, d.D), (desc.BAD_K, k, d.D), (desc.BAD_V, v, d.Dv),
                  (desc.BAD_DY, yc, d.Dv), (desc.BAD_DSUM, srow, None)]
         bad = _bad_rows(gp, [p for p in parts if p[1] is not None])
         if gp[desc.NONFINITE]:
             kind = None                  # the careful path lives in the BLAS drivers
-        with blas_single_thread():
-            if kind is None:
+        if kind is not None:
+            from .kernels import native
+            flags = np.zeros(tptr.size - 1, np.int64)
+            native.driver("bwd", kind)(
+                *arrays, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pp.flat, pp.slopes,
+                P.mask.dense, P.drop_flat, st, gp, fp, items, tptr, visits, flags)
+            if flags.any():
+                # a bf16 kind read an inf / NaN in q, k, v or dy: the driver again on the BLAS
+                # driver's careful path (float32 copies, zeroed outputs; same plan and
+                # statistics rows)
+                kind = None
+                for x in (dq, dqp, dk, dv, dpse, dslope, visits):
+                    x.fill(0)
+                if q is None:
+                    q, k, v = _qkv_f32(P)
+                if y is None:
+                    y = _y_f32(P)
+                parts = [(desc.BAD_Q, q, d.D), (desc.BAD_K, k, d.D), (desc.BAD_V, v, d.Dv),
+                         (desc.BAD_DY, y, d.Dv), (desc.BAD_DSUM, srow, None)]
+                bad = _bad_rows(gp, parts)
+        if kind is None:
+            with blas_single_thread():
                 bwd_driver(q, k, v, y, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pp.flat,
                            pp.slopes, P.mask.dense, P.drop_flat, st, gp, fp, items, tptr, visits,
                            bad)
-            else:
-                from .kernels import native
-                native.driver("bwd", kind)(
-                    *arrays, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pp.flat, pp.slopes,
-                    P.mask.dense, P.drop_flat, st, gp, fp, items, tptr, visits)
     last_tile_count["backward"] = int(visits.sum())
     for c in range(nsplit - 1):          # fixed order: the result never depends on threads
         dq += dqp[c]
@@ -716,9 +737,10 @@ def _run_backward(P, q, k, v, y, o, m, l):
 
 def _native_bits(P):
     """(kind, [q, k, v, dy] uint16 flat bf16 bits) when the call runs the bf16 tile products
-    (kernels/native.py kinds "bf16" / "amx") on the inputs' own bits, else None.  Only for
-    finite inputs: a NaN/inf input takes the BLAS driver, whose handling of non-finite values
-    is the reference one (a masked NaN must contribute exactly 0, SPEC §3)."""
+    (kernels/native.py kinds "bf16" / "amx") on the inputs' own bits, else None.  The kernels
+    check the bits they read as they pack them; a NaN/inf sends the call to the BLAS driver,
+    whose handling of non-finite values is the reference one (a masked NaN must contribute
+    exactly 0, SPEC §3): ``_run_forward`` / ``_run_backward``."""
     from . import isa
 
     if P.qdtype != dtypes.BFLOAT16:
@@ -726,12 +748,7 @@ def _native_bits(P):
     kind = isa.native_kind(True, P.dims.D, P.dims.Dv)
     if kind not in ("bf16", "amx"):
         return None
-    from .kernels import native
-
-    raw = [None if x is None else _bits16(x) for x in P.raw]
-    if native.all_finite_bf16(raw):
-        return kind, raw
-    return None
+    return kind, [None if x is None else _bits16(x) for x in P.raw]
 
 
 def _bits16(x):

@@ -598,26 +598,109 @@ def test_exp_is_accurate_with_its_special_cases(rng):
     assert np.isposinf(out[4]) and np.isposinf(out[5]) and np.isnan(out[6]) and out[7] == 1.0
 
 
-@pytest.mark.parametrize("nchunks_min", [1 << 30, 1])      # one chunk / one per thread
-@pytest.mark.parametrize("which", [0, 1, 2, 3])
-@pytest.mark.parametrize("bits", [0x7F80, 0xFF80, 0x7FC0, 0xFFFF, 0x7F81])
-def test_all_finite_bf16_finds_every_inf_and_nan(bits, which, nchunks_min, monkeypatch, rng):
-    """Any inf/NaN bit pattern, in any of the four arrays, at either end of a thread's share
-    or inside it, is found; the largest finite values (0x7F7F, 0xFF7F) are not."""
+_NONFINITE16 = [0x7F80, 0xFF80, 0x7FC0, 0xFFFF, 0x7F81]      # inf, -inf, NaNs
+
+
+@pytest.mark.skipif(not HAS_F32, reason="numba's target has no AVX-512")
+@pytest.mark.parametrize("bits", _NONFINITE16)
+@pytest.mark.parametrize("m, n, ld, off", [(7, 5, 9, 3), (33, 20, 24, 1), (16, 16, 16, 0)])
+def test_packers_flag_every_inf_and_nan_they_read(bits, m, n, ld, off, rng):
+    """The bf16 kinds check their inputs as they pack them: ``pack_pairs16`` (bf16 rows
+    [0, m) x columns [0, n) of rows ld apart) and ``pack_t32`` (the same numbers in dwords, a
+    bf16 pair each: either half) return 1 for any inf/NaN pattern at any element read
+    (16-blocks' edges, an odd m's last row), 0 for the largest finite values (0x7F7F, 0xFF7F)
+    and for a NaN next to the rows / columns read."""
     from fag_numba.kernels import native
-    monkeypatch.setattr(config, "CONVERT_THREAD_MIN", nchunks_min)
-    sizes = [1000, 333, 4097, 64]
-    xs = [rng.standard_normal(n).astype(ml_dtypes.bfloat16).view(np.uint16) for n in sizes]
-    xs[0][5] = 0x7F7F
-    xs[2][7] = 0xFF7F
-    assert native.all_finite_bf16(xs)
-    assert native.all_finite_bf16(xs[:3] + [None])
-    n = sizes[which]
-    # share edges: 64-element multiples (512 of 1000 and 64 of 64 elements; 2112 of 4097)
-    for pos in sorted({p for p in (0, 63, 64, 511, 512, 2111, 2112, n // 2, n - 1) if p < n}):
-        ys = [x.copy() for x in xs]
-        ys[which][pos] = bits
-        assert not native.all_finite_bf16(ys), pos
+    size = off + (m + 1) * ld + n + 1
+    src16 = rng.standard_normal(size).astype(BF16).view(np.uint16)
+    src32 = rng.standard_normal(2 * size).astype(BF16).view(np.uint16).view(np.uint32)
+    src16[off] = 0x7F7F
+    src16[off + ld + 1] = 0xFF7F
+    src32[off] = 0xFF7F7F7F
+
+    def pairs(x):
+        return native.pack_pairs16(x, off, ld, m, n, np.zeros(2 * ((m + 1) // 2) * n, np.uint16), n)
+
+    def t32(x):
+        return native.pack_t32(x, off, ld, m, n, np.zeros(n * m, np.uint32), m)
+
+    assert pairs(src16) == 0 and t32(src32) == 0
+    for r, c in {(0, 0), (m - 1, n - 1), (m // 2, n // 2), (m - 1, 0), (0, n - 1)}:
+        x = src16.copy()
+        x[off + r * ld + c] = bits
+        assert pairs(x) == 1, (r, c)
+        for half in (0, 1):
+            y = src32.copy()
+            y.view(np.uint16)[2 * (off + r * ld + c) + half] = bits
+            assert t32(y) == 1, (r, c, half)
+    x, y = src16.copy(), src32.copy()
+    for z in (x, y.view(np.uint16)):
+        w = 2 if z is not x else 1
+        z[w * (off + m * ld)] = bits                 # the row after the last one
+        if ld > n:
+            z[w * (off + n)] = bits                  # past row 0's columns
+        if off:
+            z[w * (off - 1)] = bits                  # before the first element
+    assert pairs(x) == 0 and t32(y) == 0
+
+
+def _nonfinite_case(which, where, rng):
+    """bf16 BNSD q, k, v, dy (S1 = 23, S2 = 31: odd, several tiles) and a dense mask
+    (sparse_mode 0: causal, j > i masked, plus query row 5 fully masked), with one inf/NaN in
+    ``which`` where the mask hides it ("masked": key 25, masked for every row yet in a tile
+    that is read; query row 5) or not ("seen": key 0, seen by every row; query row 3)."""
+    q, k, v, dy = make_qkv("BNSD", 1, 2, 1, 23, 31, 8, 8, BF16, rng)
+    mask = np.triu(np.ones((23, 31), bool), 1)
+    mask[5] = True
+    x = {"q": q, "k": k, "v": v, "dy": dy}[which]
+    row = ({"masked": 25, "seen": 0} if which in ("k", "v") else {"masked": 5, "seen": 3})[where]
+    x[0, 0, row, 1] = np.inf if which == "k" else np.nan
+    return q, k, v, dy, dict(atten_mask=mask, sparse_mode=0)
+
+
+@pytest.mark.parametrize("name", ["amx", "bf16"])
+@pytest.mark.parametrize("which", ["q", "k", "v", "dy"])
+@pytest.mark.parametrize("where", ["masked", "seen"])
+def test_bf16_kinds_check_the_inputs_they_read(name, which, where, path, blocks, rng,
+                                               monkeypatch):
+    """No separate finiteness pass: the bf16 kinds flag an inf/NaN in what they pack and the
+    call reruns on the BLAS driver's careful path, whose result it then is, bitwise (the
+    forward for v, the backward for q, k, v, dy).  The forward reads q and k garbage as the
+    BLAS driver does (masked scores overwritten, an unmasked NaN score is the math): the same
+    non-finite elements, the rest within the bf16 tolerance.  Every case matches the float64
+    reference's NaN pattern."""
+    blocks(bm=6, bn=10, fbm=6, fbn=10)
+    monkeypatch.setattr(config, "BWD_AMX_ROWS_FACTOR", 1)
+    q, k, v, dy, kw = _nonfinite_case(which, where, rng)
+    inputs = [x.copy() for x in (q, k, v, dy)]
+    res = {}
+    for p in ("blas", name):
+        path(p)
+        with np.errstate(all="ignore"):
+            f = fag_numba.flash_attention_score(q, k, v, 2, "BNSD", **kw)
+            fs = f if p == "blas" else res["blas"][0]       # the same statistics for both
+            g = fag_numba.flash_attention_score_grad(
+                q, k, v, dy, 2, "BNSD", softmax_max=fs.softmax_max,
+                softmax_sum=fs.softmax_sum, attention_in=fs.attention_out, **kw)
+        res[p] = (f, g)
+    for x, x0 in zip((q, k, v, dy), inputs):
+        assert x.tobytes() == x0.tobytes()               # inputs never modified
+    (fn, gn), (fb, gb) = res[name], res["blas"]
+    if which == "v":
+        for a, b in zip(fn, fb):
+            assert a.tobytes() == b.tobytes()
+    else:
+        for a, b in zip(fn, fb):
+            np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+        assert_close(fn.attention_out, fb.attention_out, tolerance(BF16, "fwd"), "out")
+    for a, b in zip(gn[:3], gb[:3]):
+        assert a.tobytes() == b.tobytes()
+    ro, _, _ = ref_forward(*(x.astype(np.float64) for x in (q, k, v)), 2, "BNSD", **kw)
+    np.testing.assert_array_equal(np.isnan(fn.attention_out), np.isnan(ro))
+    if where == "masked":                  # hidden garbage stays out of every output
+        assert all(np.isfinite(x.astype(np.float32)).all() for x in (fn[0], *gn[:3]))
+    else:
+        assert not all(np.isfinite(x.astype(np.float32)).all() for x in (fn[0], *gn[:3]))
 
 
 @pytest.mark.parametrize("name", ["amx", "bf16"])

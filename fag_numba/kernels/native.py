@@ -27,9 +27,9 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
-from .. import _jit, config
-from ..threads import num_threads, run_chunks
-from .convert import bf16_row, share
+from .. import _jit
+from ..threads import run_chunks
+from .convert import bf16_row
 from . import desc
 
 from .driver import (_dpse_tile, kv_block_range, online_softmax, online_softmax16, plain,
@@ -371,7 +371,13 @@ def bf16_panels(src, m, n, ld, dst, pstride):
 @_jit.kernel
 def pack_pairs16(src, off, ld, m, n, dst, ldd):
     """Pair-interleave bf16 rows: ``dst[(p * ldd + c) * 2 + e] = src[off + (2p + e) * ld + c]``
-    (uint16 bits; row m of an odd m is zero)."""
+    (uint16 bits; row m of an odd m is zero).  Returns 1 when a packed element is an inf or
+    NaN, else 0: the native kernels check the inputs they read as they pack them (no separate
+    pass over q, k, v, dy; a flagged call reruns on the BLAS driver's careful path)."""
+    # exponent bits all ones: (x & 0x7F80) + 0x80 sets bit 15, kept in a uint16 accumulator
+    # (the truncation lets LLVM narrow the int64 arithmetic numba types it in to 16-bit lanes:
+    # the check costs ~10% of the copy; an int64 flag per element doubled it)
+    acc = np.uint16(0)
     for p in range((m + 1) // 2):
         r0 = off + 2 * p * ld
         dr = dst[2 * p * ldd:2 * p * ldd + 2 * n]
@@ -379,12 +385,18 @@ def pack_pairs16(src, off, ld, m, n, dst, ldd):
         if 2 * p + 1 < m:
             sr1 = src[r0 + ld:r0 + ld + n]
             for c in range(n):
-                dr[2 * c] = sr0[c]
-                dr[2 * c + 1] = sr1[c]
+                x0 = sr0[c]
+                x1 = sr1[c]
+                dr[2 * c] = x0
+                dr[2 * c + 1] = x1
+                acc = np.uint16(acc | ((x0 & 0x7F80) + 0x80) | ((x1 & 0x7F80) + 0x80))
         else:
             for c in range(n):
-                dr[2 * c] = sr0[c]
+                x0 = sr0[c]
+                dr[2 * c] = x0
                 dr[2 * c + 1] = 0
+                acc = np.uint16(acc | ((x0 & 0x7F80) + 0x80))
+    return np.int64((acc & 0x8000) != 0)
 
 
 @intrinsic
@@ -393,8 +405,10 @@ def _t32_16(typingctx, src, s_off, ld, nrows, ncols, dst, d_off, ldd):
     + p]`` for j < min(16, nrows), p < min(16, ncols); nothing outside those bounds is read or
     written (masked loads and stores, rows past nrows addressed as the last one).  Loads 16
     rows, transposes in registers (``llir.transpose16``), stores 16 rows: the scalar loop's
-    stores ``ldd`` dwords apart cost 0.37 ns per dword, this ~0.05."""
-    sig = types.void(src, s_off, ld, nrows, ncols, dst, d_off, ldd)
+    stores ``ldd`` dwords apart cost 0.37 ns per dword, this ~0.05.  Returns 1 when a dword
+    read holds a bf16 inf or NaN in either half (the native bf16 kinds' input check, as
+    ``pack_pairs16``; meaningless for float32 data), else 0."""
+    sig = types.int64(src, s_off, ld, nrows, ncols, dst, d_off, ldd)
 
     def codegen(context, builder, sig, args):
         sv, s_off, ld, nrows, ncols, dv, d_off, ldd = args
@@ -413,12 +427,21 @@ def _t32_16(typingctx, src, s_off, ld, nrows, ncols, dst, d_off, ldd):
                                                                    ld))])
             m = builder.and_(colmask, _splat(builder, ok, _VM))
             vec.append(builder.call(mload, [p, ir.Constant(_I32, 4), m, zero]))
+        # bf16 inf/NaN in a half: its exponent bits all ones (masked lanes read 0: finite)
+        flag = None
+        for x in vec:
+            for emask in (0x7F800000, 0x7F80):
+                e = ir.Constant(_VI, [emask] * 16)
+                hit = builder.icmp_unsigned("==", builder.and_(x, e), e)
+                flag = hit if flag is None else builder.or_(flag, hit)
+        bits = builder.bitcast(flag, ir.IntType(16))
         _transpose16(builder, vec)
         for p in range(16):
             ok = builder.icmp_signed("<", ir.Constant(_I64, p), ncols)
             ptr = builder.gep(dbase, [builder.add(d_off, builder.mul(ir.Constant(_I64, p), ldd))])
             _store(builder, vec[p], ptr, 4, builder.and_(rowmask, _splat(builder, ok, _VM)))
-        return context.get_dummy_value()
+        return builder.zext(builder.icmp_unsigned("!=", bits, ir.Constant(ir.IntType(16), 0)),
+                            _I64)
 
     return sig, codegen
 
@@ -426,10 +449,13 @@ def _t32_16(typingctx, src, s_off, ld, nrows, ncols, dst, d_off, ldd):
 @_jit.kernel
 def pack_t32(src, off, ld, m, n, dst, ldd):
     """Dword transpose: ``dst[p * ldd + j] = src[off + j * ld + p]`` for j < m, p < n (the B
-    of ``Q K^T``: float32 K^T, or bf16 pairs of K^T), in 16 x 16 register blocks."""
+    of ``Q K^T``: float32 K^T, or bf16 pairs of K^T), in 16 x 16 register blocks.  Returns 1
+    when a bf16 half read is an inf or NaN (``_t32_16``; bf16 data only), else 0."""
+    bad = 0
     for j0 in range(0, m, 16):
         for p0 in range(0, n, 16):
-            _t32_16(src, off + j0 * ld + p0, ld, m - j0, n - p0, dst, p0 * ldd + j0, ldd)
+            bad |= _t32_16(src, off + j0 * ld + p0, ld, m - j0, n - p0, dst, p0 * ldd + j0, ldd)
+    return bad
 
 
 @_jit.kernel(inline="always")
@@ -473,46 +499,6 @@ def all_finite_f32(x):
     return bad == 0
 
 
-@_jit.kernel
-def _finite_bf16(x):
-    """Whether every bf16 (uint16 bits) element is finite (exponent not all ones)."""
-    bad = 0
-    for i in range(x.size):
-        bad |= np.int64((x[i] & 0x7F80) == 0x7F80)
-    return bad == 0
-
-
-@_jit.kernel(inline="always")
-def _share_finite(x, t, nchunks):
-    """``_finite_bf16`` of share t of nchunks of x (``convert.share``; a slice, not a lo..hi
-    loop: that form vectorised 4x worse)."""
-    lo, hi = share(x.size, t, nchunks)
-    return _finite_bf16(x[lo:hi])
-
-
-@_jit.kernel
-def finite_bf16_chunk(t, q, k, v, dy, nchunks, bad):
-    """A ``run_chunks`` kernel: ``bad[t]`` = whether share t of q, k, v or dy (flat uint16
-    bf16 bits) holds an inf or NaN."""
-    bad[t] = not (_share_finite(q, t, nchunks) and _share_finite(k, t, nchunks) and
-                  _share_finite(v, t, nchunks) and _share_finite(dy, t, nchunks))
-
-
-def all_finite_bf16(arrays):
-    """Whether every element of the flat uint16 bf16 bit arrays (up to four; None entries
-    skipped) is finite: one share of each per thread from ``config.CONVERT_THREAD_MIN``
-    elements in all (the check runs at one core's memory bandwidth: 3 x 2M elements took
-    0.84 ms on one thread, 0.54 ms on two)."""
-    none = np.zeros(0, np.uint16)
-    xs = [none if x is None else x for x in arrays]
-    xs += [none] * (4 - len(xs))
-    total = sum(x.size for x in xs)
-    nchunks = 1 if total < config.CONVERT_THREAD_MIN else max(1, num_threads())
-    bad = np.zeros(nchunks, np.uint8)
-    run_chunks(finite_bf16_chunk, nchunks, (*xs, nchunks, bad))
-    return not bad.any()
-
-
 def _make_bwd(kind, fused):
     """The backward driver with native tile products of ``kind``: "f32", "bf16" (vdpbf16ps
     pairs) or "amx" (AMX tiles, kernels/amx.py; compiled only after ``isa.amx_available``).
@@ -537,7 +523,7 @@ def _make_bwd(kind, fused):
 
     @_jit.kernel
     def bwd(tc, q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slopes, mask,
-            drop_mask, seqtab, gp, fp, items, tptr, visits):
+            drop_mask, seqtab, gp, fp, items, tptr, visits, flags):
         bm = gp[desc.BLOCK_M]
         bn = gp[desc.BLOCK_N]
         d = gp[desc.D]
@@ -586,6 +572,7 @@ def _make_bwd(kind, fused):
             lt = scratch(max(FUSED * (2 * hm16 + 32), 1), np.float32)
             dtt = scratch(max(FUSED * (2 * hm16 + 32), 1), np.float32)
             cfg = np.zeros(64, np.uint8)
+            nf = 0                      # bf16 kinds: an inf / NaN packed (pack_pairs16)
             for it in range(tptr[t], tptr[t + 1]):
                 n2 = items[it, 2]
                 c = items[it, 3]
@@ -607,9 +594,13 @@ def _make_bwd(kind, fused):
                         vb_off = seqtab[b, desc.V_OFF] + n2 * gp[desc.V_HS] + jb0 * gp[desc.V_RS]
                         # the key block's B operands, packed once for all its tiles
                         pack_t32(k32, kb_off // W, gp[desc.K_RS] // W, jb_len, dw, kt, bn)
-                        pack_t32(v32, vb_off // W, gp[desc.V_RS] // W, jb_len, dvw, vt, bn)
+                        vbad = pack_t32(v32, vb_off // W, gp[desc.V_RS] // W, jb_len, dvw, vt,
+                                        bn)
                         if BF:
-                            pack_pairs16(k, kb_off, gp[desc.K_RS], jb_len, d, kp.view(np.uint16), d)
+                            # every k, v, q, dy element a tile reads is packed, and checked
+                            # there (k's rows here, v's in its transpose)
+                            nf |= vbad | pack_pairs16(k, kb_off, gp[desc.K_RS], jb_len, d,
+                                                      kp.view(np.uint16), d)
                         for gg in range(g):
                             h = n2 * g + gg
                             st = seqtab[b, desc.ST_OFF] + h * seqtab[b, desc.ST_HS]
@@ -694,10 +685,10 @@ def _make_bwd(kind, fused):
                                         t_pairs(dp, m_len, n_len, n_len, ast, hm16, kpm)
                                         to_bf16_rows(dp, m_len, n_len, n_len, sr, 2 * hn16)
                                     zero_cols(sr16, m_len, hn16, hnl, kpn)
-                                    pack_pairs16(dy, dy_off, gp[desc.DY_RS], m_len, dvd,
-                                                 yp.view(np.uint16), dvd)
-                                    pack_pairs16(q, q_off, gp[desc.Q_RS], m_len, d,
-                                                 qp.view(np.uint16), d)
+                                    nf |= pack_pairs16(dy, dy_off, gp[desc.DY_RS], m_len, dvd,
+                                                       yp.view(np.uint16), dvd)
+                                    nf |= pack_pairs16(q, q_off, gp[desc.Q_RS], m_len, d,
+                                                       qp.view(np.uint16), d)
                                     # dv += p_drop.T @ dy;  dk += ds.T @ q;  dq += ds @ k
                                     product_amx(dv, v_off, gp[desc.V_RS], n_len, dvd, at, 0,
                                                 hm16, yp, 0, dvd, kpm, True, cfg)
@@ -719,10 +710,10 @@ def _make_bwd(kind, fused):
                                         bf16_panels(pd, m_len, n_len, n_len, pt, pstr)
                                         bf16_panels(dp, m_len, n_len, n_len, dt, pstr)
                                         to_bf16_rows(dp, m_len, n_len, n_len, sr, bn)
-                                    pack_pairs16(dy, dy_off, gp[desc.DY_RS], m_len, dvd,
-                                                 yp.view(np.uint16), dvd)
-                                    pack_pairs16(q, q_off, gp[desc.Q_RS], m_len, d,
-                                                 qp.view(np.uint16), d)
+                                    nf |= pack_pairs16(dy, dy_off, gp[desc.DY_RS], m_len, dvd,
+                                                       yp.view(np.uint16), dvd)
+                                    nf |= pack_pairs16(q, q_off, gp[desc.Q_RS], m_len, d,
+                                                       qp.view(np.uint16), d)
                                     prod(dv, v_off, gp[desc.V_RS], n_len, dvd, pt, 0, 1, 4, pstr,
                                          yp, 0, dvd, hml, True)
                                     prod(dk, k_off, gp[desc.K_RS], n_len, d, dt, 0, 1, 4, pstr,
@@ -743,6 +734,7 @@ def _make_bwd(kind, fused):
                                 if UNFUSED and dpk != 0:
                                     _dpse_tile(dp, m_len, n_len, b, h, i0, j0, c, pk, dpk, scale,
                                                seqtab, dpse, dslope)
+            flags[t] = nf
 
     return bwd
 
@@ -768,7 +760,7 @@ def _make_fwd(kind, fused, out16=False):
 
     @_jit.kernel
     def fwd(tc, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, gp, fp, items, tptr,
-            visits):
+            visits, flags):
         bm = gp[desc.BLOCK_M]
         bn = gp[desc.BLOCK_N]
         d = gp[desc.D]
@@ -804,6 +796,11 @@ def _make_fwd(kind, fused, out16=False):
             cfg = np.zeros(64, np.uint8)
             orow32 = np.empty(max(dv, 1), np.float32)        # one output row
             o32bits = orow32.view(np.uint32)
+            # bf16 kinds: an inf / NaN in a v row read (pack_pairs16).  Only v's: q and k
+            # garbage stays out as it does on the BLAS driver (a masked score is overwritten
+            # with -inf, an unmasked NaN score is the math), but a masked key's NaN v row
+            # would meet P = 0 in the product (0 * NaN)
+            nf = 0
             for it in range(tptr[t], tptr[t + 1]):
                 b = items[it, 0]
                 h = items[it, 1]
@@ -882,11 +879,13 @@ def _make_fwd(kind, fused, out16=False):
                         hnl = (n_len + 1) // 2
                         kpn = kpad(hnl)
                         zero_cols(p16, tm, ldp, hnl, kpn)
-                        pack_pairs16(v, v_off, gp[desc.V_RS], n_len, dv, vp.view(np.uint16), dv)
+                        nf |= pack_pairs16(v, v_off, gp[desc.V_RS], n_len, dv,
+                                           vp.view(np.uint16), dv)
                         product_amx(acc, ro * dv, dv, tm, dv, p16, 0, ldp, vp, 0, dv, kpn, True,
                                     cfg)
                     elif BF:
-                        pack_pairs16(v, v_off, gp[desc.V_RS], n_len, dv, vp.view(np.uint16), dv)
+                        nf |= pack_pairs16(v, v_off, gp[desc.V_RS], n_len, dv,
+                                           vp.view(np.uint16), dv)
                         prod(acc, ro * dv, dv, tm, dv, p16, 0, hn, 1, 4 * hn, vp, 0, dv,
                              (n_len + 1) // 2, True)
                     else:
@@ -939,6 +938,7 @@ def _make_fwd(kind, fused, out16=False):
                     else:
                         # (x * 1 is x: the values here are never signalling NaNs)
                         scale_into(orow32, 0, dv, np.float32(1.0), out, oo)
+            flags[t] = nf
 
     return fwd
 
@@ -972,7 +972,10 @@ def driver(name, kind):
     """The native driver ``name`` ("fwd", "bwd") of ``kind`` ("f32", "bf16", "amx"; a bool means
     "bf16" / "f32"): its chunk kernel (the fused or the unfused variant, ``fusable``; compiled
     on first call) run once per chunk of the plan by ``threads.run_chunks``; the arguments are
-    those of ``driver.fwd_driver`` / ``driver.bwd_driver`` without ``bad``."""
+    those of ``driver.fwd_driver`` / ``driver.bwd_driver`` with ``flags`` (int64 [chunks],
+    zeros) in place of ``bad``: the bf16 kinds set flags[t] to 1 when chunk t read an inf or
+    NaN in an input whose garbage could leak (v in the forward; q, k, v, dy in the backward)
+    and the caller reruns the call on the BLAS driver."""
     if isinstance(kind, (bool, int)):
         kind = "bf16" if kind else "f32"
     key = (name, kind)
@@ -980,7 +983,7 @@ def driver(name, kind):
         gi, fi = (11, 12) if name == "fwd" else (17, 18)    # gp, fp in the argument list
 
         def run(*args):
-            tptr = args[-2]                  # (..., items, tptr, visits)
+            tptr = args[-3]                  # (..., items, tptr, visits, flags)
             out16 = name == "fwd" and args[3].dtype == np.uint16     # (q, k, v, out, ...)
             chunk = _chunk(name, kind, fusable(name, kind, args[gi], args[fi]), out16)
             run_chunks(chunk, tptr.size - 1, args)
