@@ -147,6 +147,61 @@ def test_forward_output_is_written_in_full(case, dtype, blocks, monkeypatch):
         assert not np.asarray(got.attention_out, np.float32)[30:].any()
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("case", ["dense", "causal-invalid-rows", "band", "tnd", "tnd-extra-rows",
+                                  "bsh-gqa", "splits", "pse-dropout"])
+def test_backward_gradients_are_written_in_full(case, dtype, blocks, monkeypatch):
+    """dq, dk, dv (and the dq partials of S2 splits) skip their zero fill (``memory.empty64``)
+    when the sequences' rows are the whole arrays: every backward kernel zeroes the rows its
+    items own (``driver._zero_owned``) before accumulating.  With the buffers poisoned (NaN
+    bits), the gradients equal the default allocation's bitwise, on the BLAS driver (fp32) and
+    the bf16 kinds; TND rows past the last offset keep the zero fill."""
+    import ml_dtypes
+    blocks(bm=4, bn=6, split=3 if case == "splits" else None)
+    dt = ml_dtypes.bfloat16 if dtype == "bf16" else np.float32
+    rng = np.random.default_rng(13)
+    kw, lay, n1, n2 = {}, "BNSD", 2, 2
+    shape_q = shape_k = (2, 2, 37, 16)
+    if case == "causal-invalid-rows":
+        kw = dict(atten_mask=np.triu(np.ones((2048, 2048), bool), 1), sparse_mode=4,
+                  pre_tokens=10, next_tokens=-5)       # rows 0-4 see no key: invalid
+    elif case == "band":
+        kw = dict(atten_mask=np.triu(np.ones((2048, 2048), bool), 1), sparse_mode=4,
+                  pre_tokens=7, next_tokens=3)
+    elif case.startswith("tnd"):
+        lay, extra = "TND", 4 if case == "tnd-extra-rows" else 0
+        kw = dict(actual_seq_qlen=[11, 30], actual_seq_kvlen=[13, 29])
+        shape_q, shape_k = (30 + extra, 2, 16), (29 + extra, 2, 16)
+    elif case == "bsh-gqa":
+        lay, n1, n2 = "BSH", 4, 2
+        shape_q, shape_k = (2, 37, 64), (2, 37, 32)
+    elif case == "splits":
+        shape_q, shape_k = (1, 2, 37, 16), (1, 2, 41, 16)
+    elif case == "pse-dropout":            # dpse summed over the batch: one item per kv head
+        kw = dict(pse=rng.standard_normal((1, 2, 37, 37)).astype(np.float32), keep_prob=0.8,
+                  seed=3)
+    q = rng.standard_normal(shape_q, dtype=np.float32).astype(dt)
+    k, v = (rng.standard_normal(shape_k, dtype=np.float32).astype(dt) for _ in range(2))
+    dy = rng.standard_normal(shape_q[:-1] + (v.shape[-1] * q.shape[-1] // k.shape[-1]
+                                             if lay == "BSH" else v.shape[-1],),
+                             dtype=np.float32).astype(dt)
+    f = fag_numba.flash_attention_score(q, k, v, n1, lay, **kw)
+    gkw = dict(kw, softmax_max=f.softmax_max, softmax_sum=f.softmax_sum,
+               attention_in=f.attention_out)
+    want = fag_numba.flash_attention_score_grad(q, k, v, dy, n1, lay, **gkw)
+    calls = []
+    monkeypatch.setattr(memory, "empty64", lambda *a: calls.append(a) or _poisoned(*a))
+    got = fag_numba.flash_attention_score_grad(q, k, v, dy, n1, lay, **gkw)
+    for a, e in zip(got, want):
+        assert (a is None) == (e is None)
+        if a is not None:
+            assert a.tobytes() == e.tobytes()
+    assert len(calls) == (0 if case == "tnd-extra-rows" else 4)       # dq, dk, dv, partials
+    if case == "tnd-extra-rows":
+        assert not np.asarray(got.dq, np.float32)[30:].any()
+        assert not np.asarray(got.dk, np.float32)[29:].any()
+
+
 def test_results_start_on_a_cache_line():
     rng = np.random.default_rng(0)
     q, k, v, dy = (rng.standard_normal((1, 2, 300, 64), dtype=np.float32) for _ in range(4))

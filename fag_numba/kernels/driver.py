@@ -28,7 +28,7 @@ from .guard import (any_bad, computed_tile, dropped_nan_row_out, ds_guard, gemm_
                     row_has_computed)
 from .tile import (NEG_INF, OFF0, TRANS_N, TRANS_T, drop_ds, drop_p, ds_rows, exp_scale_bf16,
                    exp_scale_bf16_le, exp_sub, exp_sub_le, gemm, row_max, row_max_skip_nan,
-                   scale_into, score_tile, score_tile_plain, scratch, tile_class)
+                   scale_into, score_tile, score_tile_plain, scratch, tile_class, zero_rows)
 
 _FLT_MAX = np.float32(3.4028234663852886e38)
 
@@ -408,6 +408,29 @@ def fwd_driver(q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, g
                                           drop_mask, seqtab, gp, fp, items, tptr, visits, bad))
 
 
+@_jit.kernel
+def _zero_owned(seqtab, gp, b, n2, c, dqbuf, dk, dv):
+    """Zero the gradient rows a backward item (split c, kv head n2) owns in sequence b: dq rows
+    (in ``dqbuf``, split c's buffer) of the G query heads of n2, and dk / dv rows of the key
+    blocks of split c (blocks c, c + nsplit, ...).  Every backward kernel calls this first,
+    so ``api._run_backward`` allocates the gradients without zeros when the sequences' rows
+    are the whole arrays."""
+    g = gp[desc.G]
+    bn = gp[desc.BLOCK_N]
+    nsplit = gp[desc.NSPLIT]
+    s2 = seqtab[b, desc.S2]
+    for gg in range(g):
+        h = n2 * g + gg
+        zero_rows(dqbuf, seqtab[b, desc.Q_OFF] + h * gp[desc.Q_HS], gp[desc.Q_RS],
+                  seqtab[b, desc.S1], gp[desc.D])
+    for jb in range(c, (s2 + bn - 1) // bn, nsplit):
+        n = min(bn, s2 - jb * bn)
+        zero_rows(dk, seqtab[b, desc.K_OFF] + n2 * gp[desc.K_HS] + jb * bn * gp[desc.K_RS],
+                  gp[desc.K_RS], n, gp[desc.D])
+        zero_rows(dv, seqtab[b, desc.V_OFF] + n2 * gp[desc.V_HS] + jb * bn * gp[desc.V_RS],
+                  gp[desc.V_RS], n, gp[desc.DV])
+
+
 def _make_bwd_chunk(full):
     """The backward chunk kernel, ``full`` or plain (as ``_make_fwd_chunk``)."""
     FULL = 1 if full else 0
@@ -450,6 +473,7 @@ def _make_bwd_chunk(full):
                 lo = seqtab[b, desc.LO]
                 hi = seqtab[b, desc.HI]
                 pre = seqtab[b, desc.PREFIX]
+                _zero_owned(seqtab, gp, b, n2, c, dqbuf, dk, dv)
                 for jb in range(c, nkb, nsplit):
                     jb0 = jb * bn
                     jb_len = min(bn, s2 - jb0)

@@ -32,8 +32,8 @@ from ..threads import run_chunks
 from .convert import bf16_row
 from . import desc
 
-from .driver import (_dpse_tile, kv_block_range, online_softmax, online_softmax16, plain,
-                     q_block_range, trim_tile)
+from .driver import (_dpse_tile, _zero_owned, kv_block_range, online_softmax,
+                     online_softmax16, plain, q_block_range, trim_tile)
 from .llir import (BFloat as _BFloat, I1 as _I1, I16 as _I16, I32 as _I32, I64 as _I64,
                    VB16 as _VB16, VB32 as _VB32, VF as _VF, VH16 as _VH16, VI as _VI, VM as _VM,
                    bf16_pairs as _bf16_pairs, data as _data, edges as _edges, fn as _fn,
@@ -584,6 +584,7 @@ def _make_bwd(kind, fused):
                     lo = seqtab[b, desc.LO]
                     hi = seqtab[b, desc.HI]
                     pre = seqtab[b, desc.PREFIX]
+                    _zero_owned(seqtab, gp, b, n2, c, dqbuf, dk, dv)
                     for jb in range(c, nkb, nsplit):
                         jb0 = jb * bn
                         jb_len = min(bn, s2 - jb0)
