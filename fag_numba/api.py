@@ -634,7 +634,7 @@ def flash_attention_score_grad(query, key, value, dy, head_num, input_layout, *,
         o = _bits16(attention_in) if y is None else dtypes.to_f32_flat(attention_in)
     else:
         o, m, l = _run_forward(P, q, k, v)
-    return _grads_out(P, query, key, value, _run_backward(P, q, k, v, y, o, m, l))
+    return _grads_out(P, query, key, value, _run_backward(P, q, k, v, y, o, m, l, bf16_out=True))
 
 
 def _grads_out(P, query, key, value, res):
@@ -646,8 +646,12 @@ def _grads_out(P, query, key, value, res):
                                dtypes.from_f32(dv, value.shape, odt), dpse)
 
 
-def _run_backward(P, q, k, v, y, o, m, l):
-    """Row statistics pass, then the backward driver; dq/dk scaled once at the end (as the NPU)."""
+def _run_backward(P, q, k, v, y, o, m, l, bf16_out=False):
+    """Row statistics pass, then the backward driver; dq/dk scaled once at the end (as the NPU).
+    Returns float32 flat (dq, dk, dv) and dpse; ``bf16_out``: the caller wants bfloat16
+    gradients, which the native bf16 kinds then write themselves (``native._make_bwd``'s
+    out16: the bits of scaling and converting here) when the call has one S2 split and the
+    sequences' rows are the whole arrays: (dq, dk, dv) are then bfloat16 flat."""
     memory.keep_freed_memory()
     from .kernels.driver import bwd_driver, rowstats_driver
     from .planning import backward_blocks, backward_group, plan_backward
@@ -705,9 +709,16 @@ def _run_backward(P, q, k, v, y, o, m, l):
         if kind is not None:
             from .kernels import native
             flags = np.zeros(tptr.size - 1, np.int64)
+            direct = (bf16_out and owned and nsplit == 1 and kind in ("bf16", "amx")
+                      and P.out_dtype == dtypes.BFLOAT16)
+            out16 = [memory.empty64(x.size, np.uint16) if direct else np.zeros(1, np.uint16)
+                     for x in (dq, dk, dv)]
             native.driver("bwd", kind)(
                 *arrays, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pp.flat, pp.slopes,
-                P.mask.dense, P.drop_flat, st, gp, fp, items, tptr, visits, flags)
+                P.mask.dense, P.drop_flat, st, gp, fp, items, tptr, visits, flags, *out16)
+            if direct and not flags.any():
+                # the kernels wrote the scaled bf16 gradients: no host passes
+                dq, dk, dv = (x.view(dtypes.BFLOAT16) for x in out16)
             if flags.any():
                 # a bf16 kind read an inf / NaN in q, k, v or dy: the driver again on the BLAS
                 # driver's careful path (float32 copies, zeroed outputs; same plan and
@@ -728,10 +739,11 @@ def _run_backward(P, q, k, v, y, o, m, l):
                            pp.slopes, P.mask.dense, P.drop_flat, st, gp, fp, items, tptr, visits,
                            bad)
     last_tile_count["backward"] = int(visits.sum())
-    for c in range(nsplit - 1):          # fixed order: the result never depends on threads
-        dq += dqp[c]
-    dq *= P.scale
-    dk *= P.scale
+    if dq.dtype == np.float32:           # (not when the kernels wrote bf16 gradients)
+        for c in range(nsplit - 1):      # fixed order: the result never depends on threads
+            dq += dqp[c]
+        dq *= P.scale
+        dk *= P.scale
     out_pse = None
     if pp.dpse_kind == 1:
         out_pse = dtypes.cast(dpse.reshape(pp.shape), pp.dtype)
@@ -819,11 +831,14 @@ def warmup(dtypes=("float32", "float16", "bfloat16")):
     for dt in chosen:
         q, k, v, dy = (rng.standard_normal((1, 1, 4, 8)).astype(np.float32).astype(dt)
                        for _ in range(4))
-        # the full kernels (mask, dropout and a pse of the input dtype: its conversion too),
-        # then the plain ones
         pse = rng.standard_normal((1, 1, 4, 4)).astype(np.float32).astype(dt)
+        # the full kernels (mask, dropout and a pse of the input dtype: its conversion too),
+        # then the plain ones, then (bf16, fp16) the plain ones with float32 outputs: the bf16
+        # kinds write bf16 outputs in other kernel variants (``native._make_fwd/_make_bwd``'s
+        # out16), and a backward with S2 splits or out_dtype=float32 runs the float32 ones
+        odts = (None,) if dt == np.float32 else (None, np.float32)
         for kw in (dict(atten_mask=mask, sparse_mode=3, keep_prob=0.5, seed=0, pse=pse,
-                        pse_type=1), {}):
+                        pse_type=1), *({"out_dtype": o} for o in odts)):
             fwd = flash_attention_score(q, k, v, 1, "BNSD", **kw)
             flash_attention_score_grad(q, k, v, dy, 1, "BNSD", softmax_max=fwd.softmax_max,
                                        softmax_sum=fwd.softmax_sum,

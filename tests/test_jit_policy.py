@@ -230,11 +230,17 @@ for dt in (np.float32, ml_dtypes.bfloat16, np.float16):
     q, k, v, dy = (rng.standard_normal((2, 3, 37, 16), dtype=np.float32).astype(dt)
                    for _ in range(4))
     for kw in ({}, dict(atten_mask=mask, sparse_mode=2), dict(keep_prob=0.8, seed=3),
-               dict(pse=rng.standard_normal((2, 3, 37, 37)).astype(dt), pse_type=1)):
+               dict(pse=rng.standard_normal((2, 3, 37, 37)).astype(dt), pse_type=1),
+               dict(out_dtype=np.float32)):
         o = fag_numba.flash_attention_score(q, k, v, 3, "BNSD", **kw)
         fag_numba.flash_attention_score_grad(q, k, v, dy, 3, "BNSD", softmax_max=o.softmax_max,
                                              softmax_sum=o.softmax_sum,
                                              attention_in=o.attention_out, **kw)
+    # one long head: the backward splits S2 (float32 gradient kernels, then converted)
+    q1, k1, v1, dy1 = (x[:1, :1].repeat(40, axis=2) for x in (q, k, v, dy))
+    o = fag_numba.flash_attention_score(q1, k1, v1, 1, "BNSD")
+    fag_numba.flash_attention_score_grad(q1, k1, v1, dy1, 1, "BNSD", softmax_max=o.softmax_max,
+                                         softmax_sum=o.softmax_sum, attention_in=o.attention_out)
 after = compiled()
 assert after == before, (before, after)
 print("OK", before)

@@ -704,6 +704,64 @@ def test_bf16_kinds_check_the_inputs_they_read(name, which, where, path, blocks,
 
 
 @pytest.mark.parametrize("name", ["amx", "bf16"])
+@pytest.mark.parametrize("case", ["dense", "masked_keys", "causal_odd", "band_gqa", "pse",
+                                  "splits", "tnd_extra"])
+def test_bf16_gradients_written_by_the_kernel_equal_the_converted_float32(name, case, path,
+                                                                         blocks, rng,
+                                                                         monkeypatch):
+    """The native backward writes bf16 dq, dk, dv itself (the out16 variant: one S2 split, the
+    sequences' rows the whole arrays); they are the bits of the float32 gradients
+    (out_dtype=float32, the other variant) scaled and converted by the host, including key
+    blocks no query reaches (band: zero rows), GQA, odd sizes and a scale != 1.  With S2
+    splits or TND rows past the last offset the host converts (the same bits)."""
+    blocks(bm=6, bn=10, split=3 if case == "splits" else None)
+    path(name)
+    written = []
+    orig = api.memory.empty64
+
+    def poisoned(*a):                 # NaN bits: every element must be written
+        written.append(a[1:] == (np.uint16,))
+        x = orig(*a)
+        x.view(np.uint8)[:] = 0xFF
+        return x
+    monkeypatch.setattr(api.memory, "empty64", poisoned)
+    lay, B, n1, n2, S1, S2, kw = "BNSD", 2, 2, 2, 37, 45, {}
+    if case == "splits":              # one (sequence, kv head): split along S2
+        B, n2 = 1, 1
+    elif case == "causal_odd":
+        S1, S2, kw = 29, 51, dict(sparse_mode=3, atten_mask="causal")
+    elif case == "band_gqa":          # keys 40.. are seen by no query: blocks without tiles
+        n1, S1, S2, kw = 4, 33, 57, dict(sparse_mode=4, pre_tokens=5, next_tokens=2,
+                                          atten_mask="causal")
+    elif case == "pse":
+        kw = dict(pse="alibi", pse_type=2)
+    elif case == "tnd_extra":         # 3 rows past the last offsets
+        lay, S1, S2, kw = "TND", 33, 32, dict(actual_seq_qlen=[11, 30], actual_seq_kvlen=[13, 29])
+    q, k, v, dy = make_qkv(lay, B, n1, n2, S1, S2, 16, 16, BF16, rng,
+                           **{x: kw[x] for x in ("actual_seq_qlen", "actual_seq_kvlen") if x in kw})
+    kw = _kwargs(kw, n1)
+    kw["scale_value"] = 0.37
+    if case == "masked_keys":
+        m = rng.random((S1, S2)) < 0.3
+        m[:, [3, 17, 30]] = True                  # three keys masked for every row: dk = 0
+        kw["atten_mask"] = m
+    f = fag_numba.flash_attention_score(q, k, v, n1, lay, out_dtype=np.float32, **kw)
+    gkw = dict(kw, softmax_max=f.softmax_max, softmax_sum=f.softmax_sum,
+               attention_in=f.attention_out)
+    written.clear()
+    g16 = fag_numba.flash_attention_score_grad(q, k, v, dy, n1, lay, **gkw)
+    direct = written.count(True) == 3
+    assert direct == (case not in ("splits", "tnd_extra"))
+    g32 = fag_numba.flash_attention_score_grad(q, k, v, dy, n1, lay, out_dtype=np.float32,
+                                               **gkw)
+    for a, b in zip(g16[:3], g32[:3]):
+        assert a.dtype == BF16 and b.dtype == np.float32
+        np.testing.assert_array_equal(a.view(np.uint16), b.astype(BF16).view(np.uint16))
+    if case == "masked_keys":
+        assert not g16.dk[:, :, [3, 17, 30]].astype(np.float32).any()
+
+
+@pytest.mark.parametrize("name", ["amx", "bf16"])
 @pytest.mark.parametrize("case", ["dense", "masked_rows", "causal_odd"])
 def test_bf16_output_written_by_the_kernel_equals_the_converted_float32(name, case, path,
                                                                         blocks, rng):

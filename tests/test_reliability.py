@@ -196,7 +196,8 @@ def test_backward_gradients_are_written_in_full(case, dtype, blocks, monkeypatch
         assert (a is None) == (e is None)
         if a is not None:
             assert a.tobytes() == e.tobytes()
-    assert len(calls) == (0 if case == "tnd-extra-rows" else 4)       # dq, dk, dv, partials
+    f32 = [a for a in calls if len(a) == 1 or a[1] == np.float32]     # dq, dk, dv, partials
+    assert len(f32) == (0 if case == "tnd-extra-rows" else 4)
     if case == "tnd-extra-rows":
         assert not np.asarray(got.dq, np.float32)[30:].any()
         assert not np.asarray(got.dk, np.float32)[29:].any()

@@ -499,13 +499,30 @@ def all_finite_f32(x):
     return bad == 0
 
 
-def _make_bwd(kind, fused):
+@_jit.kernel
+def _rows16(src, off, rs, nrows, n, c, dst, row, row32):
+    """``dst[o + e] = bf16 bits of float32(src[o + e] * c)``, ``o = off + r * rs``, for r <
+    nrows, e < n: the bits of scaling then converting on the host (``convert.bf16_row``).
+    row / row32: float32 scratch of >= n and its uint32 view."""
+    for r in range(nrows):
+        o = off + r * rs
+        scale_into(src, o, n, c, row, 0)
+        bf16_row(row32, 0, n, dst, o)
+
+
+def _make_bwd(kind, fused, out16=False):
     """The backward driver with native tile products of ``kind``: "f32", "bf16" (vdpbf16ps
     pairs) or "amx" (AMX tiles, kernels/amx.py; compiled only after ``isa.amx_available``).
 
     Same items, loops, tile classes and single-writer ownership as ``driver.bwd_driver`` (so
     the same bitwise determinism across thread counts); only the five products differ.  q, k,
     v, dy: float32 flat, or uint16 flat bf16 bits (bf16, amx; D and Dv even, BLOCK_M/N even).
+
+    ``out16`` (bf16 kinds, one S2 split): the kernel also writes the final bf16 gradients,
+    ``dq16 = bf16(dq * scale)``, ``dk16 = bf16(dk * scale)``, ``dv16 = bf16(dv)``, each key
+    block's dk / dv rows once its tiles are done and a sequence's dq rows after its last key
+    block, while they are in cache (the host's scale and conversion passes read 24 MB again at
+    (2,16,512,64)); otherwise dq16, dk16, dv16 are unused dummies.
     """
     bf = kind != "f32"
     prod = product_bf16 if bf else product_f32
@@ -516,6 +533,7 @@ def _make_bwd(kind, fused):
     AMX = 1 if kind == "amx" else 0
     FUSED = 1 if fused else 0           # pruned like AMX: each variant compiles only its path
     UNFUSED = 1 - FUSED
+    OUT16 = 1 if out16 else 0           # pruned like AMX
     if AMX:
         from .amx import kpad, pds_pairs, product_amx, t_pairs, zero_cols
     else:
@@ -523,7 +541,7 @@ def _make_bwd(kind, fused):
 
     @_jit.kernel
     def bwd(tc, q, k, v, dy, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pse, slopes, mask,
-            drop_mask, seqtab, gp, fp, items, tptr, visits, flags):
+            drop_mask, seqtab, gp, fp, items, tptr, visits, flags, dq16, dk16, dv16):
         bm = gp[desc.BLOCK_M]
         bn = gp[desc.BLOCK_N]
         d = gp[desc.D]
@@ -572,6 +590,9 @@ def _make_bwd(kind, fused):
             lt = scratch(max(FUSED * (2 * hm16 + 32), 1), np.float32)
             dtt = scratch(max(FUSED * (2 * hm16 + 32), 1), np.float32)
             cfg = np.zeros(64, np.uint8)
+            row = np.empty(max(d, dvd, 1), np.float32)       # out16: one row, scaled
+            row32 = row.view(np.uint32)
+            one = np.float32(1.0)
             nf = 0                      # bf16 kinds: an inf / NaN packed (pack_pairs16)
             for it in range(tptr[t], tptr[t + 1]):
                 n2 = items[it, 2]
@@ -589,10 +610,15 @@ def _make_bwd(kind, fused):
                         jb0 = jb * bn
                         jb_len = min(bn, s2 - jb0)
                         ib_lo, ib_hi = q_block_range(lo, hi, pre, s1, jb0, jb0 + jb_len, bm)
-                        if ib_hi <= ib_lo:
-                            continue
                         kb_off = seqtab[b, desc.K_OFF] + n2 * gp[desc.K_HS] + jb0 * gp[desc.K_RS]
                         vb_off = seqtab[b, desc.V_OFF] + n2 * gp[desc.V_HS] + jb0 * gp[desc.V_RS]
+                        if ib_hi <= ib_lo:
+                            if OUT16:            # no tile: the block's (zero) rows as they are
+                                _rows16(dk, kb_off, gp[desc.K_RS], jb_len, d, scale, dk16, row,
+                                        row32)
+                                _rows16(dv, vb_off, gp[desc.V_RS], jb_len, dvd, one, dv16, row,
+                                        row32)
+                            continue
                         # the key block's B operands, packed once for all its tiles
                         pack_t32(k32, kb_off // W, gp[desc.K_RS] // W, jb_len, dw, kt, bn)
                         vbad = pack_t32(v32, vb_off // W, gp[desc.V_RS] // W, jb_len, dvw, vt,
@@ -735,6 +761,13 @@ def _make_bwd(kind, fused):
                                 if UNFUSED and dpk != 0:
                                     _dpse_tile(dp, m_len, n_len, b, h, i0, j0, c, pk, dpk, scale,
                                                seqtab, dpse, dslope)
+                        if OUT16:                # the key block's dk / dv rows are final
+                            _rows16(dk, kb_off, gp[desc.K_RS], jb_len, d, scale, dk16, row, row32)
+                            _rows16(dv, vb_off, gp[desc.V_RS], jb_len, dvd, one, dv16, row, row32)
+                    if OUT16:                    # one split: the sequence's dq rows are final
+                        for gg in range(g):
+                            _rows16(dq, seqtab[b, desc.Q_OFF] + (n2 * g + gg) * gp[desc.Q_HS],
+                                    gp[desc.Q_RS], s1, d, scale, dq16, row, row32)
             flags[t] = nf
 
     return bwd
@@ -961,11 +994,11 @@ def fusable(name, kind, gp, fp):
 def _chunk(name, kind, fused, out16=False):
     """The chunk kernel of (name, kind, fused, out16), made once (each compiles on its first
     call, so a process that never meets dropout or pse never compiles the unfused variant, nor
-    a float32-output forward when it only asks for bf16 outputs)."""
+    a float32-output kernel when it only asks for bf16 outputs)."""
     key = (name, kind, fused, out16)
     if key not in _CHUNKS:
         _CHUNKS[key] = (_make_fwd(kind, fused, out16) if name == "fwd" else
-                        _make_bwd(kind, fused))
+                        _make_bwd(kind, fused, out16))
     return _CHUNKS[key]
 
 
@@ -976,7 +1009,9 @@ def driver(name, kind):
     those of ``driver.fwd_driver`` / ``driver.bwd_driver`` with ``flags`` (int64 [chunks],
     zeros) in place of ``bad``: the bf16 kinds set flags[t] to 1 when chunk t read an inf or
     NaN in an input whose garbage could leak (v in the forward; q, k, v, dy in the backward)
-    and the caller reruns the call on the BLAS driver."""
+    and the caller reruns the call on the BLAS driver.  The backward then takes dq16, dk16,
+    dv16: uint16 arrays of dq's, dk's, dv's sizes for the out16 variant (``_make_bwd``), else
+    1-element dummies.  The forward's out16: a uint16 ``out``."""
     if isinstance(kind, (bool, int)):
         kind = "bf16" if kind else "f32"
     key = (name, kind)
@@ -984,8 +1019,12 @@ def driver(name, kind):
         gi, fi = (11, 12) if name == "fwd" else (17, 18)    # gp, fp in the argument list
 
         def run(*args):
-            tptr = args[-3]                  # (..., items, tptr, visits, flags)
-            out16 = name == "fwd" and args[3].dtype == np.uint16     # (q, k, v, out, ...)
+            if name == "fwd":                # (q, k, v, out, ..., items, tptr, visits, flags)
+                tptr = args[-3]
+                out16 = args[3].dtype == np.uint16
+            else:                            # (q, k, v, dy, lse, dsum, dq, ..., items, tptr,
+                tptr = args[-6]              # visits, flags, dq16, dk16, dv16)
+                out16 = args[-3].size == args[6].size
             chunk = _chunk(name, kind, fusable(name, kind, args[gi], args[fi]), out16)
             run_chunks(chunk, tptr.size - 1, args)
 
