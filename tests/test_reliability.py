@@ -107,19 +107,14 @@ def _poisoned(shape, dtype=np.float32):
     return x
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("case", ["dense", "causal-invalid-rows", "band", "tnd", "tnd-extra-rows",
-                                  "bsh-gqa"])
-def test_forward_output_is_written_in_full(case, dtype, blocks, monkeypatch):
-    """attention_out skips its zero fill (``memory.empty64``) when the sequences' rows are the
-    whole output: every element must then be written by the kernels (invalid rows as 0). With
-    the buffer poisoned, results equal the default allocation's bitwise; rows past the
-    sequences (TND's beyond the last offset) still get the zero fill."""
+def _full_write_case(case, dtype, seed):
+    """(q, k, v, dy, layout, N1, kwargs) of a ``*_written_in_full`` case: masks with invalid
+    rows, a band, TND (with rows past the last offsets), BSH with GQA, S2 splits (with
+    ``blocks(split=3)``), pse + dropout (dpse summed over the batch)."""
     import ml_dtypes
-    blocks()
     dt = ml_dtypes.bfloat16 if dtype == "bf16" else np.float32
-    rng = np.random.default_rng(12)
-    kw, lay, n1, n2 = {}, "BNSD", 2, 2
+    rng = np.random.default_rng(seed)
+    kw, lay, n1 = {}, "BNSD", 2
     shape_q = shape_k = (2, 2, 37, 16)
     if case == "causal-invalid-rows":
         kw = dict(atten_mask=np.triu(np.ones((2048, 2048), bool), 1), sparse_mode=4,
@@ -132,10 +127,29 @@ def test_forward_output_is_written_in_full(case, dtype, blocks, monkeypatch):
         kw = dict(actual_seq_qlen=[11, 30], actual_seq_kvlen=[13, 29])
         shape_q, shape_k = (30 + extra, 2, 16), (29 + extra, 2, 16)
     elif case == "bsh-gqa":
-        lay, n1, n2 = "BSH", 4, 2
+        lay, n1 = "BSH", 4
         shape_q, shape_k = (2, 37, 64), (2, 37, 32)
+    elif case == "splits":
+        shape_q, shape_k = (1, 2, 37, 16), (1, 2, 41, 16)
+    elif case == "pse-dropout":
+        kw = dict(pse=rng.standard_normal((1, 2, 37, 37)).astype(np.float32), keep_prob=0.8,
+                  seed=3)
     q = rng.standard_normal(shape_q, dtype=np.float32).astype(dt)
     k, v = (rng.standard_normal(shape_k, dtype=np.float32).astype(dt) for _ in range(2))
+    dy = rng.standard_normal(q.shape, dtype=np.float32).astype(dt)     # (Dv = D here)
+    return q, k, v, dy, lay, n1, kw
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("case", ["dense", "causal-invalid-rows", "band", "tnd", "tnd-extra-rows",
+                                  "bsh-gqa"])
+def test_forward_output_is_written_in_full(case, dtype, blocks, monkeypatch):
+    """attention_out skips its zero fill (``memory.empty64``) when the sequences' rows are the
+    whole output: every element must then be written by the kernels (invalid rows as 0). With
+    the buffer poisoned, results equal the default allocation's bitwise; rows past the
+    sequences (TND's beyond the last offset) still get the zero fill."""
+    blocks()
+    q, k, v, _, lay, n1, kw = _full_write_case(case, dtype, 12)
     want = fag_numba.flash_attention_score(q, k, v, n1, lay, **kw)
     calls = []
     monkeypatch.setattr(memory, "empty64", lambda *a: calls.append(a) or _poisoned(*a))
@@ -156,35 +170,8 @@ def test_backward_gradients_are_written_in_full(case, dtype, blocks, monkeypatch
     items own (``driver._zero_owned``) before accumulating.  With the buffers poisoned (NaN
     bits), the gradients equal the default allocation's bitwise, on the BLAS driver (fp32) and
     the bf16 kinds; TND rows past the last offset keep the zero fill."""
-    import ml_dtypes
     blocks(bm=4, bn=6, split=3 if case == "splits" else None)
-    dt = ml_dtypes.bfloat16 if dtype == "bf16" else np.float32
-    rng = np.random.default_rng(13)
-    kw, lay, n1, n2 = {}, "BNSD", 2, 2
-    shape_q = shape_k = (2, 2, 37, 16)
-    if case == "causal-invalid-rows":
-        kw = dict(atten_mask=np.triu(np.ones((2048, 2048), bool), 1), sparse_mode=4,
-                  pre_tokens=10, next_tokens=-5)       # rows 0-4 see no key: invalid
-    elif case == "band":
-        kw = dict(atten_mask=np.triu(np.ones((2048, 2048), bool), 1), sparse_mode=4,
-                  pre_tokens=7, next_tokens=3)
-    elif case.startswith("tnd"):
-        lay, extra = "TND", 4 if case == "tnd-extra-rows" else 0
-        kw = dict(actual_seq_qlen=[11, 30], actual_seq_kvlen=[13, 29])
-        shape_q, shape_k = (30 + extra, 2, 16), (29 + extra, 2, 16)
-    elif case == "bsh-gqa":
-        lay, n1, n2 = "BSH", 4, 2
-        shape_q, shape_k = (2, 37, 64), (2, 37, 32)
-    elif case == "splits":
-        shape_q, shape_k = (1, 2, 37, 16), (1, 2, 41, 16)
-    elif case == "pse-dropout":            # dpse summed over the batch: one item per kv head
-        kw = dict(pse=rng.standard_normal((1, 2, 37, 37)).astype(np.float32), keep_prob=0.8,
-                  seed=3)
-    q = rng.standard_normal(shape_q, dtype=np.float32).astype(dt)
-    k, v = (rng.standard_normal(shape_k, dtype=np.float32).astype(dt) for _ in range(2))
-    dy = rng.standard_normal(shape_q[:-1] + (v.shape[-1] * q.shape[-1] // k.shape[-1]
-                                             if lay == "BSH" else v.shape[-1],),
-                             dtype=np.float32).astype(dt)
+    q, k, v, dy, lay, n1, kw = _full_write_case(case, dtype, 13)
     f = fag_numba.flash_attention_score(q, k, v, n1, lay, **kw)
     gkw = dict(kw, softmax_max=f.softmax_max, softmax_sum=f.softmax_sum,
                attention_in=f.attention_out)

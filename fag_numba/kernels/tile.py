@@ -613,17 +613,37 @@ def scale_into(src, off, n, c, dst, doff):
     _scale(src, np.int64(off), np.int64(n), np.float32(c), dst, np.int64(doff))
 
 
+@intrinsic
+def _zero_run(typingctx, x, off, n):
+    """``x[off:off + n] = 0`` as one ``llvm.memset`` (no slice: no reference count; 0.3 s less
+    cold compile than a vectorised loop over the rows)."""
+    sig = types.void(x, off, n)
+
+    def codegen(context, builder, sig, args):
+        xv, off, n = args
+        ptr = builder.gep(_data(context, builder, sig.args[0], xv), [off])
+        i8p = ir.IntType(8).as_pointer()
+        size = builder.mul(n, ir.Constant(ir.IntType(64), sig.args[0].dtype.bitwidth // 8))
+        fn = _llvm_fn(builder.module, "llvm.memset.p0.i64", ir.VoidType(),
+                      [i8p, ir.IntType(8), ir.IntType(64), ir.IntType(1)])
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(ir.IntType(8), 0), size,
+                          ir.Constant(ir.IntType(1), 0)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @_jit.kernel
 def zero_rows(x, off, rs, nrows, n):
     """``x[off + r * rs + e] = 0`` for r < nrows, e < n: the backward kernels zero the dq, dk,
     dv rows they own (``api._run_backward``: no 24 MB memset on the calling thread, 0.9 ms at
     (2,16,512,64), and the rows are then in cache for the tiles that accumulate into them).
-    Unsigned indices: numba's wrap-around test of a signed index stops LLVM from vectorising
-    the stores (0.68 vs 0.32 ms for 8 MB of rows of 64)."""
-    for r in range(nrows):
-        base = np.uint64(off + r * rs)
-        for e in range(np.uint64(n)):
-            x[base + e] = 0
+    One memset per row (contiguous rows: one for all)."""
+    if rs == n:
+        _zero_run(x, np.int64(off), np.int64(nrows * n))
+    else:
+        for r in range(nrows):
+            _zero_run(x, np.int64(off + r * rs), np.int64(n))
 
 
 def _zero_rows_python(x, off, rs, nrows, n):
