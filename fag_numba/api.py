@@ -28,7 +28,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import dtypes, layout, memory, validation
+from . import dtypes, layout, memory, mkl, validation
 from .errors import FagTypeError, FagValueError
 from .kernels import desc
 from .threads import blas_single_thread
@@ -448,7 +448,7 @@ def _run_forward(P, q, k, v, bf16_out=False, native=True):
             if direct:                   # (which write float32)
                 out, direct = alloc(nout), False
         if kind is None:
-            with blas_single_thread():
+            with blas_single_thread(), mkl.float32_gemm(gp):
                 fwd_driver(q, k, v, out, m, l, P.pse.flat, P.pse.slopes, P.mask.dense,
                            P.drop_flat, st, gp, fp, items, tptr, visits, bad)
         else:
@@ -734,7 +734,7 @@ def _run_backward(P, q, k, v, y, o, m, l, bf16_out=False):
                          (desc.BAD_DY, y, d.Dv), (desc.BAD_DSUM, srow, None)]
                 bad = _bad_rows(gp, parts)
         if kind is None:
-            with blas_single_thread():
+            with blas_single_thread(), mkl.float32_gemm(gp):
                 bwd_driver(q, k, v, y, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pp.flat,
                            pp.slopes, P.mask.dense, P.drop_flat, st, gp, fp, items, tptr, visits,
                            bad)

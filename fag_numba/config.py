@@ -83,6 +83,16 @@ DEFAULTS = {
     # without AMX (Zen 4: vdpbf16ps at 2x the FMA rate), else "float32" (an AMX CPU without the
     # permission: there vdpbf16ps runs at half the FMA rate).  isa.native_kind decides.
     "BF16_PRODUCTS": os.environ.get("FAG_NUMBA_BF16", "auto"),
+    # The BLAS drivers' float32 products (float32, fp16, fp8 inputs; bf16 without a native
+    # kind), env FAG_NUMBA_FLOAT32_BLAS: "openblas" (SciPy's), "mkl" (the MKL that torch's CPU
+    # wheel bundles, ``sgemm_`` of libtorch_cpu.so; an error when torch is not imported or has
+    # none), "auto" = "mkl" when the process has imported torch (by its first float32 call:
+    # decided once per process, so repeated calls stay bitwise identical) and torch exports
+    # one, else "openblas" (fag_numba never imports torch for this).  One thread, at the kernels' tile
+    # shapes, MKL ran at 1.16-1.35x OpenBLAS's GFLOP/s (benchmarks/blas_peer.py).  The two
+    # libraries may round differently (bitwise equal at D = 64 here, ~1e-6 apart at D = 128):
+    # float32 results are bitwise reproducible for one choice.
+    "FLOAT32_BLAS": os.environ.get("FAG_NUMBA_FLOAT32_BLAS", "auto"),
     # Host float32 <-> bf16/fp16 conversions (kernels/convert.py) of at least this many
     # elements run one chunk per thread; smaller ones on the calling thread.  Best of 30,
     # output allocated per call, 1 vs 2 threads (2-core Xeon, load 0.9), in us:
@@ -135,6 +145,7 @@ FWD_PV_KEYS = DEFAULTS["FWD_PV_KEYS"]
 FWD_PV_MNK = DEFAULTS["FWD_PV_MNK"]
 FWD_PV_MIN_ROWS = DEFAULTS["FWD_PV_MIN_ROWS"]
 NATIVE = DEFAULTS["NATIVE"]
+FLOAT32_BLAS = DEFAULTS["FLOAT32_BLAS"]
 BF16_PRODUCTS = DEFAULTS["BF16_PRODUCTS"]
 CONVERT_THREAD_MIN = DEFAULTS["CONVERT_THREAD_MIN"]
 SERIAL_WORK_FWD = DEFAULTS["SERIAL_WORK_FWD"]

@@ -85,8 +85,9 @@ _pool = None
 def _after_fork_in_child():
     """Locks held by other threads at fork time are dead in the child, and so are the pool's
     threads: start from scratch (the child then computes normally: no OpenMP runtime is used)."""
-    global _blas_depth, _blas_saved, _blas_lock, _pool_lock, _pool
+    global _blas_depth, _blas_saved, _blas_lock, _pool_lock, _pool, _tls
     _blas_lock = threading.Lock()
+    _tls = threading.local()
     _pool_lock = threading.Lock()
     _blas_depth = 0
     _blas_saved = None
@@ -95,6 +96,30 @@ def _after_fork_in_child():
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# Run once in each pool thread before its next chunk (``set_thread_setup``): mkl.py's OpenMP
+# limit of 1 for the threads that call MKL.  _setup_gen counts the hooks set, so a thread runs
+# a hook set after its last chunk too.
+_thread_setup = None
+_setup_gen = 0
+_tls = threading.local()
+
+
+def set_thread_setup(fn):
+    """Have every pool thread call ``fn()`` once before its next chunk (idempotent per fn)."""
+    global _thread_setup, _setup_gen
+    if _thread_setup is not fn:
+        _thread_setup = fn
+        _setup_gen += 1
+
+
+def _task(kernel, t, args):
+    """One chunk on a pool thread, after the thread's setup hook if it has not run it yet."""
+    if _thread_setup is not None and getattr(_tls, "gen", 0) != _setup_gen:
+        _thread_setup()
+        _tls.gen = _setup_gen
+    kernel(t, *args)
 
 
 def _workers():
@@ -126,7 +151,7 @@ def run_chunks(kernel, nchunks, args):
         if nchunks == 1:
             kernel(0, *args)
         return
-    futures = [_workers().submit(kernel, t, *args) for t in range(1, nchunks)]
+    futures = [_workers().submit(_task, kernel, t, args) for t in range(1, nchunks)]
     error = None
     try:
         kernel(0, *args)

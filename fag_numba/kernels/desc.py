@@ -77,7 +77,10 @@ BWD_GROUP = 34
 # (planning.forward_pv_split), else one product per tile
 PV_ROWS = 35
 PV_KEYS = 36
-NGP = 37
+# the BLAS drivers' float32 products: the address of an LP64 Fortran ``sgemm_`` to call
+# (torch's bundled MKL, ``fag_numba/mkl.py``), or 0 for SciPy's OpenBLAS (``tile.gemm``)
+SGEMM = 37
+NGP = 38
 
 # ---- fp entries (global float32) ----
 SCALE = 0

@@ -28,7 +28,8 @@ from .guard import (any_bad, computed_tile, dropped_nan_row_out, ds_guard, gemm_
                     row_has_computed)
 from .tile import (NEG_INF, OFF0, TRANS_N, TRANS_T, drop_ds, drop_p, ds_rows, exp_scale_bf16,
                    exp_scale_bf16_le, exp_sub, exp_sub_le, gemm, row_max, row_max_skip_nan,
-                   scale_into, score_tile, score_tile_plain, scratch, tile_class, zero_rows)
+                   gemm_scratch, scale_into, score_tile, score_tile_plain, scratch, tile_class,
+                   zero_rows)
 
 _FLT_MAX = np.float32(3.4028234663852886e38)
 
@@ -294,7 +295,7 @@ def _make_fwd_chunk(full):
         sub = np.empty(bm, np.float32)
         cor = np.empty(bm, np.float32)
         mold = np.empty(bm, np.float32)
-        ab = np.empty(2, np.float32)
+        ab = gemm_scratch(gp)             # alpha, beta and the sgemm_ to call (tile.gemm)
         no16 = np.empty(1, np.uint16)      # online_softmax's bf16 output, unused here
         for it in range(tptr[t], tptr[t + 1]):
             b = items[it, 0]
@@ -461,7 +462,7 @@ def _make_bwd_chunk(full):
         s = scratch(grp * bm * bn, np.float32)
         dp = scratch(grp * bm * bn, np.float32)
         rb = scratch(bm * bn, np.float32)
-        ab = np.empty(2, np.float32)
+        ab = gemm_scratch(gp)             # alpha, beta and the sgemm_ to call (tile.gemm)
         for it in range(tptr[t], tptr[t + 1]):
             n2 = items[it, 2]
             c = items[it, 3]

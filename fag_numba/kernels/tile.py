@@ -74,8 +74,58 @@ def gemm(ta, tb, m, n, k, alpha, a, a_off, lda, b, b_off, ldb, beta, c, c_off, l
         return
     ab[0] = alpha
     ab[1] = beta
+    fn = ab.view(np.int64)[1]
+    if fn != 0:         # an LP64 Fortran sgemm_ by address (torch's MKL: fag_numba/mkl.py)
+        _sgemm_at(fn, tb, ta, n, m, k, ab, b, b_off, max(ldb, 1), a, a_off, max(lda, 1), c,
+                  c_off, max(ldc, 1))
+        return
     _xxgemm(_KIND_S, tb, ta, n, m, k, ab[0:1].ctypes, b[b_off:].ctypes, max(ldb, 1),
             a[a_off:].ctypes, max(lda, 1), ab[1:2].ctypes, c[c_off:].ctypes, max(ldc, 1))
+
+
+@_jit.kernel
+def gemm_scratch(gp):
+    """``gemm``'s ``ab``: float32 [4], alpha and beta in 0 and 1, and in bytes 8..15 the
+    int64 address of the ``sgemm_`` to call (``gp[desc.SGEMM]``; 0: SciPy's OpenBLAS)."""
+    ab = np.zeros(4, np.float32)
+    ab.view(np.int64)[1] = gp[desc.SGEMM]
+    return ab
+
+
+@intrinsic
+def _sgemm_at(typingctx, fn, ta, tb, m, n, k, ab, a, a_off, lda, b, b_off, ldb, c, c_off, ldc):
+    """Call the LP64 Fortran ``sgemm_(transa, transb, m, n, k, alpha, A, lda, B, ldb, beta, C,
+    ldc)`` at address ``fn`` (every argument by pointer; alpha, beta: ab[0], ab[1]; the
+    matrices at element offsets of flat float32 arrays)."""
+    sig = types.void(fn, ta, tb, m, n, k, ab, a, a_off, lda, b, b_off, ldb, c, c_off, ldc)
+
+    def codegen(context, builder, sig, args):
+        from numba.core import cgutils
+        (fnv, ta, tb, m, n, k, abv, av, a_off, lda, bv, b_off, ldb, cv, c_off, ldc) = args
+        i8, i32 = ir.IntType(8), ir.IntType(32)
+        f32p = ir.FloatType().as_pointer()
+
+        def boxed(val, ty):
+            slot = cgutils.alloca_once(builder, ty)
+            builder.store(builder.trunc(val, ty), slot)
+            return slot
+        abp = _data(context, builder, sig.args[6], abv)
+        ptrs = [boxed(ta, i8), boxed(tb, i8), boxed(m, i32), boxed(n, i32), boxed(k, i32),
+                abp,
+                builder.gep(_data(context, builder, sig.args[7], av), [a_off]), boxed(lda, i32),
+                builder.gep(_data(context, builder, sig.args[10], bv), [b_off]),
+                boxed(ldb, i32),
+                builder.gep(abp, [ir.Constant(ir.IntType(64), 1)]),
+                builder.gep(_data(context, builder, sig.args[13], cv), [c_off]),
+                boxed(ldc, i32)]
+        fnty = ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i8.as_pointer()]
+                               + [i32.as_pointer()] * 3 + [f32p, f32p, i32.as_pointer(), f32p,
+                                                           i32.as_pointer(), f32p, f32p,
+                                                           i32.as_pointer()])
+        builder.call(builder.inttoptr(fnv, fnty.as_pointer()), ptrs)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 def _gemm_numpy(ta, tb, m, n, k, alpha, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc, ab):

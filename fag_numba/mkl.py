@@ -1,0 +1,111 @@
+"""The float32 products on torch's bundled MKL (``config.FLOAT32_BLAS``).
+
+torch's CPU wheels link MKL into ``libtorch_cpu.so`` and export its Fortran ``sgemm_`` (LP64).
+At the kernels' tile shapes it runs at 1.16-1.35x the GFLOP/s of SciPy's OpenBLAS, one thread
+(``benchmarks/blas_peer.py``); the BLAS drivers spend ~75% of a float32 call in sgemm.  So when
+the process has imported torch (fag_numba never imports it for this), the BLAS drivers call
+that ``sgemm_`` through its address (``desc.SGEMM``: passed at run time, so the on-disk kernel
+cache never holds a process's address; ``tile.gemm``).
+
+MKL runs on torch's OpenMP (libgomp): called from a thread whose OpenMP thread limit is the
+default, it would start a team of threads inside every product, on top of fag_numba's own
+chunk threads.  So every thread that runs chunks gets an OpenMP limit of 1 while MKL is in use:
+the pool's worker threads once (``threads.run_chunks``' per-thread setup, which touches only
+those threads), the calling thread for the duration of the driver (:func:`float32_gemm`: its
+previous limit restored after, so the caller's own torch ops keep their threads).
+"""
+import contextlib
+import ctypes
+import os
+import sys
+import threading
+
+from . import config
+from .errors import FagValueError
+from .kernels import desc
+
+_lock = threading.Lock()
+_found = None          # (sgemm address, omp_set_num_threads, omp_get_max_threads) or False
+_auto = None           # "auto": whether this process uses MKL (set at the first BLAS call)
+
+
+def _load():
+    """torch's MKL ``sgemm_`` and its libgomp's thread-limit functions, or None (torch not
+    imported, not Linux, or no exported ``sgemm_``).  A miss is not remembered while torch is
+    not imported (it may be later)."""
+    global _found
+    if _found is not None:
+        return _found or None
+    torch = sys.modules.get("torch")
+    if torch is None or not sys.platform.startswith("linux"):
+        return None
+    with _lock:
+        if _found is None:
+            _found = False
+            try:
+                libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
+                lib = ctypes.CDLL(os.path.join(libdir, "libtorch_cpu.so"))
+                gomp = ctypes.CDLL(os.path.join(libdir, "libgomp.so.1"))
+                addr = ctypes.cast(lib.sgemm_, ctypes.c_void_p).value
+                if addr:
+                    _found = (addr, gomp.omp_set_num_threads, gomp.omp_get_max_threads)
+            except (OSError, AttributeError, TypeError):
+                _found = False
+    return _found or None
+
+
+def sgemm_address():
+    """The address of the ``sgemm_`` the BLAS drivers call (``config.FLOAT32_BLAS``), or 0 for
+    SciPy's OpenBLAS.  "auto" decides once per process, at the first call that gets here: MKL
+    when torch is imported by then.  "mkl" without torch's MKL is a FagValueError naming the
+    setting."""
+    mode = str(config.FLOAT32_BLAS).strip().lower()
+    if mode == "openblas":
+        return 0
+    if mode not in ("auto", "mkl"):
+        raise FagValueError(f"config.FLOAT32_BLAS (env FAG_NUMBA_FLOAT32_BLAS) must be 'auto', "
+                            f"'openblas' or 'mkl', got {config.FLOAT32_BLAS!r}")
+    from numba.core import config as nconfig
+    global _auto
+    found = None if nconfig.DISABLE_JIT else _load()
+    if mode == "auto":
+        # decided once per process, at the first BLAS-driver call: repeated calls stay
+        # bitwise identical (SPEC §9b) even if torch is imported later
+        if _auto is None:
+            _auto = found is not None
+        if not _auto:
+            return 0
+    if found is None:
+        if mode == "mkl":
+            raise FagValueError("config.FLOAT32_BLAS is 'mkl', but no MKL sgemm_ was found: it "
+                                "needs torch's CPU wheel imported first (libtorch_cpu.so on "
+                                "Linux)")
+        return 0
+    return found[0]
+
+
+def _one_thread():
+    """A worker thread's OpenMP limit of 1 (``threads.run_chunks`` setup hook)."""
+    found = _load()
+    if found is not None:
+        found[1](1)
+
+
+@contextlib.contextmanager
+def float32_gemm(gp):
+    """Around a BLAS driver call: ``gp[desc.SGEMM]`` set (:func:`sgemm_address`); with MKL,
+    the calling thread's OpenMP limit held at 1 and the pool threads' set up to be."""
+    addr = sgemm_address()
+    gp[desc.SGEMM] = addr
+    if not addr:
+        yield
+        return
+    from .threads import set_thread_setup
+    set_thread_setup(_one_thread)
+    _, set_limit, get_limit = _load()
+    saved = get_limit()
+    set_limit(1)
+    try:
+        yield
+    finally:
+        set_limit(saved)

@@ -1,0 +1,145 @@
+"""The BLAS drivers' float32 products on torch's bundled MKL (``fag_numba/mkl.py``,
+``config.FLOAT32_BLAS``): used when torch is imported, correct against the float64 reference,
+bitwise the same across thread counts, the caller's OpenMP thread limit left as it was, and
+the setting validated."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numba
+import numpy as np
+import pytest
+
+import fag_numba
+from fag_numba import config, mkl
+from fag_numba.errors import FagValueError
+from fag_numba.kernels import desc
+
+from reference import ref_backward, ref_forward
+from tolerances import tolerance
+from utils import assert_close, make_qkv
+
+torch = pytest.importorskip("torch")
+ROOT = Path(__file__).resolve().parents[1]
+HAS_MKL = not numba.config.DISABLE_JIT and mkl._load() is not None
+needs_mkl = pytest.mark.skipif(not HAS_MKL, reason="no MKL sgemm_ in this torch (or no JIT)")
+
+
+@pytest.fixture
+def used(monkeypatch):
+    """The ``sgemm_`` addresses the BLAS drivers were given, call by call."""
+    seen = []
+    orig = mkl.float32_gemm
+
+    def spy(gp):
+        cm = orig(gp)
+
+        class Wrap:
+            def __enter__(self):
+                r = cm.__enter__()
+                seen.append(int(gp[desc.SGEMM]))
+                return r
+
+            def __exit__(self, *exc):
+                return cm.__exit__(*exc)
+        return Wrap()
+    monkeypatch.setattr(mkl, "float32_gemm", spy)
+    return seen
+
+
+def _call(q, k, v, dy, n1, lay, **kw):
+    f = fag_numba.flash_attention_score(q, k, v, n1, lay, **kw)
+    g = fag_numba.flash_attention_score_grad(q, k, v, dy, n1, lay, softmax_max=f.softmax_max,
+                                             softmax_sum=f.softmax_sum,
+                                             attention_in=f.attention_out, **kw)
+    return f, g
+
+
+@needs_mkl
+@pytest.mark.parametrize("case", ["dense", "causal-gqa", "band-d128"])
+def test_mkl_products_match_the_reference_and_are_deterministic(case, used, blocks,
+                                                                monkeypatch, rng):
+    """With torch imported, "auto" runs the BLAS drivers on MKL (a nonzero address), within
+    the float32 tolerance of the float64 reference, bitwise the same on 1 and 2 threads, and
+    within the tolerance of OpenBLAS's results (often bitwise the same)."""
+    blocks(bm=16, bn=24, fbm=20, fbn=28)
+    lay, n1, n2, s1, s2, d, kw = "BNSD", 2, 2, 67, 75, 64, {}
+    mask = np.triu(np.ones((2048, 2048), bool), 1)
+    if case == "causal-gqa":
+        n1, kw = 4, dict(atten_mask=mask, sparse_mode=3)
+    elif case == "band-d128":
+        d, kw = 128, dict(atten_mask=mask, sparse_mode=4, pre_tokens=20, next_tokens=5)
+    q, k, v, dy = make_qkv(lay, 1, n1, n2, s1, s2, d, d, np.float32, rng)
+    kw["scale_value"] = d ** -0.5
+    monkeypatch.setattr(config, "FLOAT32_BLAS", "auto")
+    monkeypatch.setattr(mkl, "_auto", None)        # decided afresh (torch is imported here)
+    f, g = _call(q, k, v, dy, n1, lay, **kw)
+    assert used and all(a != 0 for a in used)
+    ro, rm, rs = ref_forward(q, k, v, n1, lay, **kw)
+    rg = ref_backward(q, k, v, dy, n1, lay, **kw)
+    assert_close(f.attention_out, ro, tolerance(np.float32, "fwd"), "attention_out")
+    for a, e, name in zip(g[:3], rg[:3], ("dq", "dk", "dv")):
+        assert_close(a, e, tolerance(np.float32, "bwd"), name)
+    with fag_numba.threads(1):
+        f1, g1 = _call(q, k, v, dy, n1, lay, **kw)
+    for a, b in zip((*f, *g[:3]), (*f1, *g1[:3])):
+        assert a.tobytes() == b.tobytes()
+    used.clear()
+    monkeypatch.setattr(config, "FLOAT32_BLAS", "openblas")
+    fo, go = _call(q, k, v, dy, n1, lay, **kw)
+    assert used and all(a == 0 for a in used)
+    assert_close(f.attention_out, fo.attention_out, tolerance(np.float32, "fwd"), "vs OpenBLAS")
+    for a, b in zip(g[:3], go[:3]):
+        assert_close(a, b, tolerance(np.float32, "bwd"), "vs OpenBLAS")
+
+
+@needs_mkl
+def test_the_callers_openmp_thread_limit_is_restored(monkeypatch, rng):
+    """MKL runs on torch's OpenMP: the call holds the calling thread's limit at 1 (no team
+    inside every product) and restores it, so the caller's torch ops keep their threads."""
+    monkeypatch.setattr(config, "FLOAT32_BLAS", "mkl")
+    before = torch.get_num_threads()
+    _, _, get_limit = mkl._load()
+    limit = get_limit()
+    q, k, v, dy = make_qkv("BNSD", 1, 2, 2, 300, 300, 64, 64, np.float32, rng)
+    _call(q, k, v, dy, 2, "BNSD")
+    assert get_limit() == limit and torch.get_num_threads() == before
+
+
+def test_float32_blas_setting_is_validated(monkeypatch, rng):
+    """A value other than auto / openblas / mkl is a FagValueError naming the setting."""
+    monkeypatch.setattr(config, "FLOAT32_BLAS", "blis")
+    q, k, v, _ = make_qkv("BNSD", 1, 1, 1, 8, 8, 8, 8, np.float32, rng)
+    with pytest.raises(FagValueError, match="FLOAT32_BLAS"):
+        fag_numba.flash_attention_score(q, k, v, 1, "BNSD")
+
+
+_NO_TORCH = r"""
+import sys, numpy as np
+import fag_numba
+from fag_numba import config
+from fag_numba.errors import FagValueError
+q = np.ones((1, 1, 8, 8), np.float32)
+config.FLOAT32_BLAS = "auto"
+fag_numba.flash_attention_score(q, q, q, 1, "BNSD")           # OpenBLAS, no torch needed
+config.FLOAT32_BLAS = "mkl"
+try:
+    fag_numba.flash_attention_score(q, q, q, 1, "BNSD")
+except FagValueError as e:
+    assert "FLOAT32_BLAS" in str(e) and "torch" in str(e), e
+    assert "torch" not in sys.modules
+    print("OK")
+"""
+
+
+@pytest.mark.skipif(numba.config.DISABLE_JIT, reason="no MKL path under NUMBA_DISABLE_JIT")
+def test_without_torch_auto_uses_openblas_and_mkl_is_an_error():
+    """fag_numba never imports torch for MKL: without it "auto" runs OpenBLAS and "mkl" is a
+    FagValueError that says torch is needed."""
+    res = subprocess.run([sys.executable, "-c", _NO_TORCH], capture_output=True, text=True,
+                         cwd=str(ROOT), timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
