@@ -86,12 +86,12 @@ DEFAULTS = {
     # The BLAS drivers' float32 products (float32, fp16, fp8 inputs; bf16 without a native
     # kind), env FAG_NUMBA_FLOAT32_BLAS: "openblas" (SciPy's), "mkl" (the MKL that torch's CPU
     # wheel bundles, ``sgemm_`` of libtorch_cpu.so; an error when torch is not imported or has
-    # none), "auto" = "mkl" when the process has imported torch (by its first float32 call:
-    # decided once per process, so repeated calls stay bitwise identical) and torch exports
-    # one, else "openblas" (fag_numba never imports torch for this).  One thread, at the kernels' tile
-    # shapes, MKL ran at 1.16-1.35x OpenBLAS's GFLOP/s (benchmarks/blas_peer.py).  The two
-    # libraries may round differently (bitwise equal at D = 64 here, ~1e-6 apart at D = 128):
-    # float32 results are bitwise reproducible for one choice.
+    # none), "auto" = "mkl" when the process has imported torch by its first float32 call
+    # (decided once per process, so repeated calls stay bitwise identical), else "openblas"
+    # (fag_numba never imports torch for this).  One thread, at the kernels' tile shapes, MKL
+    # ran at 1.16-1.35x OpenBLAS's GFLOP/s (benchmarks/blas_peer.py), the float32 calls at
+    # 0.83-0.93 of their OpenBLAS time (A/B).  The two libraries may round differently
+    # (bitwise equal at D = 64 here, ~1e-6 apart at D = 128).
     "FLOAT32_BLAS": os.environ.get("FAG_NUMBA_FLOAT32_BLAS", "auto"),
     # Host float32 <-> bf16/fp16 conversions (kernels/convert.py) of at least this many
     # elements run one chunk per thread; smaller ones on the calling thread.  Best of 30,

@@ -1,4 +1,4 @@
-"""The float32 products on torch's bundled MKL (``config.FLOAT32_BLAS``).
+"""The float32 products on torch's bundled MKL (``config.FLOAT32_BLAS``, default "auto").
 
 torch's CPU wheels link MKL into ``libtorch_cpu.so`` and export its Fortran ``sgemm_`` (LP64).
 At the kernels' tile shapes it runs at 1.16-1.35x the GFLOP/s of SciPy's OpenBLAS, one thread
@@ -7,12 +7,14 @@ the process has imported torch (fag_numba never imports it for this), the BLAS d
 that ``sgemm_`` through its address (``desc.SGEMM``: passed at run time, so the on-disk kernel
 cache never holds a process's address; ``tile.gemm``).
 
-MKL runs on torch's OpenMP (libgomp): called from a thread whose OpenMP thread limit is the
-default, it would start a team of threads inside every product, on top of fag_numba's own
-chunk threads.  So every thread that runs chunks gets an OpenMP limit of 1 while MKL is in use:
-the pool's worker threads once (``threads.run_chunks``' per-thread setup, which touches only
-those threads), the calling thread for the duration of the driver (:func:`float32_gemm`: its
-previous limit restored after, so the caller's own torch ops keep their threads).
+MKL runs on torch's OpenMP (libgomp): called from a thread with the default settings, it
+would start a team of threads inside every product (torch.set_num_threads(n) sets MKL's
+global count), on top of fag_numba's own chunk threads: measured 2x slower.  So every thread
+that runs chunks gets MKL's thread-local count of 1 (``MKL_Set_Num_Threads_Local``, which
+overrides the global one for that thread only) while MKL is in use: the pool's worker threads
+once (``threads.run_chunks``' per-thread setup, which touches only those threads), the calling
+thread for the duration of the driver (:func:`float32_gemm`: its previous setting restored
+after, so the caller's own torch ops keep their threads).
 """
 import contextlib
 import ctypes
@@ -25,7 +27,7 @@ from .errors import FagValueError
 from .kernels import desc
 
 _lock = threading.Lock()
-_found = None          # (sgemm address, omp_set_num_threads, omp_get_max_threads) or False
+_found = None          # (sgemm address, MKL_Set_Num_Threads_Local) or False
 _auto = None           # "auto": whether this process uses MKL (set at the first BLAS call)
 
 
@@ -45,10 +47,14 @@ def _load():
             try:
                 libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
                 lib = ctypes.CDLL(os.path.join(libdir, "libtorch_cpu.so"))
-                gomp = ctypes.CDLL(os.path.join(libdir, "libgomp.so.1"))
                 addr = ctypes.cast(lib.sgemm_, ctypes.c_void_p).value
+                # MKL's C interface, by value (``mkl_set_num_threads_local``, lower case, is
+                # the Fortran one here: by reference); returns the thread's previous setting
+                local = lib.MKL_Set_Num_Threads_Local
+                local.argtypes = [ctypes.c_int]
+                local.restype = ctypes.c_int
                 if addr:
-                    _found = (addr, gomp.omp_set_num_threads, gomp.omp_get_max_threads)
+                    _found = (addr, local)
             except (OSError, AttributeError, TypeError):
                 _found = False
     return _found or None
@@ -85,7 +91,7 @@ def sgemm_address():
 
 
 def _one_thread():
-    """A worker thread's OpenMP limit of 1 (``threads.run_chunks`` setup hook)."""
+    """A pool thread's MKL thread count of 1 (``threads.run_chunks`` setup hook)."""
     found = _load()
     if found is not None:
         found[1](1)
@@ -94,7 +100,7 @@ def _one_thread():
 @contextlib.contextmanager
 def float32_gemm(gp):
     """Around a BLAS driver call: ``gp[desc.SGEMM]`` set (:func:`sgemm_address`); with MKL,
-    the calling thread's OpenMP limit held at 1 and the pool threads' set up to be."""
+    the calling thread's MKL thread count held at 1 and the pool threads' set up to be."""
     addr = sgemm_address()
     gp[desc.SGEMM] = addr
     if not addr:
@@ -102,10 +108,9 @@ def float32_gemm(gp):
         return
     from .threads import set_thread_setup
     set_thread_setup(_one_thread)
-    _, set_limit, get_limit = _load()
-    saved = get_limit()
-    set_limit(1)
+    local = _load()[1]
+    saved = local(1)
     try:
         yield
     finally:
-        set_limit(saved)
+        local(saved)

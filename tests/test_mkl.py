@@ -97,16 +97,17 @@ def test_mkl_products_match_the_reference_and_are_deterministic(case, used, bloc
 
 
 @needs_mkl
-def test_the_callers_openmp_thread_limit_is_restored(monkeypatch, rng):
-    """MKL runs on torch's OpenMP: the call holds the calling thread's limit at 1 (no team
-    inside every product) and restores it, so the caller's torch ops keep their threads."""
+def test_the_callers_mkl_thread_count_is_restored(monkeypatch, rng):
+    """MKL runs on torch's OpenMP: the call holds the calling thread's MKL thread count at 1
+    (``MKL_Set_Num_Threads_Local``: no team inside every product, even after
+    ``torch.set_num_threads``) and restores it, so the caller's torch ops keep their threads."""
     monkeypatch.setattr(config, "FLOAT32_BLAS", "mkl")
     before = torch.get_num_threads()
-    _, _, get_limit = mkl._load()
-    limit = get_limit()
+    local = mkl._load()[1]
     q, k, v, dy = make_qkv("BNSD", 1, 2, 2, 300, 300, 64, 64, np.float32, rng)
     _call(q, k, v, dy, 2, "BNSD")
-    assert get_limit() == limit and torch.get_num_threads() == before
+    assert local(0) == 0                  # the thread's setting was "none" before: and again
+    assert torch.get_num_threads() == before
 
 
 def test_float32_blas_setting_is_validated(monkeypatch, rng):
