@@ -18,7 +18,7 @@ import fag_numba
 from fag_numba import FagTypeError, FagValueError
 from reference import FLT_MAX, ref_backward
 from tolerances import tolerance
-from utils import assert_close, assert_grads_close, make_qkv
+from utils import assert_close, assert_grads_close, forward_backward, make_qkv
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 TRI = np.triu(np.ones((2048, 2048), bool), 1)
@@ -262,12 +262,7 @@ def test_schedule_skips_empty_pairs():
 # The chunked driver: equal to the unchunked call
 # ------------------------------------------------------------------------------------------
 
-def _unchunked(q, k, v, dy, n1, layout, **kw):
-    f = fag_numba.flash_attention_score(q, k, v, n1, layout, **kw)
-    g = fag_numba.flash_attention_score_grad(q, k, v, dy, n1, layout, softmax_max=f.softmax_max,
-                                             softmax_sum=f.softmax_sum,
-                                             attention_in=f.attention_out, **kw)
-    return f, g
+_unchunked = forward_backward
 
 
 def _assert_same(fc, gc, f, g, dtype):

@@ -20,7 +20,7 @@ from fag_numba.kernels import desc
 
 from reference import ref_backward, ref_forward
 from tolerances import tolerance
-from utils import assert_close, make_qkv
+from utils import assert_close, forward_backward, make_qkv
 
 torch = pytest.importorskip("torch")
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,12 +50,7 @@ def used(monkeypatch):
     return seen
 
 
-def _call(q, k, v, dy, n1, lay, **kw):
-    f = fag_numba.flash_attention_score(q, k, v, n1, lay, **kw)
-    g = fag_numba.flash_attention_score_grad(q, k, v, dy, n1, lay, softmax_max=f.softmax_max,
-                                             softmax_sum=f.softmax_sum,
-                                             attention_in=f.attention_out, **kw)
-    return f, g
+_call = forward_backward
 
 
 @needs_mkl

@@ -102,6 +102,16 @@ def make_qkv(layout, B, N1, N2, S1, S2, D, Dv, dtype, rng, actual_seq_qlen=None,
     return gen(N1, S1, D), gen(N2, S2, D), gen(N2, S2, Dv), gen(N1, S1, Dv)
 
 
+def forward_backward(q, k, v, dy, n1, layout, **kw):
+    """fag_numba's forward, then its backward from the forward's own statistics: (fwd, grads)."""
+    import fag_numba
+    f = fag_numba.flash_attention_score(q, k, v, n1, layout, **kw)
+    g = fag_numba.flash_attention_score_grad(q, k, v, dy, n1, layout, softmax_max=f.softmax_max,
+                                             softmax_sum=f.softmax_sum,
+                                             attention_in=f.attention_out, **kw)
+    return f, g
+
+
 def unpack_drop_mask(drop_mask, numels):
     """Packed drop_mask bytes (SPEC §5, LSB first) -> flat bool keep array of ``numels``."""
     bits = np.unpackbits(np.asarray(drop_mask, dtype=np.uint8).reshape(-1), bitorder="little")
