@@ -74,7 +74,7 @@ def gemm(ta, tb, m, n, k, alpha, a, a_off, lda, b, b_off, ldb, beta, c, c_off, l
         return
     ab[0] = alpha
     ab[1] = beta
-    fn = ab.view(np.int64)[1]
+    fn = _ab_fn(ab)
     if fn != 0:         # an LP64 Fortran sgemm_ by address (torch's MKL: fag_numba/mkl.py)
         _sgemm_at(fn, tb, ta, n, m, k, ab, b, b_off, max(ldb, 1), a, a_off, max(lda, 1), c,
                   c_off, max(ldc, 1))
@@ -83,13 +83,47 @@ def gemm(ta, tb, m, n, k, alpha, a, a_off, lda, b, b_off, ldb, beta, c, c_off, l
             a[a_off:].ctypes, max(lda, 1), ab[1:2].ctypes, c[c_off:].ctypes, max(ldc, 1))
 
 
-@_jit.kernel
+@_jit.kernel(inline="always")
 def gemm_scratch(gp):
     """``gemm``'s ``ab``: float32 [4], alpha and beta in 0 and 1, and in bytes 8..15 the
     int64 address of the ``sgemm_`` to call (``gp[desc.SGEMM]``; 0: SciPy's OpenBLAS)."""
     ab = np.zeros(4, np.float32)
+    _set_ab_fn(ab, gp[desc.SGEMM])
+    return ab
+
+
+def _gemm_scratch_python(gp):
+    """``gemm_scratch`` for ``NUMBA_DISABLE_JIT=1`` (intrinsics cannot run as Python)."""
+    ab = np.zeros(4, np.float32)
     ab.view(np.int64)[1] = gp[desc.SGEMM]
     return ab
+
+
+if numba.config.DISABLE_JIT:
+    gemm_scratch = _gemm_scratch_python     # noqa: F811  (chosen at import, as gemm)
+
+
+def _ab_slot(context, builder, aty, abv):
+    """Pointer to the int64 in bytes 8..15 of the float32 array ``ab``."""
+    p = builder.gep(_data(context, builder, aty, abv), [ir.Constant(ir.IntType(64), 2)])
+    return builder.bitcast(p, ir.IntType(64).as_pointer())
+
+
+@intrinsic
+def _ab_fn(typingctx, ab):
+    """The int64 in bytes 8..15 of ``ab`` (a load; numba's ``view`` cost compile time)."""
+    def codegen(context, builder, sig, args):
+        return builder.load(_ab_slot(context, builder, sig.args[0], args[0]))
+    return types.int64(ab), codegen
+
+
+@intrinsic
+def _set_ab_fn(typingctx, ab, fn):
+    """Store the int64 ``fn`` in bytes 8..15 of ``ab``."""
+    def codegen(context, builder, sig, args):
+        builder.store(args[1], _ab_slot(context, builder, sig.args[0], args[0]))
+        return context.get_dummy_value()
+    return types.void(ab, types.int64), codegen
 
 
 @intrinsic
