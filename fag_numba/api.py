@@ -700,10 +700,7 @@ def _run_backward(P, q, k, v, y, o, m, l, bf16_out=False):
         # needs no check of its own unless a statistics row is non-finite: every dy row the
         # kernels read is in a dsum = sum(dy * attention_in), which an inf or NaN in dy makes
         # non-finite (inf * 0 and NaN * x are NaN); one scan saved, 0.3-0.5 ms at 2M elements
-        yc = y if srow.any() else None
-        parts = [(desc.BAD_Q, q, d.D), (desc.BAD_K, k, d.D), (desc.BAD_V, v, d.Dv),
-                 (desc.BAD_DY, yc, d.Dv), (desc.BAD_DSUM, srow, None)]
-        bad = _bad_rows(gp, [p for p in parts if p[1] is not None])
+        bad = _bad_rows(gp, _bad_parts(d, q, k, v, y if srow.any() else None, srow))
         if gp[desc.NONFINITE]:
             kind = None                  # the careful path lives in the BLAS drivers
         if kind is not None:
@@ -716,23 +713,21 @@ def _run_backward(P, q, k, v, y, o, m, l, bf16_out=False):
             native.driver("bwd", kind)(
                 *arrays, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pp.flat, pp.slopes,
                 P.mask.dense, P.drop_flat, st, gp, fp, items, tptr, visits, flags, *out16)
-            if direct and not flags.any():
-                # the kernels wrote the scaled bf16 gradients: no host passes
-                dq, dk, dv = (x.view(dtypes.BFLOAT16) for x in out16)
             if flags.any():
                 # a bf16 kind read an inf / NaN in q, k, v or dy: the driver again on the BLAS
-                # driver's careful path (float32 copies, zeroed outputs; same plan and
-                # statistics rows)
+                # driver's careful path (float32 copies; same plan and statistics rows; dq,
+                # dk, dv and the partials need no reset: every kernel zeroes the rows it owns)
                 kind = None
-                for x in (dq, dqp, dk, dv, dpse, dslope, visits):
+                for x in (dpse, dslope, visits):
                     x.fill(0)
                 if q is None:
                     q, k, v = _qkv_f32(P)
                 if y is None:
                     y = _y_f32(P)
-                parts = [(desc.BAD_Q, q, d.D), (desc.BAD_K, k, d.D), (desc.BAD_V, v, d.Dv),
-                         (desc.BAD_DY, y, d.Dv), (desc.BAD_DSUM, srow, None)]
-                bad = _bad_rows(gp, parts)
+                bad = _bad_rows(gp, _bad_parts(d, q, k, v, y, srow))
+            elif direct:
+                # the kernels wrote the scaled bf16 gradients: no host passes
+                dq, dk, dv = (x.view(dtypes.BFLOAT16) for x in out16)
         if kind is None:
             with blas_single_thread(), mkl.float32_gemm(gp):
                 bwd_driver(q, k, v, y, lse, dsum, dq, dqp, dk, dv, dpse, dslope, pp.flat,
@@ -753,6 +748,14 @@ def _run_backward(P, q, k, v, y, o, m, l, bf16_out=False):
             sl = sl.sum(axis=0)                             # batch, in order
         out_pse = sl.astype(np.float32).reshape(pp.shape)
     return dq, dk, dv, out_pse
+
+
+def _bad_parts(d, q, k, v, y, srow):
+    """``_bad_rows`` parts of the backward: the row flags of q, k, v, dy (those given) and the
+    statistics rows."""
+    parts = [(desc.BAD_Q, q, d.D), (desc.BAD_K, k, d.D), (desc.BAD_V, v, d.Dv),
+             (desc.BAD_DY, y, d.Dv), (desc.BAD_DSUM, srow, None)]
+    return [p for p in parts if p[1] is not None]
 
 
 def _native_bits(P):

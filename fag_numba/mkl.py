@@ -32,8 +32,8 @@ _auto = None           # "auto": whether this process uses MKL (set at the first
 
 
 def _load():
-    """torch's MKL ``sgemm_`` and its libgomp's thread-limit functions, or None (torch not
-    imported, not Linux, or no exported ``sgemm_``).  A miss is not remembered while torch is
+    """(torch's MKL ``sgemm_`` address, its ``MKL_Set_Num_Threads_Local``), or None (torch
+    not imported, not Linux, or no exported ``sgemm_``).  A miss is not remembered while torch is
     not imported (it may be later)."""
     global _found
     if _found is not None:

@@ -98,8 +98,8 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-# Run once in each pool thread before its next chunk (``set_thread_setup``): mkl.py's OpenMP
-# limit of 1 for the threads that call MKL.  _setup_gen counts the hooks set, so a thread runs
+# Run once in each pool thread before its next chunk (``set_thread_setup``): mkl.py's MKL
+# thread count of 1 for the threads that call MKL.  _setup_gen counts the hooks set, so a thread runs
 # a hook set after its last chunk too.
 _thread_setup = None
 _setup_gen = 0

@@ -16,7 +16,6 @@ import pytest
 import fag_numba
 from fag_numba import config, mkl
 from fag_numba.errors import FagValueError
-from fag_numba.kernels import desc
 
 from reference import ref_backward, ref_forward
 from tolerances import tolerance
@@ -30,23 +29,11 @@ needs_mkl = pytest.mark.skipif(not HAS_MKL, reason="no MKL sgemm_ in this torch 
 
 @pytest.fixture
 def used(monkeypatch):
-    """The ``sgemm_`` addresses the BLAS drivers were given, call by call."""
+    """The ``sgemm_`` addresses the BLAS drivers were given (``mkl.float32_gemm`` sets
+    ``gp[desc.SGEMM]`` from ``mkl.sgemm_address``), call by call."""
     seen = []
-    orig = mkl.float32_gemm
-
-    def spy(gp):
-        cm = orig(gp)
-
-        class Wrap:
-            def __enter__(self):
-                r = cm.__enter__()
-                seen.append(int(gp[desc.SGEMM]))
-                return r
-
-            def __exit__(self, *exc):
-                return cm.__exit__(*exc)
-        return Wrap()
-    monkeypatch.setattr(mkl, "float32_gemm", spy)
+    orig = mkl.sgemm_address
+    monkeypatch.setattr(mkl, "sgemm_address", lambda: seen.append(orig()) or seen[-1])
     return seen
 
 

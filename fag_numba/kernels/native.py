@@ -510,6 +510,13 @@ def _rows16(src, off, rs, nrows, n, c, dst, row, row32):
         bf16_row(row32, 0, n, dst, o)
 
 
+@_jit.kernel
+def _kv_rows16(dk, dv, kb_off, vb_off, gp, n, scale, dk16, dv16, row, row32):
+    """A key block's final bf16 dk (scaled) and dv rows (``_rows16``), n rows."""
+    _rows16(dk, kb_off, gp[desc.K_RS], n, gp[desc.D], scale, dk16, row, row32)
+    _rows16(dv, vb_off, gp[desc.V_RS], n, gp[desc.DV], np.float32(1.0), dv16, row, row32)
+
+
 def _make_bwd(kind, fused, out16=False):
     """The backward driver with native tile products of ``kind``: "f32", "bf16" (vdpbf16ps
     pairs) or "amx" (AMX tiles, kernels/amx.py; compiled only after ``isa.amx_available``).
@@ -592,7 +599,6 @@ def _make_bwd(kind, fused, out16=False):
             cfg = np.zeros(64, np.uint8)
             row = np.empty(max(d, dvd, 1), np.float32)       # out16: one row, scaled
             row32 = row.view(np.uint32)
-            one = np.float32(1.0)
             nf = 0                      # bf16 kinds: an inf / NaN packed (pack_pairs16)
             for it in range(tptr[t], tptr[t + 1]):
                 n2 = items[it, 2]
@@ -614,10 +620,8 @@ def _make_bwd(kind, fused, out16=False):
                         vb_off = seqtab[b, desc.V_OFF] + n2 * gp[desc.V_HS] + jb0 * gp[desc.V_RS]
                         if ib_hi <= ib_lo:
                             if OUT16:            # no tile: the block's (zero) rows as they are
-                                _rows16(dk, kb_off, gp[desc.K_RS], jb_len, d, scale, dk16, row,
-                                        row32)
-                                _rows16(dv, vb_off, gp[desc.V_RS], jb_len, dvd, one, dv16, row,
-                                        row32)
+                                _kv_rows16(dk, dv, kb_off, vb_off, gp, jb_len, scale, dk16,
+                                           dv16, row, row32)
                             continue
                         # the key block's B operands, packed once for all its tiles
                         pack_t32(k32, kb_off // W, gp[desc.K_RS] // W, jb_len, dw, kt, bn)
@@ -762,8 +766,8 @@ def _make_bwd(kind, fused, out16=False):
                                     _dpse_tile(dp, m_len, n_len, b, h, i0, j0, c, pk, dpk, scale,
                                                seqtab, dpse, dslope)
                         if OUT16:                # the key block's dk / dv rows are final
-                            _rows16(dk, kb_off, gp[desc.K_RS], jb_len, d, scale, dk16, row, row32)
-                            _rows16(dv, vb_off, gp[desc.V_RS], jb_len, dvd, one, dv16, row, row32)
+                            _kv_rows16(dk, dv, kb_off, vb_off, gp, jb_len, scale, dk16, dv16,
+                                       row, row32)
                     if OUT16:                    # one split: the sequence's dq rows are final
                         for gg in range(g):
                             _rows16(dq, seqtab[b, desc.Q_OFF] + (n2 * g + gg) * gp[desc.Q_HS],

@@ -699,8 +699,7 @@ def scale_into(src, off, n, c, dst, doff):
 
 @intrinsic
 def _zero_run(typingctx, x, off, n):
-    """``x[off:off + n] = 0`` as one ``llvm.memset`` (no slice: no reference count; 0.3 s less
-    cold compile than a vectorised loop over the rows)."""
+    """``x[off:off + n] = 0`` as one ``llvm.memset`` (no slice: no reference count)."""
     sig = types.void(x, off, n)
 
     def codegen(context, builder, sig, args):
