@@ -103,6 +103,12 @@ DEFAULTS = {
     #   4M        892 / 584  880 / 568  868 / 551  876 / 553
     # (the hand-off to a pool thread costs 20-70 us; below ~1M one thread is faster)
     "CONVERT_THREAD_MIN": 1 << 20,
+    # Where a call's chunks run (omp.py), env FAG_NUMBA_CHUNK_RUNNER: "threads" = fag_numba's
+    # own pool of Python threads; "openmp" / "auto" = on the calling thread's GNU OpenMP team
+    # (torch's, from its bundled libgomp) when torch is imported and the caller is the main
+    # thread, else the pool.  torch's workers spin after each op; on the team they run our
+    # chunks instead of competing with them for the cores.
+    "CHUNK_RUNNER": os.environ.get("FAG_NUMBA_CHUNK_RUNNER", "auto"),
     # Small calls run on the calling thread alone (planning.chunk_count): when the call's work
     # N1 * sum_b S1_b * S2_b * (D + Dv) is at most this (forward / backward).  Same plans and
     # results, only chunked once.  1 vs 2 threads, fp32 BNSD D=64, medians of 7 x 7 alternating
@@ -148,6 +154,7 @@ NATIVE = DEFAULTS["NATIVE"]
 FLOAT32_BLAS = DEFAULTS["FLOAT32_BLAS"]
 BF16_PRODUCTS = DEFAULTS["BF16_PRODUCTS"]
 CONVERT_THREAD_MIN = DEFAULTS["CONVERT_THREAD_MIN"]
+CHUNK_RUNNER = DEFAULTS["CHUNK_RUNNER"]
 SERIAL_WORK_FWD = DEFAULTS["SERIAL_WORK_FWD"]
 SERIAL_WORK_BWD = DEFAULTS["SERIAL_WORK_BWD"]
 MALLOC_TUNE = DEFAULTS["MALLOC_TUNE"]

@@ -91,10 +91,13 @@ def sgemm_address():
 
 
 def _one_thread():
-    """A pool thread's MKL thread count of 1 (``threads.run_chunks`` setup hook)."""
+    """A chunk thread's MKL thread count of 1 (``threads.run_chunks`` setup hook); returns
+    the undo (the OpenMP runner restores the setting of torch's threads after their chunks)."""
     found = _load()
     if found is not None:
-        found[1](1)
+        saved = found[1](1)
+        return lambda: found[1](saved)
+    return None
 
 
 @contextlib.contextmanager

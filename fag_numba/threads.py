@@ -22,7 +22,7 @@ import threading
 
 import numba
 
-from . import _jit
+from . import _jit, omp
 from .errors import FagTypeError, FagValueError
 from .validation import is_int
 
@@ -147,9 +147,13 @@ def run_chunks(kernel, nchunks, args):
     is waited for before returning, even when one raises (they write into the caller's
     outputs); the first exception is then re-raised.
     """
+    team = omp.use_for_call()          # (validates config.CHUNK_RUNNER on every call)
     if nchunks <= 1:
         if nchunks == 1:
             kernel(0, *args)
+        return
+    if team:
+        omp.run(kernel, nchunks, args, _thread_setup)
         return
     futures = [_workers().submit(_task, kernel, t, args) for t in range(1, nchunks)]
     error = None
@@ -241,8 +245,12 @@ def _version():
 
 
 def _threading_layer():
-    """How the kernels run in parallel (kept under this key for reports and tests)."""
-    return "python-threads"
+    """How the main thread's calls run their chunks in parallel (kept under this key for
+    reports and tests): "torch-openmp" (``omp.py``: torch imported) or "python-threads"."""
+    try:
+        return "torch-openmp" if omp.use_for_call() else "python-threads"
+    except FagValueError:
+        return "python-threads"
 
 
 def _cpu_features():

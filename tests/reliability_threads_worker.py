@@ -1,8 +1,18 @@
 """Subprocess worker of tests/test_reliability.py: concurrent Python-thread calls leave BLAS at
 its thread count, and a forked child (os.fork, 'fork' Pool, ProcessPoolExecutor) either computes
 correctly (fag_numba runs its chunks on Python threads, no OpenMP), never hangs.  Prints one
-line per check."""
+line per check.
+
+With the argument "torch": torch is imported and runs a parallel op first, so the main
+thread's calls run their chunks on torch's OpenMP team (omp.py), and the children must not hang
+in libgomp (fag_numba releases the team before each fork) and compute torch's ops too."""
 import sys, os, threading, time
+WITH_TORCH = sys.argv[1:] == ["torch"]
+if WITH_TORCH:
+    import torch
+    torch.set_num_threads(2)
+    _x = torch.randn(512, 512)
+    (_x @ _x).sum()
 import numpy as np
 import fag_numba, numba
 # these calls are small: keep them on the worker threads (planning.chunk_count), which is what
@@ -26,12 +36,23 @@ ts = [threading.Thread(target=work) for _ in range(4)]
 after = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
 print("blas before", before, "after", after, "errs", errs, flush=True)
 assert set(after) == set(before) and not errs
+if WITH_TORCH:
+    from fag_numba import omp
+    print("openmp used", omp._used, flush=True)
+
+
+def torch_ok():
+    """A parallel torch op gives the parent's result (no libgomp hang in a child)."""
+    return not WITH_TORCH or float((_x @ _x).sum()) == TORCH_SUM
+
+
+TORCH_SUM = float((_x @ _x).sum()) if WITH_TORCH else None
 # fork after use
 pid = os.fork()
 if pid == 0:
     try:
         r = fag_numba.flash_attention_score(q, q, q, 2, "BNSD").attention_out
-        code = 3 if np.array_equal(r, ref) else 5
+        code = 3 if np.array_equal(r, ref) and torch_ok() else 5
     except BaseException:
         code = 4
     os._exit(code)
@@ -39,6 +60,7 @@ _, st = os.waitpid(pid, 0)
 print("fork child exit", os.waitstatus_to_exitcode(st), flush=True)
 import multiprocessing as mp
 def job(_):
+    assert torch_ok()
     return float(fag_numba.flash_attention_score(q, q, q, 2, "BNSD").attention_out.sum())
 want = [job(0)] * 2
 with mp.get_context("fork").Pool(2) as p:
@@ -46,3 +68,6 @@ with mp.get_context("fork").Pool(2) as p:
 from concurrent.futures import ProcessPoolExecutor
 with ProcessPoolExecutor(2, mp_context=mp.get_context("fork")) as ex:
     print("ppe ok", list(ex.map(job, range(2))) == want, flush=True)
+# the parent's own calls still run (a new team after the release)
+r = fag_numba.flash_attention_score(q, q, q, 2, "BNSD").attention_out
+print("parent after forks ok", np.array_equal(r, ref) and torch_ok(), flush=True)

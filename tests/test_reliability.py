@@ -536,22 +536,34 @@ def test_all_minus_inf_pse_row_is_nan_but_a_masked_row_is_invalid():
 
 # ---- 5, 6. threads and fork (one subprocess; numba's omp layer loaded, hard timeout) ----------
 
-def test_threads_and_fork_in_a_subprocess():
+@pytest.mark.parametrize("with_torch", [False, True])
+def test_threads_and_fork_in_a_subprocess(with_torch):
+    """Without torch the chunks run on Python threads (nothing fork-unsafe); with torch the
+    main thread's run on torch's OpenMP team, which fag_numba releases before each fork, so the
+    children compute fag_numba's and torch's results instead of hanging in libgomp."""
     import os
     import subprocess
     import sys
     from pathlib import Path
+    if with_torch:
+        pytest.importorskip("torch")
+        if numba.config.DISABLE_JIT:
+            pytest.skip("the OpenMP runner needs compiled (nogil) kernels")
     worker = Path(__file__).with_name("reliability_threads_worker.py")
     env = dict(os.environ, NUMBA_THREADING_LAYER="omp",
                PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    r = subprocess.run([sys.executable, str(worker)], env=env, capture_output=True, text=True,
-                       timeout=600)
+    env.pop("FAG_NUMBA_CHUNK_RUNNER", None)
+    r = subprocess.run([sys.executable, str(worker)] + (["torch"] if with_torch else []),
+                       env=env, capture_output=True, text=True, timeout=600)
     out = r.stdout
     assert r.returncode == 0, (out, r.stderr[-2000:])
     assert "errs []" in out                        # 4 concurrent threads, results bitwise equal
-    # a forked child computes the parent's result (Python-thread chunks: nothing fork-unsafe)
+    if with_torch:
+        assert "openmp used True" in out
+    # a forked child computes the parent's result
     assert "fork child exit 3" in out
     assert "pool ok True" in out and "ppe ok True" in out   # no hang, same results
+    assert "parent after forks ok True" in out
 
 
 # ---- found by tests/test_fuzz.py ----------------------------------------------------------------

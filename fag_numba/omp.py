@@ -1,0 +1,178 @@
+"""Chunks on torch's OpenMP threads (``config.CHUNK_RUNNER``, default "auto").
+
+Why: torch's CPU ops run on GNU OpenMP (the ``libgomp.so.1`` its wheel bundles), whose worker
+threads spin for a while after every parallel region (libgomp's default wait policy).  A
+fag_numba call right after a torch op then shares the cores with those spinning workers: a bf16
+forward (2,16,512,64) took 6.2 ms after a torch call against 2.9 ms alone (2 cores).  Handing our
+chunks to that same team (``GOMP_parallel``) puts the spinning workers to work on them instead,
+as torch's own next op would.
+
+How: one ctypes callback ``_body(key)`` runs on every thread of the team: thread i of n runs the
+chunks i, i + n, ... of the job ``_jobs[key]`` (so a smaller team, e.g. a call from inside a
+parallel region, still runs them all).  The chunk kernels are ``nogil`` numba functions, so the
+GIL is held only for the call into the kernel.  Each thread of the team runs the
+``threads.set_thread_setup`` hook around its chunks (MKL's thread-local count of 1), restored
+after: the team's workers are torch's.
+
+When (``use_for_call``): torch imported, its libgomp loaded, the calling thread is the main
+thread (torch's team belongs to the thread that runs torch's ops; other Python threads keep the
+fag_numba pool, so concurrent calls never start one OpenMP team per thread), and the process
+can use the team safely (below).
+
+Fork: libgomp has no fork handler; a child forked after its team ran on the forking thread hangs
+at its next parallel region (torch's own ops too).  So before every ``os.fork`` after
+fag_numba used the team, the forking thread's team is released (``omp_pause_resource_all``, as
+OpenMP 5 defines it; torch's next op starts a new team, ~0.1 ms), and a child of a
+``multiprocessing`` parent (where the fork may have come before fag_numba was imported) never
+uses the team.  A raw ``os.fork`` made after torch ran and before fag_numba was imported is not
+detectable: there ``config.CHUNK_RUNNER = "threads"`` (env ``FAG_NUMBA_CHUNK_RUNNER``) keeps
+fag_numba off OpenMP; torch's own ops hang in such a child anyway.
+"""
+import ctypes
+import os
+import sys
+import threading
+
+from . import config
+from .errors import FagValueError
+
+_lock = threading.Lock()
+_lib = None            # (GOMP_parallel, omp_get_thread_num, omp_get_num_threads, pause) or False
+_used = False          # this process ran chunks on the team (the fork handler releases it)
+_child_ok = True       # False in a child whose parent's team could not be released
+_pause_ok = True       # the last fork's release of the team succeeded (read in the child)
+_jobs = {}
+_next_key = [1]
+_OMP_PAUSE_HARD = 2
+
+
+def _load():
+    """The libgomp entry points, from the ``libgomp.so.1`` torch loaded, or None."""
+    global _lib
+    if _lib is not None:
+        return _lib or None
+    torch = sys.modules.get("torch")
+    if torch is None or not sys.platform.startswith("linux"):
+        return None
+    with _lock:
+        if _lib is None:
+            _lib = False
+            path = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
+            try:
+                if os.path.exists(path) and _mapped(path):
+                    lib = ctypes.CDLL(path)          # GOMP_parallel: releases the GIL
+                    fast = ctypes.PyDLL(path)        # trivial queries: keep the GIL
+                    par = lib.GOMP_parallel
+                    par.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint,
+                                    ctypes.c_uint]
+                    par.restype = None
+                    tnum, tcount = fast.omp_get_thread_num, fast.omp_get_num_threads
+                    tnum.restype = tcount.restype = ctypes.c_int
+                    pause = fast.omp_pause_resource_all
+                    pause.argtypes = [ctypes.c_int]
+                    pause.restype = ctypes.c_int
+                    _lib = (par, tnum, tcount, pause)
+            except (OSError, AttributeError):
+                _lib = False
+    return _lib or None
+
+
+def _mapped(path):
+    """Whether ``path`` is already loaded in this process (torch's ops run on that one)."""
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/maps") as f:
+            return any(real in line for line in f)
+    except OSError:
+        return False
+
+
+def use_for_call():
+    """Whether this call's chunks run on torch's OpenMP team (``config.CHUNK_RUNNER``)."""
+    mode = str(config.CHUNK_RUNNER).strip().lower()
+    if mode == "threads":
+        return False
+    if mode not in ("auto", "openmp"):
+        raise FagValueError(f"config.CHUNK_RUNNER (env FAG_NUMBA_CHUNK_RUNNER) must be 'auto', "
+                            f"'openmp' or 'threads', got {config.CHUNK_RUNNER!r}")
+    from numba.core import config as nconfig
+    if nconfig.DISABLE_JIT or not _child_ok:
+        return False
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if "torch" not in sys.modules:
+        return False
+    return _load() is not None
+
+
+def _body(key):
+    """One thread of the team: its share of the job's chunks (errors kept for the caller)."""
+    kernel, args, nchunks, errors, setup = _jobs[key]
+    _, tnum, tcount, _ = _lib
+    undo = setup() if setup is not None else None
+    try:
+        for t in range(tnum(), nchunks, max(1, tcount())):
+            try:
+                kernel(t, *args)
+            except BaseException as exc:     # noqa: BLE001 - re-raised by run()
+                errors.append(exc)
+    finally:
+        if undo is not None:
+            undo()
+
+
+_callback = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(_body)
+
+
+def run(kernel, nchunks, args, setup):
+    """``kernel(t, *args)`` for t in range(nchunks) on the calling thread's OpenMP team of
+    ``nchunks`` threads; the first error re-raised once every chunk is done."""
+    global _used
+    par = _lib[0]
+    errors = []
+    with _lock:
+        key = _next_key[0]
+        _next_key[0] += 1
+        _jobs[key] = (kernel, args, nchunks, errors, setup)
+    _used = True
+    try:
+        par(_callback, key, nchunks, 0)
+    finally:
+        del _jobs[key]
+    if errors:
+        raise errors[0]
+
+
+def _before_fork():
+    """Release the forking thread's team (if fag_numba used one), so the child's libgomp starts
+    from scratch instead of waiting for threads that do not exist there."""
+    global _pause_ok
+    _pause_ok = True
+    if _used and _lib:
+        try:
+            _pause_ok = _lib[3](_OMP_PAUSE_HARD) == 0
+        except Exception:                    # noqa: BLE001 - never block a fork
+            _pause_ok = False
+
+
+def _after_fork_in_child():
+    global _lock, _jobs, _child_ok
+    _lock = threading.Lock()
+    _jobs = {}
+    _child_ok = _child_ok and _pause_ok
+
+
+def _parent_is_multiprocessing():
+    """A ``multiprocessing`` child: forked before fag_numba was imported, the parent's team may
+    be broken here."""
+    try:
+        import multiprocessing
+        return multiprocessing.parent_process() is not None
+    except Exception:                        # noqa: BLE001
+        return False
+
+
+if _parent_is_multiprocessing():
+    _child_ok = False
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
