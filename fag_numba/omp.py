@@ -106,19 +106,23 @@ def use_for_call():
 
 
 def _body(key):
-    """One thread of the team: its share of the job's chunks (errors kept for the caller)."""
+    """One thread of the team: its share of the job's chunks.  Nothing may escape: ctypes would
+    print an escaping error and drop it, and the caller would return with chunks not run."""
     kernel, args, nchunks, errors, setup = _jobs[key]
-    _, tnum, tcount, _ = _lib
-    undo = setup() if setup is not None else None
     try:
-        for t in range(tnum(), nchunks, max(1, tcount())):
-            try:
-                kernel(t, *args)
-            except BaseException as exc:     # noqa: BLE001 - re-raised by run()
-                errors.append(exc)
-    finally:
-        if undo is not None:
-            undo()
+        _, tnum, tcount, _ = _lib
+        undo = setup() if setup is not None else None
+        try:
+            for t in range(tnum(), nchunks, max(1, tcount())):
+                try:
+                    kernel(t, *args)
+                except BaseException as exc:     # noqa: BLE001 - re-raised by run()
+                    errors.append(exc)
+        finally:
+            if undo is not None:
+                undo()
+    except BaseException as exc:                 # noqa: BLE001 - the setup hook's own errors
+        errors.append(exc)
 
 
 _callback = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(_body)

@@ -84,6 +84,20 @@ def test_every_chunk_runs_once_and_the_first_error_is_raised(nchunks, monkeypatc
 
 
 @needs_team
+def test_a_failing_thread_setup_is_an_error_not_a_skipped_chunk():
+    """An error outside the chunk kernels (the per-thread setup hook) reaches the caller: a
+    ctypes callback would otherwise print and drop it, returning with chunks not run."""
+    def setup():
+        raise RuntimeError("setup failed")
+
+    with pytest.raises(RuntimeError, match="setup failed"):
+        omp.run(lambda t: None, 2, (), setup)
+    undone = []
+    omp.run(lambda t: None, 2, (), lambda: (lambda: undone.append(1)))
+    assert undone == [1, 1]                     # every thread of the team restores its setting
+
+
+@needs_team
 def test_other_threads_and_the_threads_setting_use_the_pool(runs, monkeypatch, rng):
     """Calls from a thread other than the main thread keep fag_numba's pool (no OpenMP team per
     Python thread); "threads" keeps every call there; "openmp" and "auto" use the team."""

@@ -554,7 +554,7 @@ def test_threads_and_fork_in_a_subprocess(with_torch):
                PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     env.pop("FAG_NUMBA_CHUNK_RUNNER", None)
     r = subprocess.run([sys.executable, str(worker)] + (["torch"] if with_torch else []),
-                       env=env, capture_output=True, text=True, timeout=600)
+                       env=env, capture_output=True, text=True, timeout=300)
     out = r.stdout
     assert r.returncode == 0, (out, r.stderr[-2000:])
     assert "errs []" in out                        # 4 concurrent threads, results bitwise equal
