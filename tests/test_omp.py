@@ -125,3 +125,21 @@ def test_invalid_chunk_runner_is_refused(bad, monkeypatch, rng):
     q, k, v, dy = make_qkv("BNSD", 1, 2, 2, 130, 130, 32, 32, np.float32, rng)
     with fag_numba.threads(2), pytest.raises(FagValueError, match="CHUNK_RUNNER"):
         forward_backward(q, k, v, dy, 2, "BNSD")
+
+
+@needs_team
+def test_team_workers_keep_their_python_thread_state():
+    """A worker's Python thread state outlives its callback (omp._pin: ctypes would create and
+    delete one per callback, ~25 us of each hand-off): its thread-local data is still there at
+    the next run."""
+    seen = []
+
+    def kernel(t):
+        if t == 1:
+            seen.append(getattr(omp._pinned, "done", False))
+            omp._pinned.mark = getattr(omp._pinned, "mark", 0) + 1
+            seen.append(omp._pinned.mark)
+
+    omp.run(kernel, 2, (), None)
+    omp.run(kernel, 2, (), None)
+    assert seen[0] is True and seen[2] is True and seen[3] == seen[1] + 1
