@@ -20,8 +20,8 @@ fag_numba pool, so concurrent calls never start one OpenMP team per thread), and
 can use the team safely (below).
 
 Fork: libgomp has no fork handler; a child forked after its team ran on the forking thread hangs
-at its next parallel region (torch's own ops too).  So before every ``os.fork`` after
-fag_numba used the team, the forking thread's team is released (``omp_pause_resource_all``, as
+at its next parallel region (torch's own ops too).  So before every ``os.fork`` while torch is
+imported, the forking thread's team is released (``omp_pause_resource_all``, as
 OpenMP 5 defines it; torch's next op starts a new team, ~0.1 ms), and a child of a
 ``multiprocessing`` parent (where the fork may have come before fag_numba was imported) never
 uses the team.  A raw ``os.fork`` made after torch ran and before fag_numba was imported is not
@@ -38,7 +38,7 @@ from .errors import FagValueError
 
 _lock = threading.Lock()
 _lib = None            # (GOMP_parallel, omp_get_thread_num, omp_get_num_threads, pause) or False
-_used = False          # this process ran chunks on the team (the fork handler releases it)
+_used = False          # this process ran chunks on the team (for reports and tests)
 _child_ok = True       # False in a child whose parent's team could not be released
 _pause_ok = True       # the last fork's release of the team succeeded (read in the child)
 _jobs = {}
@@ -164,13 +164,17 @@ def run(kernel, nchunks, args, setup):
 
 
 def _before_fork():
-    """Release the forking thread's team (if fag_numba used one), so the child's libgomp starts
-    from scratch instead of waiting for threads that do not exist there."""
+    """Release the forking thread's team, so the child's libgomp starts from scratch instead of
+    waiting for threads that do not exist there.  Whenever torch is imported, not only after
+    fag_numba used the team: torch's own ops may have started it, and the child's calls would
+    otherwise hang on it (torch's next op in the parent starts a new team)."""
     global _pause_ok
     _pause_ok = True
-    if _used and _lib:
+    if "torch" in sys.modules:
         try:
-            _pause_ok = _lib[3](_OMP_PAUSE_HARD) == 0
+            lib = _load()
+            if lib is not None:
+                _pause_ok = lib[3](_OMP_PAUSE_HARD) == 0
         except Exception:                    # noqa: BLE001 - never block a fork
             _pause_ok = False
 

@@ -20,6 +20,17 @@ import fag_numba, numba
 fag_numba.config.SERIAL_WORK_FWD = fag_numba.config.SERIAL_WORK_BWD = 0
 from threadpoolctl import threadpool_info
 q = np.random.default_rng(0).standard_normal((1, 2, 300, 32)).astype(np.float32)
+if WITH_TORCH:
+    # torch's team exists (its op above), fag_numba has not used it: a child forked now must
+    # not hang on it in its first multi-threaded call, nor in torch's next op
+    with fag_numba.threads(1):
+        ref1 = fag_numba.flash_attention_score(q, q, q, 2, "BNSD").attention_out
+    pid = os.fork()
+    if pid == 0:
+        r = fag_numba.flash_attention_score(q, q, q, 2, "BNSD").attention_out
+        os._exit(3 if np.array_equal(r, ref1) and float((_x @ _x).sum()) != 0 else 5)
+    _, st = os.waitpid(pid, 0)
+    print("early fork child exit", os.waitstatus_to_exitcode(st), flush=True)
 before = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
 ref = fag_numba.flash_attention_score(q, q, q, 2, "BNSD").attention_out
 errs = []

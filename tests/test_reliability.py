@@ -559,6 +559,7 @@ def test_threads_and_fork_in_a_subprocess(with_torch):
     assert r.returncode == 0, (out, r.stderr[-2000:])
     assert "errs []" in out                        # 4 concurrent threads, results bitwise equal
     if with_torch:
+        assert "early fork child exit 3" in out    # torch's team only, then a fork
         assert "openmp used True" in out
     # a forked child computes the parent's result
     assert "fork child exit 3" in out
