@@ -18,46 +18,34 @@ after, so the caller's own torch ops keep their threads).
 """
 import contextlib
 import ctypes
-import os
-import sys
-import threading
 
 from . import config
+from ._torchlib import TorchLib
 from .errors import FagValueError
 from .kernels import desc
 
-_lock = threading.Lock()
-_found = None          # (sgemm address, MKL_Set_Num_Threads_Local) or False
 _auto = None           # "auto": whether this process uses MKL (set at the first BLAS call)
+
+
+def _open(path):
+    """(MKL's ``sgemm_`` address, its ``MKL_Set_Num_Threads_Local``) in ``libtorch_cpu.so``."""
+    lib = ctypes.CDLL(path)
+    addr = ctypes.cast(lib.sgemm_, ctypes.c_void_p).value
+    # MKL's C interface, by value (``mkl_set_num_threads_local``, lower case, is the Fortran
+    # one here: by reference); returns the thread's previous setting
+    local = lib.MKL_Set_Num_Threads_Local
+    local.argtypes = [ctypes.c_int]
+    local.restype = ctypes.c_int
+    return (addr, local) if addr else None
+
+
+_mkl = TorchLib("libtorch_cpu.so", _open)
 
 
 def _load():
     """(torch's MKL ``sgemm_`` address, its ``MKL_Set_Num_Threads_Local``), or None (torch
-    not imported, not Linux, or no exported ``sgemm_``).  A miss is not remembered while torch is
-    not imported (it may be later)."""
-    global _found
-    if _found is not None:
-        return _found or None
-    torch = sys.modules.get("torch")
-    if torch is None or not sys.platform.startswith("linux"):
-        return None
-    with _lock:
-        if _found is None:
-            _found = False
-            try:
-                libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
-                lib = ctypes.CDLL(os.path.join(libdir, "libtorch_cpu.so"))
-                addr = ctypes.cast(lib.sgemm_, ctypes.c_void_p).value
-                # MKL's C interface, by value (``mkl_set_num_threads_local``, lower case, is
-                # the Fortran one here: by reference); returns the thread's previous setting
-                local = lib.MKL_Set_Num_Threads_Local
-                local.argtypes = [ctypes.c_int]
-                local.restype = ctypes.c_int
-                if addr:
-                    _found = (addr, local)
-            except (OSError, AttributeError, TypeError):
-                _found = False
-    return _found or None
+    not imported, not Linux, or no exported ``sgemm_``)."""
+    return _mkl.get()
 
 
 def sgemm_address():

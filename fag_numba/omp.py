@@ -34,10 +34,10 @@ import sys
 import threading
 
 from . import config
+from ._torchlib import TorchLib
 from .errors import FagValueError
 
 _lock = threading.Lock()
-_lib = None            # (GOMP_parallel, omp_get_thread_num, omp_get_num_threads, pause) or False
 _used = False          # this process ran chunks on the team (for reports and tests)
 _child_ok = True       # False in a child whose parent's team could not be released
 _pause_ok = True       # the last fork's release of the team succeeded (read in the child)
@@ -46,35 +46,31 @@ _next_key = [1]
 _OMP_PAUSE_HARD = 2
 
 
-def _load():
-    """The libgomp entry points, from the ``libgomp.so.1`` torch loaded, or None."""
-    global _lib
-    if _lib is not None:
-        return _lib or None
-    torch = sys.modules.get("torch")
-    if torch is None or not sys.platform.startswith("linux"):
+def _open(path):
+    """The libgomp entry points of ``path`` (torch's ``libgomp.so.1``), if this process has
+    loaded it (torch's ops run on that one)."""
+    if not _mapped(path):
         return None
-    with _lock:
-        if _lib is None:
-            _lib = False
-            path = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
-            try:
-                if os.path.exists(path) and _mapped(path):
-                    lib = ctypes.CDLL(path)          # GOMP_parallel: releases the GIL
-                    fast = ctypes.PyDLL(path)        # trivial queries: keep the GIL
-                    par = lib.GOMP_parallel
-                    par.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint,
-                                    ctypes.c_uint]
-                    par.restype = None
-                    tnum, tcount = fast.omp_get_thread_num, fast.omp_get_num_threads
-                    tnum.restype = tcount.restype = ctypes.c_int
-                    pause = fast.omp_pause_resource_all
-                    pause.argtypes = [ctypes.c_int]
-                    pause.restype = ctypes.c_int
-                    _lib = (par, tnum, tcount, pause)
-            except (OSError, AttributeError):
-                _lib = False
-    return _lib or None
+    lib = ctypes.CDLL(path)                  # GOMP_parallel: releases the GIL
+    fast = ctypes.PyDLL(path)                # trivial queries: keep the GIL
+    par = lib.GOMP_parallel
+    par.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    par.restype = None
+    tnum, tcount = fast.omp_get_thread_num, fast.omp_get_num_threads
+    tnum.restype = tcount.restype = ctypes.c_int
+    pause = fast.omp_pause_resource_all
+    pause.argtypes = [ctypes.c_int]
+    pause.restype = ctypes.c_int
+    return par, tnum, tcount, pause
+
+
+_gomp = TorchLib("libgomp.so.1", _open)
+
+
+def _load():
+    """(GOMP_parallel, omp_get_thread_num, omp_get_num_threads, omp_pause_resource_all) of
+    torch's libgomp, or None."""
+    return _gomp.get()
 
 
 def _mapped(path):
@@ -110,7 +106,7 @@ def _body(key):
     print an escaping error and drop it, and the caller would return with chunks not run."""
     kernel, args, nchunks, errors, setup = _jobs[key]
     try:
-        _, tnum, tcount, _ = _lib
+        _, tnum, tcount, _ = _load()
         first = tnum()
         if first and not getattr(_pinned, "done", False):
             _pin()
@@ -148,7 +144,7 @@ def run(kernel, nchunks, args, setup):
     """``kernel(t, *args)`` for t in range(nchunks) on the calling thread's OpenMP team of
     ``nchunks`` threads; the first error re-raised once every chunk is done."""
     global _used
-    par = _lib[0]
+    par = _load()[0]
     errors = []
     with _lock:
         key = _next_key[0]
