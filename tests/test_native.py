@@ -509,6 +509,42 @@ def test_amx_production_tiles_match_reference(case, path, rng):
         assert_close(a, e, tolerance(BF16, "bwd"), nm)
 
 
+STRIP_CASES = [  # layout, B, N1, N2, S1, S2, D, kwargs: tiles the band cuts through, in strips
+    ("BNSD", 1, 2, 1, 203, 261, 64, dict(sparse_mode=3, atten_mask="causal")),   # S1 < S2
+    ("BSND", 1, 2, 2, 190, 150, 16, dict(sparse_mode=2, atten_mask="causal")),   # S1 > S2
+    ("BNSD", 1, 2, 2, 170, 170, 32, dict(sparse_mode=4, pre_tokens=37, next_tokens=5,
+                                          atten_mask="causal")),               # both edges
+    ("BSH", 1, 2, 2, 161, 161, 16, dict(keep_prob=0.8, seed=5, pse_type=2, pse="alibi",
+                                         sparse_mode=3, atten_mask="causal")),  # unfused
+    ("TND", 2, 2, 1, 0, 0, 32, dict(actual_seq_qlen=[70, 150], actual_seq_kvlen=[90, 150],
+                                     sparse_mode=3, atten_mask="causal")),
+]
+
+
+@pytest.mark.parametrize("name", ["amx", "bf16", "f32"])
+@pytest.mark.parametrize("case", STRIP_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(STRIP_CASES)])
+def test_forward_strips_of_band_cut_tiles_match_reference(name, case, path, blocks, rng):
+    """The native forward runs a tile that the band cuts through in row strips
+    (``native.FWD_STRIPS``: 64-row tiles, 16-row strips here, the minimum), each trimmed to the columns its
+    rows reach: the strips' K^T / V-pair offsets (a band's lower edge moves the first column),
+    the AMX padding pairs past a strip, odd strip widths, rows no key reaches."""
+    used = path(name)
+    blocks(fbm=64, fbn=48)
+    lay, B, N1, N2, S1, S2, D, kw = case
+    kw = _kwargs(kw, N1)
+    dt = BF16 if name != "f32" else np.dtype(np.float32)
+    q, k, v, _ = make_qkv(lay, B, N1, N2, S1, S2, D, D, dt, rng, kw.get("actual_seq_qlen"),
+                          kw.get("actual_seq_kvlen"))
+    out = fag_numba.flash_attention_score(q, k, v, N1, lay, scale_value=0.2, **kw)
+    assert used == [name]
+    ro, rm, rl = ref_forward(q, k, v, N1, lay, scale_value=0.2,
+                             **_ref_kwargs(kw, B * N1 * S1 * S2))   # (numels: dropout, not TND)
+    assert_close(out.attention_out, ro, tolerance(dt, "fwd"), "attention_out")
+    assert_close(out.softmax_max, rm, tolerance(np.float32, "stats"), "softmax_max")
+    assert_close(out.softmax_sum, rl, tolerance(np.float32, "stats"), "softmax_sum")
+
+
 @pytest.mark.skipif(not HAS_F32, reason="numba's target has no AVX-512")
 @pytest.mark.parametrize("m, n, ld, ldd, off", [(384, 64, 64, 384, 0), (37, 5, 9, 40, 3),
                                                 (16, 16, 16, 16, 0), (1, 1, 1, 1, 0),
