@@ -521,19 +521,20 @@ STRIP_CASES = [  # layout, B, N1, N2, S1, S2, D, kwargs: tiles the band cuts thr
 ]
 
 
-@pytest.mark.parametrize("name", ["amx", "bf16", "f32"])
+@pytest.mark.parametrize("name", ["amx", "bf16", "f32", "blas"])
 @pytest.mark.parametrize("case", STRIP_CASES,
                          ids=[f"{c[0]}-{i}" for i, c in enumerate(STRIP_CASES)])
 def test_forward_strips_of_band_cut_tiles_match_reference(name, case, path, blocks, rng):
-    """The native forward runs a tile that the band cuts through in row strips
-    (``native.FWD_STRIPS``: 64-row tiles, 16-row strips here, the minimum), each trimmed to the columns its
-    rows reach: the strips' K^T / V-pair offsets (a band's lower edge moves the first column),
-    the AMX padding pairs past a strip, odd strip widths, rows no key reaches."""
+    """The forwards (native kinds and the BLAS driver) run a tile that the band cuts through
+    in row strips (``driver.FWD_STRIPS``: 64-row tiles, 16-row strips here, the minimum), each
+    trimmed to the columns its rows reach: the strips' K^T / V-pair offsets (a band's lower
+    edge moves the first column), the AMX padding pairs past a strip, odd strip widths, rows no
+    key reaches."""
     used = path(name)
     blocks(fbm=64, fbn=48)
     lay, B, N1, N2, S1, S2, D, kw = case
     kw = _kwargs(kw, N1)
-    dt = BF16 if name != "f32" else np.dtype(np.float32)
+    dt = BF16 if name in ("amx", "bf16") else np.dtype(np.float32)
     q, k, v, _ = make_qkv(lay, B, N1, N2, S1, S2, D, D, dt, rng, kw.get("actual_seq_qlen"),
                           kw.get("actual_seq_kvlen"))
     out = fag_numba.flash_attention_score(q, k, v, N1, lay, scale_value=0.2, **kw)

@@ -32,7 +32,7 @@ from ..threads import run_chunks
 from .convert import bf16_row
 from . import desc
 
-from .driver import (_dpse_tile, _zero_owned, kv_block_range, online_softmax,
+from .driver import (FWD_STRIPS, _dpse_tile, _zero_owned, kv_block_range, online_softmax,
                      online_softmax16, plain, q_block_range, trim_tile)
 from .llir import (BFloat as _BFloat, I1 as _I1, I16 as _I16, I32 as _I32, I64 as _I64,
                    VB16 as _VB16, VB32 as _VB32, VF as _VF, VH16 as _VH16, VI as _VI, VM as _VM,
@@ -52,13 +52,6 @@ _MR = 4      # rows of the register block
 # 128 x 256 tiles) re-read a 64 KB panel from L2 for every 4 rows
 _KC = 128
 _NV = 4      # 16-lane vectors per row of the register block (64 columns)
-# The forward splits a tile that the band cuts through (a causal diagonal block) into this many
-# row strips, each trimmed to the columns its rows reach (at least 16 rows: one AMX tile).
-# Same-process A/B against whole tiles, bf16 causal forward (amx kind, 512 x 256 tiles): 8
-# strips of 64 rows 0.895 / 0.930 / 0.971 at (1,8,1024,64) / (1,8,2048,128) / (1,4,4096,64);
-# 4 strips 0.974 / 0.945 / 0.987; 16 strips 0.924 / 0.985 / 0.962; dense calls unchanged
-# (0.99-1.00), results bitwise the same.
-FWD_STRIPS = 8
 
 
 def _make_mk(fp32):
