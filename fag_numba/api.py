@@ -192,10 +192,11 @@ def _unmask(fn, args):
 
 def _out_dtype(out_dtype, qdt, f):
     """Output dtype: the input dtype, or for fp8 inputs float16 (default), bfloat16, float32."""
-    names = {"float16": dtypes.FLOAT16, "bfloat16": dtypes.BFLOAT16, "float32": dtypes.FLOAT32}
-    codes = {0: dtypes.FLOAT16, 1: dtypes.BFLOAT16}
     if out_dtype is None:
         return dtypes.FLOAT16 if qdt in dtypes.FP8_DTYPES else qdt
+    # (built here, not before: dtypes.BFLOAT16 imports ml_dtypes)
+    names = {"float16": dtypes.FLOAT16, "bfloat16": dtypes.BFLOAT16, "float32": dtypes.FLOAT32}
+    codes = {0: dtypes.FLOAT16, 1: dtypes.BFLOAT16}
     if validation.is_int(out_dtype):
         if int(out_dtype) not in codes:
             raise FagValueError(f"{f}out_dtype code must be 0 (float16) or 1 (bfloat16), got "
@@ -427,7 +428,7 @@ def _run_forward(P, q, k, v, bf16_out=False, native=True):
         bn += bn % 2
     st, gp, fp, nrows = _tables(P, bm, bn)
     nout = int(np.prod(P.dy_shape))
-    direct = bf16_out and kind in ("bf16", "amx") and P.out_dtype == dtypes.BFLOAT16
+    direct = bf16_out and kind in ("bf16", "amx") and dtypes.is_bf16(P.out_dtype)
     # every query row of every sequence is an item row the kernels write (out 0 for an invalid
     # row): when those rows are the whole output, it needs no zeros (rows past the sequences,
     # as TND's beyond the last offset, stay 0)
@@ -627,7 +628,7 @@ def flash_attention_score_grad(query, key, value, dy, head_num, input_layout, *,
     elif stats_given:
         m = validation.check_stats("softmax_max", softmax_max, P.dims, f)
         l = validation.check_stats("softmax_sum", softmax_sum, P.dims, f)
-    bits = stats_given and dy.dtype == dtypes.BFLOAT16 and attention_in.dtype == dtypes.BFLOAT16
+    bits = stats_given and dtypes.is_bf16(dy.dtype) and dtypes.is_bf16(attention_in.dtype)
     q, k, v, y = _inputs(P, query, key, value, dy, dy_bits=bits)
     if stats_given:
         # (bf16 bits when y is: the statistics pass reads both without float32 copies)
@@ -707,7 +708,7 @@ def _run_backward(P, q, k, v, y, o, m, l, bf16_out=False):
             from .kernels import native
             flags = np.zeros(tptr.size - 1, np.int64)
             direct = (bf16_out and owned and nsplit == 1 and kind in ("bf16", "amx")
-                      and P.out_dtype == dtypes.BFLOAT16)
+                      and dtypes.is_bf16(P.out_dtype))
             out16 = [memory.empty64(x.size, np.uint16) if direct else np.zeros(1, np.uint16)
                      for x in (dq, dk, dv)]
             native.driver("bwd", kind)(
@@ -766,7 +767,7 @@ def _native_bits(P):
     exactly 0, SPEC §3): ``_run_forward`` / ``_run_backward``."""
     from . import isa
 
-    if P.qdtype != dtypes.BFLOAT16:
+    if not dtypes.is_bf16(P.qdtype):
         return None
     kind = isa.native_kind(True, P.dims.D, P.dims.Dv)
     if kind not in ("bf16", "amx"):
@@ -792,7 +793,7 @@ def _native_inputs(P, q, k, v, y=None, backward=False):
         return kind, (raw if backward else raw[:3] + [None])
     from . import isa
 
-    if isa.native_kind(P.qdtype == dtypes.BFLOAT16, P.dims.D, P.dims.Dv) != "f32":
+    if isa.native_kind(dtypes.is_bf16(P.qdtype), P.dims.D, P.dims.Dv) != "f32":
         return None, None
     from .kernels import native
 

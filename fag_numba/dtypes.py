@@ -2,10 +2,16 @@
 
 Numba has no CPU fp16/bf16 arithmetic (numba#4402), so fp16/bf16 (and fp8, dequantised) are
 upcast here; float32 C-contiguous inputs pass through with no copy.
+
+ml_dtypes (bfloat16, float8) is imported on first need, not with fag_numba: its import takes
+~0.5 s (numpy's ufunc-loop registration is quadratic in the loops it adds), half of
+``import fag_numba``.  No array can hold one of its dtypes before it is imported, so the
+dtype sets below answer ``in`` for float32/float16 arrays without importing it;
+``BFLOAT16``, ``FP8_E4M3``, ``FP8_E5M2`` import it when first read (module ``__getattr__``).
 """
 import functools
+import sys
 
-import ml_dtypes
 import numpy as np
 
 from . import _jit
@@ -13,16 +19,60 @@ from .kernels import convert
 
 FLOAT32 = np.dtype(np.float32)
 FLOAT16 = np.dtype(np.float16)
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-FP8_E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
-FP8_E5M2 = np.dtype(ml_dtypes.float8_e5m2)
+_ML_NAMES = {"BFLOAT16": "bfloat16", "FP8_E4M3": "float8_e4m3fn", "FP8_E5M2": "float8_e5m2"}
+
+
+@functools.lru_cache(maxsize=None)
+def _ml(name):
+    """The ml_dtypes dtype of that name (imports ml_dtypes)."""
+    import ml_dtypes
+    return np.dtype(getattr(ml_dtypes, name))
+
+
+def __getattr__(name):
+    if name in _ML_NAMES:
+        return _ml(_ML_NAMES[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class DtypeSet:
+    """A set of dtypes, some from ml_dtypes: ``dt in s`` never imports ml_dtypes (an array of
+    one of its dtypes cannot exist before it is imported); iterating yields the dtypes (and
+    imports it), ``names`` their names for messages."""
+
+    def __init__(self, *names):
+        self.names = names
+        self._builtin = tuple(np.dtype(n) for n in names if n in ("float32", "float16"))
+        self._ml = tuple(n for n in names if n not in ("float32", "float16"))
+
+    def __contains__(self, dt):
+        try:
+            dt = np.dtype(dt)
+        except TypeError:
+            return False
+        if dt in self._builtin:
+            return True
+        return "ml_dtypes" in sys.modules and any(dt == _ml(n) for n in self._ml)
+
+    def __iter__(self):
+        return iter(self._builtin + tuple(_ml(n) for n in self._ml))
+
+    def __repr__(self):
+        return f"DtypeSet{self.names}"
+
 
 #: dtypes of query/key/value/dy (stated once; validation and tests read these)
-FLOAT_DTYPES = (FLOAT32, FLOAT16, BFLOAT16)
-FP8_DTYPES = (FP8_E4M3, FP8_E5M2)
-INPUT_DTYPES = FLOAT_DTYPES + FP8_DTYPES
+FLOAT_DTYPES = DtypeSet("float32", "float16", "bfloat16")
+FP8_DTYPES = DtypeSet("float8_e4m3fn", "float8_e5m2")
+INPUT_DTYPES = DtypeSet(*FLOAT_DTYPES.names, *FP8_DTYPES.names)
+BF16_DTYPES = DtypeSet("bfloat16")
 #: dtypes attention_in may have in the grad (any of them, whatever the input dtype)
 ATTN_IN_DTYPES = FLOAT_DTYPES
+
+
+def is_bf16(dt):
+    """Whether ``dt`` is bfloat16 (without importing ml_dtypes for other dtypes)."""
+    return dt in BF16_DTYPES
 
 
 def dtype_name(dt):
@@ -64,7 +114,7 @@ def to_f32_flat(x, scale=1.0):
         out = np.empty(x.size, np.float32)
         _decode(codes, _lut(dt), np.float32(scale), out)
         return out
-    if dt in (FLOAT16, BFLOAT16):
+    if dt == FLOAT16 or is_bf16(dt):
         arr = convert.to_f32(x).reshape(-1)
     else:
         arr = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)

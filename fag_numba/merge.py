@@ -92,7 +92,7 @@ def merge_attention_outputs(parts, head_num, input_layout, *, actual_seq_qlen=No
         o, m, l = validation.plain(o), validation.plain(m), validation.plain(l)
         if o.dtype not in dtypes.FLOAT_DTYPES:
             raise FagTypeError(f"{fn}parts[{k}].attention_out dtype must be one of "
-                               f"{', '.join(d.name for d in dtypes.FLOAT_DTYPES)}, got {o.dtype}")
+                               f"{', '.join(dtypes.FLOAT_DTYPES.names)}, got {o.dtype}")
         if outs and o.dtype != outs[0].dtype:
             raise FagTypeError(f"{fn}parts[{k}].attention_out dtype {o.dtype} differs from "
                                f"parts[0]'s {outs[0].dtype}")

@@ -99,7 +99,7 @@ def check_qkv(arrays, layout, fn=""):
         check_array(name, x, fn)
         if x.dtype not in dtypes.INPUT_DTYPES:
             raise FagTypeError(f"{fn}{name} dtype must be one of "
-                               f"{', '.join(d.name for d in dtypes.INPUT_DTYPES)}, got {x.dtype}")
+                               f"{', '.join(dtypes.INPUT_DTYPES.names)}, got {x.dtype}")
         if qdt is None:
             qdt = x.dtype
         elif x.dtype != qdt:
@@ -120,8 +120,9 @@ def check_like(name, x, shape, fn="", allowed=None):
     """An array of an exact shape (dtype checked against ``allowed`` if given)."""
     check_array(name, x, fn)
     if allowed is not None and x.dtype not in allowed:
-        raise FagTypeError(f"{fn}{name} dtype must be one of "
-                           f"{', '.join(np.dtype(d).name for d in allowed)}, got {x.dtype}")
+        names = getattr(allowed, "names", None) or [np.dtype(d).name for d in allowed]
+        raise FagTypeError(f"{fn}{name} dtype must be one of {', '.join(names)}, got "
+                           f"{x.dtype}")
     if tuple(x.shape) != tuple(shape):
         raise FagValueError(f"{fn}{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
     return x

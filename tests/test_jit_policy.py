@@ -164,6 +164,54 @@ def test_import_does_not_import_torch_nor_compile():
     assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stderr[-3000:]
 
 
+_LAZY_ML_PROBE = r"""
+import sys
+import numpy as np
+import fag_numba
+assert "ml_dtypes" not in sys.modules
+rng = np.random.default_rng(0)
+mask = np.triu(np.ones((2048, 2048), bool), 1)
+for dt in (np.float32, np.float16):
+    q, k, v, dy = (rng.standard_normal((1, 2, 40, 16), dtype=np.float32).astype(dt)
+                   for _ in range(4))
+    for kw in ({}, dict(atten_mask=mask, sparse_mode=3)):
+        o = fag_numba.flash_attention_score(q, k, v, 2, "BNSD", **kw)
+        fag_numba.flash_attention_score_grad(q, k, v, dy, 2, "BNSD", softmax_max=o.softmax_max,
+                                             softmax_sum=o.softmax_sum,
+                                             attention_in=o.attention_out, **kw)
+        fag_numba.flash_attention_score_grad(q, k, v, dy, 2, "BNSD", **kw)
+    try:
+        fag_numba.flash_attention_score(q.astype(np.int64), k, v, 2, "BNSD")
+    except fag_numba.FagError as e:
+        assert "float32, float16, bfloat16, float8_e4m3fn, float8_e5m2" in str(e), e
+assert "ml_dtypes" not in sys.modules, "imported by a float32/float16 call"
+from fag_numba import dtypes
+assert dtypes.is_bf16(np.float32) is False and np.float16 not in dtypes.FP8_DTYPES
+assert "ml_dtypes" not in sys.modules
+import ml_dtypes
+assert dtypes.BFLOAT16 == np.dtype(ml_dtypes.bfloat16) and dtypes.is_bf16(dtypes.BFLOAT16)
+assert [d.name for d in dtypes.INPUT_DTYPES] == list(dtypes.INPUT_DTYPES.names)
+assert np.dtype(ml_dtypes.float8_e5m2) in dtypes.FP8_DTYPES
+assert np.dtype(ml_dtypes.float8_e5m2) not in dtypes.FLOAT_DTYPES
+q = rng.standard_normal((1, 2, 40, 16), dtype=np.float32).astype(ml_dtypes.bfloat16)
+o = fag_numba.flash_attention_score(q, q, q, 2, "BNSD")
+assert o.attention_out.dtype == dtypes.BFLOAT16
+print("OK")
+"""
+
+
+def test_float32_and_float16_calls_never_import_ml_dtypes():
+    """``import fag_numba`` and its float32/float16 calls (forward, grad with and without the
+    statistics, masks, a dtype error) leave ml_dtypes unimported (its import is ~0.5 s, half
+    of fag_numba's before); bf16 after ``import ml_dtypes`` works, and the lazy dtype sets
+    answer as the real dtypes do."""
+    env_path = str(ROOT)
+    res = subprocess.run([sys.executable, "-c", _LAZY_ML_PROBE], capture_output=True,
+                         text=True, cwd=env_path, timeout=600,
+                         env={**_clean_env(), "PYTHONPATH": env_path})
+    assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stderr[-3000:]
+
+
 def _clean_env():
     import os
     env = dict(os.environ)

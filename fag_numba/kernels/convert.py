@@ -51,7 +51,6 @@ Arrays of at least ``config.CONVERT_THREAD_MIN`` elements are split into one chu
 Assumes the default MXCSR (round to nearest even, no FTZ/DAZ), as every numba kernel does; the
 bf16 kernels do not depend on it.
 """
-import ml_dtypes
 import numpy as np
 from llvmlite import ir
 from numba import types
@@ -66,7 +65,6 @@ _VHALF = ir.VectorType(_HALF, 16)
 _U32 = np.uint32
 _F32 = np.dtype(np.float32)
 _F16 = np.dtype(np.float16)
-_BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 # ---------------------------------------------------------------- bfloat16 (integer loops)
@@ -277,11 +275,17 @@ def _run(chunk, src, dst):
     run_chunks(chunk, nchunks, (src, dst, nchunks))
 
 
+def _is_bf16(dtype):
+    """bfloat16 (ml_dtypes imported lazily: dtypes.is_bf16)."""
+    from ..dtypes import is_bf16
+    return is_bf16(dtype)
+
+
 def _native_ok(dtype):
     """Whether the kernels may run for this half dtype (else ``astype``)."""
     if nconfig.DISABLE_JIT:         # the coverage lane: intrinsics cannot run as Python
         return False
-    if dtype == _BF16:
+    if _is_bf16(dtype):
         return True
     return dtype == _F16 and isa.target_has("f16c")
 
@@ -301,7 +305,7 @@ def from_f32(src, dtype):
         return _astype(src, dtype)
     flat = np.ascontiguousarray(src).reshape(-1)
     out = np.empty(flat.size, np.uint16)
-    if dtype == _BF16:
+    if _is_bf16(dtype):
         _run(_BF16_FROM_F32, flat.view(np.uint32), out)
     else:
         _run(_F16_FROM_F32, flat, out)
@@ -316,5 +320,5 @@ def to_f32(src):
         return _astype(src, _F32)
     flat = np.ascontiguousarray(src).reshape(-1).view(np.uint16)
     out = np.empty(flat.size, np.uint32)
-    _run(_F32_FROM_BF16 if dtype == _BF16 else _F32_FROM_F16, flat, out)
+    _run(_F32_FROM_BF16 if _is_bf16(dtype) else _F32_FROM_F16, flat, out)
     return out.view(np.float32).reshape(src.shape)
