@@ -164,26 +164,34 @@ def test_import_does_not_import_torch_nor_compile():
     assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stderr[-3000:]
 
 
-_LAZY_ML_PROBE = r"""
-import sys
-import numpy as np
-import fag_numba
-assert "ml_dtypes" not in sys.modules
+# A probe's calls: forward and grad (with the forward's statistics), dense and causal, for each
+# dtype in DTYPES (each probe substitutes its own)
+_CALLS = r"""
 rng = np.random.default_rng(0)
 mask = np.triu(np.ones((2048, 2048), bool), 1)
-for dt in (np.float32, np.float16):
+for dt in (DTYPES):
     q, k, v, dy = (rng.standard_normal((1, 2, 40, 16), dtype=np.float32).astype(dt)
                    for _ in range(4))
     for kw in ({}, dict(atten_mask=mask, sparse_mode=3)):
         o = fag_numba.flash_attention_score(q, k, v, 2, "BNSD", **kw)
         fag_numba.flash_attention_score_grad(q, k, v, dy, 2, "BNSD", softmax_max=o.softmax_max,
                                              softmax_sum=o.softmax_sum,
-                                             attention_in=o.attention_out, **kw)
-        fag_numba.flash_attention_score_grad(q, k, v, dy, 2, "BNSD", **kw)
+                                             attention_in=o.attention_out, **kw)"""
+
+
+_LAZY_ML_PROBE = r"""
+import sys
+import numpy as np
+import fag_numba
+assert "ml_dtypes" not in sys.modules
+""" + _CALLS.replace("DTYPES", "np.float32, np.float16") + r"""
+    fag_numba.flash_attention_score_grad(q, k, v, dy, 2, "BNSD")      # (no statistics)
     try:
         fag_numba.flash_attention_score(q.astype(np.int64), k, v, 2, "BNSD")
     except fag_numba.FagError as e:
         assert "float32, float16, bfloat16, float8_e4m3fn, float8_e5m2" in str(e), e
+    else:
+        raise AssertionError("an int64 query was accepted")
 assert "ml_dtypes" not in sys.modules, "imported by a float32/float16 call"
 from fag_numba import dtypes
 assert dtypes.is_bf16(np.float32) is False and np.float16 not in dtypes.FP8_DTYPES
@@ -223,16 +231,7 @@ _PLAIN_PROBE = r"""
 import numpy as np, ml_dtypes
 import fag_numba
 from fag_numba.kernels import driver, guard, native, tile
-rng = np.random.default_rng(0)
-mask = np.triu(np.ones((2048, 2048), bool), 1)
-for dt in (np.float32, ml_dtypes.bfloat16):
-    q, k, v, dy = (rng.standard_normal((1, 2, 40, 16), dtype=np.float32).astype(dt)
-                   for _ in range(4))
-    for kw in ({}, dict(atten_mask=mask, sparse_mode=3)):
-        o = fag_numba.flash_attention_score(q, k, v, 2, "BNSD", **kw)
-        fag_numba.flash_attention_score_grad(q, k, v, dy, 2, "BNSD", softmax_max=o.softmax_max,
-                                             softmax_sum=o.softmax_sum,
-                                             attention_in=o.attention_out, **kw)
+""" + _CALLS.replace("DTYPES", "np.float32, ml_dtypes.bfloat16") + r"""
 cold = {"tile.add_pse": tile.add_pse, "tile.keep_tile": tile.keep_tile,
         "tile.drop_p": tile.drop_p, "tile.drop_ds": tile.drop_ds,
         "driver._dpse_tile": driver._dpse_tile, "driver._fwd_chunk": driver._fwd_chunk,
