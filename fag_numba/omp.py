@@ -29,6 +29,7 @@ detectable: there ``config.CHUNK_RUNNER = "threads"`` (env ``FAG_NUMBA_CHUNK_RUN
 fag_numba off OpenMP; torch's own ops hang in such a child anyway.
 """
 import ctypes
+import itertools
 import os
 import sys
 import threading
@@ -37,12 +38,11 @@ from . import config
 from ._torchlib import TorchLib
 from .errors import FagValueError
 
-_lock = threading.Lock()
 _used = False          # this process ran chunks on the team (for reports and tests)
 _child_ok = True       # False in a child whose parent's team could not be released
 _pause_ok = True       # the last fork's release of the team succeeded (read in the child)
-_jobs = {}
-_next_key = [1]
+_jobs = {}                # key -> (kernel, args, nchunks, errors, setup) of a running call
+_keys = itertools.count(1)  # (next() is atomic under the GIL)
 _OMP_PAUSE_HARD = 2
 
 
@@ -146,10 +146,8 @@ def run(kernel, nchunks, args, setup):
     global _used
     par = _load()[0]
     errors = []
-    with _lock:
-        key = _next_key[0]
-        _next_key[0] += 1
-        _jobs[key] = (kernel, args, nchunks, errors, setup)
+    key = next(_keys)
+    _jobs[key] = (kernel, args, nchunks, errors, setup)
     _used = True
     try:
         par(_callback, key, nchunks, 0)
@@ -176,8 +174,7 @@ def _before_fork():
 
 
 def _after_fork_in_child():
-    global _lock, _jobs, _child_ok
-    _lock = threading.Lock()
+    global _jobs, _child_ok
     _jobs = {}
     _child_ok = _child_ok and _pause_ok
 

@@ -100,6 +100,19 @@ def trim_tile(lo, hi, prefix, i0, m_len, j0, n_len):
 FWD_STRIPS = 8
 
 
+@_jit.kernel(inline="always")
+def strip_rows(lo, hi, prefix, i0, m_len, j0, n_len, cls, sbm):
+    """Rows per strip of a forward tile (FWD_STRIPS): ``sbm`` when the band cuts the tile so
+    that its first or last ``sbm`` rows reach fewer columns (a causal diagonal block), else
+    ``m_len`` (the tile in one piece)."""
+    if cls == desc.FULL or m_len <= sbm:
+        return m_len
+    last = i0 + (m_len - 1) // sbm * sbm
+    f0 = trim_tile(lo, hi, prefix, i0, sbm, j0, n_len)
+    f1 = trim_tile(lo, hi, prefix, last, i0 + m_len - last, j0, n_len)
+    return sbm if f0[3] < n_len or f1[3] < n_len else m_len
+
+
 @_jit.kernel
 def q_block_range(lo, hi, prefix, s1, j0, j1, bm):
     """Query blocks ``[ib_lo, ib_hi)`` that can hold computed elements of key columns [j0, j1)."""
@@ -274,7 +287,6 @@ def _make_fwd_chunk(full):
     never compiles their code: ~3 s of a cold float32 first forward + backward)."""
     FULL = 1 if full else 0     # a closure constant (pruned before lowering)
     score = score_tile if full else score_tile_plain
-    STRIPS = 1
 
     @_jit.kernel
     def fwd_chunk(t, q, k, v, out, mrow, lrow, pse, slopes, mask, drop_mask, seqtab, gp, fp,
@@ -340,13 +352,7 @@ def _make_fwd_chunk(full):
                 visits[t] += 1
                 # a tile the band cuts through runs in row strips trimmed to their columns
                 # (FWD_STRIPS: the top strip of a causal diagonal block reaches fewer keys)
-                sb = tm
-                if STRIPS and cls != desc.FULL and tm > sbm:
-                    last = ti0 + (tm - 1) // sbm * sbm
-                    f0 = trim_tile(lo, hi, pre, ti0, sbm, j0, n_len)
-                    f1 = trim_tile(lo, hi, pre, last, ti0 + tm - last, j0, n_len)
-                    if f0[3] < n_len or f1[3] < n_len:
-                        sb = sbm
+                sb = strip_rows(lo, hi, pre, ti0, tm, j0, n_len, cls, sbm)
                 tile_i0, tile_m, tile_j0, tile_n = ti0, tm, j0, n_len
                 for sr0 in range(tile_i0, tile_i0 + tile_m, sb):
                     if sb < tile_m:

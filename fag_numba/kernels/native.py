@@ -33,7 +33,7 @@ from .convert import bf16_row
 from . import desc
 
 from .driver import (FWD_STRIPS, _dpse_tile, _zero_owned, kv_block_range, online_softmax,
-                     online_softmax16, plain, q_block_range, trim_tile)
+                     online_softmax16, plain, q_block_range, strip_rows, trim_tile)
 from .llir import (BFloat as _BFloat, I1 as _I1, I16 as _I16, I32 as _I32, I64 as _I64,
                    VB16 as _VB16, VB32 as _VB32, VF as _VF, VH16 as _VH16, VI as _VI, VM as _VM,
                    bf16_pairs as _bf16_pairs, data as _data, edges as _edges, fn as _fn,
@@ -856,11 +856,10 @@ def _make_fwd(kind, fused, out16=False):
                 for x in range(m_len * dv):
                     acc[x] = 0.0
                 q_off = seqtab[b, desc.Q_OFF] + h * gp[desc.Q_HS] + i0 * gp[desc.Q_RS]
-                jb_lo, jb_hi = kv_block_range(seqtab[b, desc.LO], seqtab[b, desc.HI],
-                                              seqtab[b, desc.PREFIX], s2, i0, i0 + m_len, bn)
                 lo = seqtab[b, desc.LO]
                 hi = seqtab[b, desc.HI]
                 pre = seqtab[b, desc.PREFIX]
+                jb_lo, jb_hi = kv_block_range(lo, hi, pre, s2, i0, i0 + m_len, bn)
                 for jb in range(jb_lo, jb_hi):
                     # the rows [ti0, ti0 + tm) and columns the band can reach (the other rows
                     # keep their m, l, acc: as driver.fwd_chunk; a causal diagonal block of
@@ -886,13 +885,7 @@ def _make_fwd(kind, fused, out16=False):
                     # A tile the band cuts through (a causal diagonal block) runs in strips
                     # of sb rows, each trimmed to the columns its rows reach: the top strip of
                     # a 512 x 256 diagonal block computes half of its columns, not all
-                    sb = tm
-                    if cls != desc.FULL and tm > sbm:
-                        last = ti0 + (tm - 1) // sbm * sbm
-                        f0 = trim_tile(lo, hi, pre, ti0, sbm, j0, n_len)
-                        f1 = trim_tile(lo, hi, pre, last, ti0 + tm - last, j0, n_len)
-                        if f0[3] < n_len or f1[3] < n_len:
-                            sb = sbm
+                    sb = strip_rows(lo, hi, pre, ti0, tm, j0, n_len, cls, sbm)
                     for r0 in range(ti0, ti0 + tm, sb):
                         si0, sm, sj0, sn = r0, tm, j0, n_len
                         scls = cls
